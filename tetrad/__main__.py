@@ -1,0 +1,5 @@
+import sys
+
+from tetrad.cli import main
+
+sys.exit(main())

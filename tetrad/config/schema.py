@@ -1,0 +1,236 @@
+"""The config schema: one dataclass per YAML section, each field with its bound and meaning.
+
+`run` holds what is computed (batch, precision, steps); `strategy` only how it is laid out
+over ranks, so a strategy change never changes the loss curve.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, ClassVar, Literal, Optional, Union
+
+import yaml
+
+from tetrad.config.fields import setting, yaml_key
+from tetrad.config.validate import (check_world_size, raise_all, strategy_world_errors,
+                                    validate_config, validate_strategy)
+
+MAX_DEGREE = 4096  # upper bound on any parallel degree; larger is a typo, not a cluster
+
+
+def _nonempty(value: str) -> str | None:
+    return None if value.strip() else "a non-empty string"
+
+
+def _data_source(value: str) -> str | None:
+    kind, sep, path = value.partition(":")
+    if value == "builtin" or (sep and kind in ("text", "tokens") and path.strip()):
+        return None
+    return "'builtin', 'text:PATH' or 'tokens:PATH'"
+
+
+class Section:
+    """Shared behaviour of every section: dump to plain YAML-able data."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (tuples as lists, YAML key names) that `load_config` reads back."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.init:
+                out[yaml_key(f)] = _plain(getattr(self, f.name))
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Section):
+        return value.to_dict()
+    return list(value) if isinstance(value, tuple) else value
+
+
+@dataclasses.dataclass
+class RunConfig(Section):
+    output_dir: str = setting("runs/tiny", "where metrics.jsonl, TensorBoard events and checkpoints go; non-empty",
+                              check=_nonempty)
+    seed: int = setting(1234, "base random seed; 0..2**32-1 (numpy's limit)", ge=0, le=2**32 - 1)
+    steps: int = setting(100, "optimizer steps to train; 1..1e9", ge=1, le=10**9)
+    global_batch_size: int = setting(8, "sequences per optimizer step summed over all dp ranks; >= 1", ge=1)
+    precision: Literal["fp32", "bf16", "fp16"] = setting("fp32", "compute dtype; master weights stay fp32")
+    log_every: int = setting(1, "log metrics every N steps; >= 1", ge=1)
+
+
+@dataclasses.dataclass
+class ModelConfig(Section):
+    arch: Literal["gpt", "llama", "hf"] = setting("gpt", "model family; hf loads a Hugging Face architecture")
+    vocab_size: int = setting(256, "token vocabulary size; >= 2", ge=2)
+    d_model: int = setting(64, "hidden width; >= 1, a multiple of n_heads", ge=1)
+    n_layers: int = setting(2, "transformer blocks; >= 1", ge=1)
+    n_heads: int = setting(4, "attention (query) heads; >= 1, divides d_model", ge=1)
+    n_kv_heads: Optional[int] = setting(None, "key/value heads (GQA); null = n_heads; divides n_heads", ge=1)
+    d_ff: Optional[int] = setting(None, "MLP hidden width; null = the arch's default (4*d_model for gpt)", ge=1)
+    seq_len: int = setting(64, "tokens per training sequence; >= 2", ge=2)
+    dropout: float = setting(0.0, "dropout probability; in [0, 1)", ge=0.0, lt=1.0)
+    norm_eps: float = setting(1e-5, "epsilon of the layer/RMS norms; > 0", gt=0.0)
+    rope_theta: float = setting(10000.0, "rotary embedding base (llama); > 0", gt=0.0)
+    tie_embeddings: bool = setting(False, "share input embedding and output projection weights")
+    hf_model_type: Optional[Literal["llama", "gpt2"]] = setting(None, "Hugging Face model_type; needed by arch hf")
+
+    def __post_init__(self) -> None:
+        # Resolved here so model and parallel code can read an int without re-deriving it.
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+
+
+@dataclasses.dataclass
+class DataConfig(Section):
+    source: str = setting("builtin", "'builtin', 'text:PATH' (raw text, byte-tokenized) or 'tokens:PATH'",
+                          check=_data_source)
+    builtin_tokens: int = setting(2_000_000, "tokens in the generated built-in corpus; >= 1000", ge=1000)
+
+    @property
+    def kind(self) -> str:
+        """'builtin', 'text' or 'tokens'."""
+        return self.source.partition(":")[0]
+
+    @property
+    def path(self) -> str | None:
+        """The file after 'text:' or 'tokens:', or None for the built-in corpus."""
+        return self.source.partition(":")[2] or None
+
+
+@dataclasses.dataclass
+class OptimizerConfig(Section):
+    name: Literal["adamw"] = setting("adamw", "optimizer algorithm")
+    lr: float = setting(3e-4, "peak learning rate; in (0, 10]", gt=0.0, le=10.0)
+    betas: tuple[float, float] = setting(factory=lambda: (0.9, 0.95), doc="Adam (beta1, beta2); each in [0, 1)",
+                                         ge=0.0, lt=1.0)
+    eps: float = setting(1e-8, "Adam denominator epsilon; > 0", gt=0.0)
+    weight_decay: float = setting(0.1, "decoupled weight decay; >= 0", ge=0.0)
+    grad_clip: float = setting(1.0, "max global gradient norm; >= 0, 0 disables clipping", ge=0.0)
+    warmup_steps: int = setting(10, "linear warmup steps from 0 to lr; >= 0", ge=0)
+    schedule: Literal["cosine", "constant", "linear"] = setting("cosine", "lr decay after warmup")
+    min_lr_ratio: float = setting(0.1, "final lr as a fraction of lr; in [0, 1]", ge=0.0, le=1.0)
+
+
+@dataclasses.dataclass
+class OffloadConfig(Section):
+    optimizer: Literal["none", "cpu", "nvme"] = setting("none", "where optimizer state lives")
+    params: Literal["none", "cpu", "nvme"] = setting("none", "where sharded parameters rest between uses; zero 3")
+    nvme_dir: Optional[str] = setting(None, "directory for nvme-tier files; required by either nvme tier",
+                                      check=_nonempty)
+
+
+@dataclasses.dataclass
+class StrategyConfig(Section):
+    # `strategy: auto` in YAML is shorthand for a mapping with only `auto: true`.
+    SCALAR_FORMS: ClassVar[dict[str, dict]] = {"auto": {"auto": True}}
+
+    auto: bool = setting(False, "let the selector choose every key not given explicitly")
+    tp: int = setting(1, "tensor-parallel degree; 1..4096", ge=1, le=MAX_DEGREE)
+    pp: int = setting(1, "pipeline stages; 1..4096", ge=1, le=MAX_DEGREE)
+    sp: int = setting(1, "sequence-parallel (Ulysses) degree, own mesh axis; 1..4096", ge=1, le=MAX_DEGREE)
+    megatron_sp: bool = setting(False, "Megatron sequence parallelism inside the tp group")
+    dp: Union[int, Literal["auto"]] = setting("auto", "data-parallel degree 1..4096, or auto = world/(tp*pp*sp)",
+                                              ge=1, le=MAX_DEGREE)
+    zero: int = setting(0, "ZeRO stage 0..3: 0 plain DP, 1 +optimizer, 2 +gradients, 3 +parameters sharded",
+                        ge=0, le=3)
+    micro_batch_size: int = setting(1, "sequences per micro-batch per dp rank; >= 1", ge=1)
+    recompute: Literal["none", "selective", "full", "budget"] = setting("none", "activation recomputation policy")
+    recompute_budget_mb: Optional[float] = setting(None, "activation memory budget per rank, MB; > 0, "
+                                                   "required by recompute budget", gt=0.0)
+    pipeline_schedule: Literal["gpipe", "1f1b", "interleaved", "zero_bubble"] = setting("1f1b", "pipeline order")
+    virtual_stages: int = setting(1, "model chunks per pipeline rank (interleaved schedule); 1..4096",
+                                  ge=1, le=MAX_DEGREE)
+    bucket_mb: float = setting(25.0, "gradient communication bucket size, MB; > 0", gt=0.0)
+    offload: OffloadConfig = setting(factory=OffloadConfig, doc="CPU/NVMe offload tiers")
+    # Keys (dotted, e.g. "offload.optimizer") the source gave explicitly; the loader fills it.
+    given: frozenset = dataclasses.field(default_factory=frozenset, init=False, compare=False, repr=False)
+
+    @property
+    def model_parallel_size(self) -> int:
+        """Ranks one model replica spans: tp * pp * sp."""
+        return self.tp * self.pp * self.sp
+
+    def resolve_dp(self, world_size: int) -> int:
+        """The data-parallel degree on `world_size` ranks (dp itself, or world/(tp*pp*sp))."""
+        check_world_size(world_size)
+        raise_all(strategy_world_errors(self, world_size))
+        return world_size // self.model_parallel_size if self.dp == "auto" else self.dp
+
+    def fixed_keys(self) -> frozenset[str]:
+        """Keys the selector must keep: those given explicitly or differing from the default."""
+        default = _flatten(StrategyConfig().to_dict(full=True))
+        flat = _flatten(self.to_dict(full=True))
+        return self.given | {k for k, v in flat.items() if default.get(k) != v}
+
+    def to_dict(self, full: bool = False) -> dict[str, Any]:
+        """Under auto, only the fixed keys (so a reload leaves the rest to the selector)."""
+        out = super().to_dict()
+        if full or not self.auto:
+            return out
+        keep = self.fixed_keys() | {"auto"}
+        part = {k: v for k, v in out.items() if k in keep and k != "offload"}
+        offload = {k: v for k, v in out["offload"].items() if f"offload.{k}" in keep}
+        return part | ({"offload": offload} if offload else {})
+
+    def validate(self, world_size: int | None = None) -> None:
+        """Raise ConfigError for bad fields, impossible combinations, or a mismatched world."""
+        validate_strategy(self, world_size)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        out |= _flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v}
+    return out
+
+
+@dataclasses.dataclass
+class CheckpointConfig(Section):
+    dir: Optional[str] = setting(None, "checkpoint directory; null = <run.output_dir>/checkpoints",
+                                 check=_nonempty)
+    every: int = setting(0, "save every N steps; >= 0, 0 = never", ge=0)
+    keep: int = setting(2, "most recent checkpoints kept on disk; >= 1", ge=1)
+    async_save: bool = setting(True, "flush to disk in the background while training continues", key="async")
+    resume: str = setting("auto", "'auto' (latest in dir, if any), 'none', or a checkpoint path", check=_nonempty)
+
+    def resolve_dir(self, output_dir: str) -> str:
+        """`dir`, or `<output_dir>/checkpoints` when unset."""
+        return self.dir if self.dir is not None else os.path.join(output_dir, "checkpoints")
+
+
+@dataclasses.dataclass
+class LoggingConfig(Section):
+    tensorboard: bool = setting(True, "write TensorBoard event files under run.output_dir")
+    progress: bool = setting(True, "show a progress bar on rank 0 when attached to a terminal")
+
+
+@dataclasses.dataclass
+class Config(Section):
+    run: RunConfig = setting(factory=RunConfig, doc="what is computed: steps, batch, precision")
+    model: ModelConfig = setting(factory=ModelConfig, doc="model architecture and size")
+    data: DataConfig = setting(factory=DataConfig, doc="training corpus")
+    optimizer: OptimizerConfig = setting(factory=OptimizerConfig, doc="optimizer and lr schedule")
+    strategy: StrategyConfig = setting(factory=StrategyConfig, doc="how the run is laid out over ranks")
+    checkpoint: CheckpointConfig = setting(factory=CheckpointConfig, doc="saving and resuming")
+    logging: LoggingConfig = setting(factory=LoggingConfig, doc="TensorBoard and progress bar")
+
+    @property
+    def checkpoint_dir(self) -> str:
+        """The checkpoint directory with its default resolved against run.output_dir."""
+        return self.checkpoint.resolve_dir(self.run.output_dir)
+
+    def dp_degree(self, world_size: int) -> int:
+        """Data-parallel degree on `world_size` ranks."""
+        return self.strategy.resolve_dp(world_size)
+
+    def num_micro_batches(self, world_size: int) -> int:
+        """Micro-batches each dp rank runs per optimizer step."""
+        per_rank = self.dp_degree(world_size) * self.strategy.micro_batch_size
+        return self.run.global_batch_size // per_rank
+
+    def validate(self, world_size: int | None = None) -> None:
+        """Raise ConfigError for bad fields or combinations; with world_size, the layout too."""
+        validate_config(self, world_size)

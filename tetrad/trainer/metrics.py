@@ -1,0 +1,67 @@
+"""Per-step metrics: ``metrics.jsonl`` (every step, flushed and fsynced so a crash loses no
+committed line), TensorBoard events and a progress bar, all on rank 0 only."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def peak_device_mb(device: torch.device) -> float | None:
+    if device.type == "cpu":
+        return None
+    return torch.accelerator.max_memory_allocated(device) / 2**20
+
+
+class MetricsLogger:
+    """Writes one JSON object per optimizer step; a no-op on every rank but 0."""
+
+    def __init__(self, output_dir: str | os.PathLike, *, enabled: bool, total_steps: int,
+                 tensorboard: bool = True, progress: bool = True, start_step: int = 0):
+        self.enabled = enabled
+        self._file = self._tb = self._bar = None
+        if not enabled:
+            return
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self._file = open(out / "metrics.jsonl", "a", encoding="utf-8")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(log_dir=str(out / "tensorboard"))
+        if progress and sys.stderr.isatty():
+            from tqdm import tqdm
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    @property
+    def has_bar(self) -> bool:
+        return self._bar is not None
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        if self._tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and value is not None:
+                    self._tb.add_scalar(f"train/{key}", value, record["step"])
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+
+    def close(self) -> None:
+        for thing in (self._bar, self._tb, self._file):
+            if thing is not None:
+                thing.close()
+        self._file = self._tb = self._bar = None

@@ -1,0 +1,84 @@
+"""``Trainer(config).fit()``: the whole loop — data, model, engine, metrics."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from tetrad.config import Config, load_config
+from tetrad.data import GlobalBatchSampler, build_dataset, shard_indices
+from tetrad.models import build_model
+from tetrad.parallel.launch import detect_launch
+from tetrad.trainer.engine import Engine
+from tetrad.trainer.metrics import MetricsLogger, peak_device_mb, peak_rss_mb
+
+
+class Trainer:
+    """Trains ``config.model`` on ``config.data`` for ``config.run.steps`` optimizer steps."""
+
+    def __init__(self, config: Config | str | dict, overrides: list[str] | tuple = ()):
+        world = detect_launch().world_size
+        # Everything about the config is checked before any process group exists.
+        self.config = config if isinstance(config, Config) else load_config(config, overrides, world)
+        if isinstance(config, Config):
+            self.config.validate(world)
+        self.history: list[dict] = []
+
+    def _build(self) -> None:
+        cfg = self.config
+        torch.manual_seed(cfg.run.seed)
+        model = build_model(cfg.model, seed=cfg.run.seed)
+        self.engine = Engine(model, strategy=cfg.strategy, optim_cfg=cfg.optimizer,
+                             precision=cfg.run.precision, global_batch_size=cfg.run.global_batch_size,
+                             total_steps=cfg.run.steps)
+        self.rank0 = dist.get_rank() == 0
+        self.dataset = build_dataset(cfg.data.source, cfg.model.seq_len, cfg.run.seed,
+                                     cfg.data.builtin_tokens, cfg.model.vocab_size)
+        self.sampler = GlobalBatchSampler(len(self.dataset), cfg.run.global_batch_size, cfg.run.seed)
+        self.out = Path(cfg.run.output_dir)
+        if self.rank0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        indices = self.sampler.next_indices()
+        local = shard_indices(indices, self.engine.dp_rank, self.engine.dims.dp)
+        return self.dataset.get_batch(local)
+
+    def fit(self) -> list[dict]:
+        """Run the configured number of steps; returns the per-step metrics (every rank)."""
+        self._build()
+        cfg = self.config
+        logger = MetricsLogger(self.out, enabled=self.rank0, total_steps=cfg.run.steps,
+                               tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress)
+        tokens_per_step = cfg.run.global_batch_size * cfg.model.seq_len
+        try:
+            for step in range(1, cfg.run.steps + 1):
+                start = time.perf_counter()
+                loss = self.engine.train_step(self._next_batch())
+                elapsed = time.perf_counter() - start
+                record = self._record(step, loss, elapsed, tokens_per_step)
+                self.history.append(record)
+                logger.log(record)
+                if self.rank0 and not logger.has_bar and step % cfg.run.log_every == 0:
+                    print(f"step {step}/{cfg.run.steps} loss {loss:.4f} "
+                          f"lr {record['lr']:.2e} tok/s {record['tokens_per_s']:.0f}", flush=True)
+        finally:
+            logger.close()
+        return self.history
+
+    def _record(self, step: int, loss: float, elapsed: float, tokens_per_step: int) -> dict:
+        last = self.engine.last
+        rss = torch.tensor([peak_rss_mb()], dtype=torch.float64, device=self.engine.device)
+        dist.all_reduce(rss, op=dist.ReduceOp.MAX)  # the worst rank is the one that runs out
+        record = {"step": step, "loss": loss, "lr": last["lr"], "grad_norm": last["grad_norm"],
+                  "tokens": step * tokens_per_step, "tokens_per_s": tokens_per_step / elapsed,
+                  "step_time_s": elapsed, "peak_rss_mb": float(rss), "skipped": bool(last["skipped"])}
+        device_mb = peak_device_mb(self.engine.device)
+        if device_mb is not None:
+            record["peak_device_mb"] = device_mb
+        return record
