@@ -65,13 +65,17 @@ class Engine:
         self.mesh = self.dims.build_mesh(self.device)
         self.dp_group = self.mesh.get_group("dp")
         self.dp_rank = self.mesh.get_local_rank("dp")
-        self.model = model.to(self.device)
+        self.grad_group = self._make_grad_group()
         self.loss_fn = loss_fn
+        # Fixed order, as in torchtitan: tensor/sequence parallelism swaps modules of the plain
+        # model, recompute wraps the (possibly sharded) blocks, then data parallelism / ZeRO
+        # takes ownership of gradients and the optimizer.
+        self.model = self._parallelize_model(model.to(self.device))
         self.precision, self.amp_dtype = precision, _DTYPES[precision]
         self.optim_cfg = optim_cfg
         self.total_steps = total_steps
         self.grad_accum = self._accum_steps(global_batch_size)
-        self.grads = AllReduceGrads(list(self.model.parameters()), self.dp_group,
+        self.grads = AllReduceGrads(list(self.model.parameters()), self.grad_group,
                                     int(self.strategy.bucket_mb * 2**20))
         self.optimizer = optimizer or build_adamw(
             param_groups(self.model.named_parameters(), (optim_cfg or OptimizerConfig()).weight_decay),
@@ -88,6 +92,24 @@ class Engine:
             raise ConfigError(f"run.global_batch_size={global_batch_size} is not divisible by "
                               f"dp*micro_batch_size = {per_step}")
         return global_batch_size // per_step
+
+    # ------------------------------------------------------------------ layout hooks
+    def _make_grad_group(self) -> dist.ProcessGroup:
+        """Ranks that see different tokens of the same model replica: gradients and the loss
+        are averaged over them (dp; dp x sp once sequence parallelism splits sequences)."""
+        return self.dp_group
+
+    def _parallelize_model(self, model: nn.Module) -> nn.Module:
+        """Apply tensor / sequence parallelism to the plain model (identity at tp = sp = 1)."""
+        return model
+
+    def shard_micro_batch(self, input_ids: torch.Tensor, labels: torch.Tensor):
+        """This rank's part of a micro-batch (a slice of the sequence under sequence parallelism)."""
+        return input_ids, labels
+
+    def loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The layout's loss for one micro-batch: mean over the micro-batch's tokens."""
+        return self.loss_fn(output, labels)
 
     # ------------------------------------------------------------------ micro-batch API
     def autocast(self):
@@ -132,12 +154,13 @@ class Engine:
         self.micro_step = 0
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for x, y in zip(input_ids.split(mbs), labels.split(mbs)):
-            loss = self.loss_fn(self(x), y)
+            x, y = self.shard_micro_batch(x, y)
+            loss = self.loss(self(x), y)
             self.backward(loss, accum_steps=n_micro)
             total += loss.detach().double()
             self.step(accum_steps=n_micro)
-        dist.all_reduce(total, group=self.dp_group)
-        loss = (total / (n_micro * self.dims.dp)).item()
+        dist.all_reduce(total, group=self.grad_group)
+        loss = (total / (n_micro * dist.get_world_size(self.grad_group))).item()
         self.last["loss"] = loss
         return loss
 
