@@ -1,0 +1,202 @@
+"""Communication as named autograd functions, each with an explicit process group.
+
+The forward of one is the backward of its partner (Megatron-LM's "mappings"):
+
+=========================  ===========================  ===========================
+function                   forward                      backward
+=========================  ===========================  ===========================
+copy_to_region             identity                     all-reduce
+reduce_from_region         all-reduce                   identity
+scatter_to_region          keep my slice of last dim    all-gather last dim
+gather_from_region         all-gather last dim          keep my slice of last dim
+scatter_to_sequence        keep my slice of seq dim     all-gather seq dim
+gather_from_sequence       all-gather seq dim           reduce-scatter seq dim
+reduce_scatter_to_sequence reduce-scatter seq dim       all-gather seq dim
+all_to_all                 split dim a, concat dim b    split dim b, concat dim a
+=========================  ===========================  ===========================
+
+Why pairs: a region that is replicated on every rank of the group (a tensor-parallel block's
+input) must sum the partial gradients each rank computes for it, and a region whose output is
+a sum of partial results must not sum the (already full) gradient again. Every function is the
+identity on a group of one rank, so plans can apply them unconditionally. The group is always
+an argument: nothing here reads a global "current tensor-parallel group".
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.autograd import Function
+
+SEQ_DIM = 1  # activations are [batch, seq, hidden]
+
+
+def _world(group) -> int:
+    return dist.get_world_size(group)
+
+
+def _split(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """This rank's contiguous chunk of `x` along `dim` (a copy, so the rest can be freed)."""
+    world = _world(group)
+    if x.shape[dim] % world:
+        raise ValueError(f"cannot split dim {dim} of size {x.shape[dim]} evenly over {world} ranks")
+    return x.chunk(world, dim)[dist.get_rank(group)].contiguous()
+
+
+def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    x = x.contiguous()
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def all_gather_tensor(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """Concatenate every rank's `x` along `dim` (collectives work on dim 0, so move it there)."""
+    src = x.movedim(dim, 0).contiguous()
+    out = src.new_empty((_world(group) * src.shape[0], *src.shape[1:]))
+    dist.all_gather_single(out, src, group=group)
+    return out.movedim(0, dim)
+
+
+def reduce_scatter_tensor(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """Sum over ranks, each keeping its chunk of `dim`."""
+    world = _world(group)
+    if x.shape[dim] % world:
+        raise ValueError(f"cannot reduce-scatter dim {dim} of size {x.shape[dim]} over {world} ranks")
+    src = x.movedim(dim, 0).contiguous()
+    out = src.new_empty((src.shape[0] // world, *src.shape[1:]))
+    dist.reduce_scatter_single(out, src, group=group)
+    return out.movedim(0, dim)
+
+
+def _all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group) -> torch.Tensor:
+    """Chunk j of `scatter_dim` goes to rank j; what rank i sent is concatenated along `gather_dim`."""
+    world = _world(group)
+    if x.shape[scatter_dim] % world:
+        raise ValueError(f"cannot all-to-all dim {scatter_dim} of size {x.shape[scatter_dim]} over "
+                         f"{world} ranks")
+    send = torch.stack(x.chunk(world, scatter_dim)).contiguous()
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    return torch.cat(recv.unbind(0), dim=gather_dim)
+
+
+class _CopyToRegion(Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad, ctx.group), None
+
+
+class _ReduceFromRegion(Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x.clone(), group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _ScatterToRegion(Function):
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return _split(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather_tensor(grad, ctx.dim, ctx.group), None, None
+
+
+class _GatherFromRegion(Function):
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return all_gather_tensor(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _split(grad, ctx.dim, ctx.group), None, None
+
+
+class _GatherFromSequence(Function):
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return all_gather_tensor(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Every rank used the whole gathered sequence: sum their gradients, keep my slice.
+        return reduce_scatter_tensor(grad, ctx.dim, ctx.group), None, None
+
+
+class _ReduceScatterToSequence(Function):
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return reduce_scatter_tensor(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather_tensor(grad, ctx.dim, ctx.group), None, None
+
+
+class _AllToAll(Function):
+    @staticmethod
+    def forward(ctx, x, scatter_dim, gather_dim, group):
+        ctx.dims, ctx.group = (scatter_dim, gather_dim), group
+        return _all_to_all(x, scatter_dim, gather_dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        scatter_dim, gather_dim = ctx.dims
+        return _all_to_all(grad, gather_dim, scatter_dim, ctx.group), None, None, None
+
+
+def copy_to_region(x: torch.Tensor, group) -> torch.Tensor:
+    """Enter a region replicated over `group`: identity forward, all-reduce of gradients."""
+    return x if _world(group) == 1 else _CopyToRegion.apply(x, group)
+
+
+def reduce_from_region(x: torch.Tensor, group) -> torch.Tensor:
+    """Leave a region of partial sums: all-reduce forward, identity backward."""
+    return x if _world(group) == 1 else _ReduceFromRegion.apply(x, group)
+
+
+def scatter_to_region(x: torch.Tensor, group, dim: int = -1) -> torch.Tensor:
+    """Keep this rank's slice of the last dim; backward all-gathers it."""
+    return x if _world(group) == 1 else _ScatterToRegion.apply(x, dim, group)
+
+
+def gather_from_region(x: torch.Tensor, group, dim: int = -1) -> torch.Tensor:
+    """All-gather slices of the last dim; backward keeps this rank's slice."""
+    return x if _world(group) == 1 else _GatherFromRegion.apply(x, dim, group)
+
+
+def scatter_to_sequence(x: torch.Tensor, group, dim: int = SEQ_DIM) -> torch.Tensor:
+    """Keep this rank's slice of the sequence of a replicated tensor; backward all-gathers."""
+    return x if _world(group) == 1 else _ScatterToRegion.apply(x, dim, group)
+
+
+def gather_from_sequence(x: torch.Tensor, group, dim: int = SEQ_DIM) -> torch.Tensor:
+    """Megatron-SP entry to a tensor-parallel region: all-gather the sequence, reduce-scatter grads."""
+    return x if _world(group) == 1 else _GatherFromSequence.apply(x, dim, group)
+
+
+def reduce_scatter_to_sequence(x: torch.Tensor, group, dim: int = SEQ_DIM) -> torch.Tensor:
+    """Megatron-SP exit: sum partial outputs and keep my sequence slice; backward all-gathers."""
+    return x if _world(group) == 1 else _ReduceScatterToSequence.apply(x, dim, group)
+
+
+def all_to_all(x: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> torch.Tensor:
+    """Ulysses re-partition: split `scatter_dim` over ranks and concatenate `gather_dim`.
+
+    On [b, heads, s/P, hd] with scatter_dim=1, gather_dim=2 this turns a sequence shard of all
+    heads into all of the sequence for heads/P heads; the backward is the reverse exchange.
+    """
+    return x if _world(group) == 1 else _AllToAll.apply(x, scatter_dim, gather_dim, group)

@@ -1,0 +1,269 @@
+"""``parallelize(model, strategy, mesh)``: tensor and sequence parallelism from a table.
+
+A plan is a list of (module-name pattern, style) per model family; a style turns the plain
+module into its parallel form (or adds an input hook) and is a no-op where the layout does
+not need it, so one table serves tp, Megatron-SP, Ulysses and their mixes. Patterns use
+``*`` for one name component and ``(a|b)`` for alternatives. Parameter names never change.
+
+Order inside a table matters only for ties: the embedding is replaced before the output
+head, so a tied head reuses the embedding's sharded weight.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+from torch import nn
+
+from tetrad.parallel.sequence import (SequenceParallelReplicated, ShardedPositions, UlyssesAttention,
+                                      offset_rope_positions, region_input)
+from tetrad.parallel.rng import ForkedRNG, RNGFork
+from tetrad.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                                    VocabParallelHead, vocab_range)
+
+
+class PlanError(ValueError):
+    """The model cannot be laid out as the strategy asks."""
+
+
+@dataclass
+class Layout:
+    """What the styles need to know: groups, degrees, and the RNG forks."""
+
+    tp_group: object
+    sp_group: object
+    tp: int
+    sp: int
+    megatron_sp: bool
+    rng_sharded: RNGFork     # data differs on every tp and sp rank (heads, Megatron-SP shards)
+    rng_sp: RNGFork          # replicated over tp, different over sp (Ulysses sequence shards)
+    ties: dict = field(default_factory=dict)  # id(plain weight) -> its sharded replacement
+
+    @property
+    def seq(self) -> bool:
+        """Megatron-SP is on (and means something: it needs tp > 1)."""
+        return self.megatron_sp and self.tp > 1
+
+    @property
+    def entry(self) -> str:
+        return "gather" if self.seq else "copy"
+
+
+Style = Callable[[nn.Module, Layout], nn.Module]
+
+
+# ------------------------------------------------------------------ styles
+def colwise(m, L):
+    return ColumnParallelLinear(m, L.tp_group, "none") if L.tp > 1 else m
+
+
+def rowwise(m, L):
+    return RowParallelLinear(m, L.tp_group, L.seq) if L.tp > 1 else m
+
+
+def colwise_conv1d(m, L):
+    return ColumnParallelLinear(m, L.tp_group, "none", transposed=True) if L.tp > 1 else m
+
+
+def fused_qkv_conv1d(m, L):
+    return ColumnParallelLinear(m, L.tp_group, "none", transposed=True, parts=3) if L.tp > 1 else m
+
+
+def rowwise_conv1d(m, L):
+    return RowParallelLinear(m, L.tp_group, L.seq, transposed=True) if L.tp > 1 else m
+
+
+def vocab_embedding(m, L):
+    if L.tp == 1:
+        return m
+    new = VocabParallelEmbedding(m, L.tp_group, L.seq)
+    L.ties[id(m.weight)] = new.weight
+    return new
+
+
+def vocab_head(m, L):
+    if L.tp == 1:
+        return m
+    return VocabParallelHead(m, L.tp_group, L.entry, tied=L.ties.get(id(m.weight)))
+
+
+def region(m, L):
+    """Enter the tp region once for all of the module's column-parallel projections."""
+    return region_input(m, L.entry, L.tp_group) if L.tp > 1 else m
+
+
+def attention(m, L):
+    region(m, L)
+    if L.sp > 1 and getattr(m, "use_rope", False):
+        offset_rope_positions(m, L.sp_group)
+    return m
+
+
+def gpt2_attention(m, L):
+    # HF GPT-2 splits c_attn's output with split_size = hidden size; locally it is hidden/tp.
+    if L.tp > 1:
+        m.split_size = m.split_size // L.tp
+    return region(m, L)
+
+
+def core(m, L):
+    if getattr(m, "p", 0.0) > 0 and (L.tp > 1 or L.sp > 1):
+        m = ForkedRNG(m, L.rng_sharded)  # each rank's heads get their own mask
+    return UlyssesAttention(m, L.sp_group) if L.sp > 1 else m
+
+
+def sharded_dropout(m, L):
+    """Dropout between blocks: its own mask per rank wherever ranks hold different tokens."""
+    if getattr(m, "p", 0.0) == 0:
+        return m
+    if L.seq:
+        return ForkedRNG(m, L.rng_sharded)
+    return ForkedRNG(m, L.rng_sp) if L.sp > 1 else m
+
+
+def sp_norm(m, L):
+    return SequenceParallelReplicated(m, L.tp_group) if L.seq else m
+
+
+def positions(m, L):
+    if L.sp == 1 and not L.seq:
+        return m
+    return ShardedPositions(m, L.sp_group if L.sp > 1 else None, L.tp_group if L.seq else None)
+
+
+# ------------------------------------------------------------------ tables
+_TETRAD_COMMON = [
+    ("drop", sharded_dropout),
+    ("layers.*.(attn_norm|mlp_norm)", sp_norm),
+    ("layers.*.attn", attention),
+    ("layers.*.attn.(q_proj|k_proj|v_proj)", colwise),
+    ("layers.*.attn.core", core),
+    ("layers.*.attn.o_proj", rowwise),
+    ("layers.*.(attn.resid_drop|mlp.drop)", sharded_dropout),
+    ("layers.*.mlp", region),
+    ("norm", sp_norm),
+]
+
+PLANS: dict[str, list[tuple[str, Style]]] = {
+    "tetrad-llama": [("tok_emb", vocab_embedding), *_TETRAD_COMMON,
+                     ("layers.*.mlp.(gate_proj|up_proj)", colwise), ("layers.*.mlp.down_proj", rowwise),
+                     ("lm_head", vocab_head)],
+    "tetrad-gpt": [("tok_emb", vocab_embedding), ("pos_emb", positions), *_TETRAD_COMMON,
+                   ("layers.*.mlp.fc_in", colwise), ("layers.*.mlp.fc_out", rowwise),
+                   ("lm_head", vocab_head)],
+    "LlamaForCausalLM": [
+        ("model.embed_tokens", vocab_embedding),
+        ("model.layers.*.self_attn", region),
+        ("model.layers.*.self_attn.(q_proj|k_proj|v_proj)", colwise),
+        ("model.layers.*.self_attn.o_proj", rowwise),
+        ("model.layers.*.mlp", region),
+        ("model.layers.*.mlp.(gate_proj|up_proj)", colwise),
+        ("model.layers.*.mlp.down_proj", rowwise),
+        ("lm_head", vocab_head)],
+    "GPT2LMHeadModel": [
+        ("transformer.wte", vocab_embedding),
+        ("transformer.h.*.attn", gpt2_attention),
+        ("transformer.h.*.attn.c_attn", fused_qkv_conv1d),
+        ("transformer.h.*.attn.c_proj", rowwise_conv1d),
+        ("transformer.h.*.mlp", region),
+        ("transformer.h.*.mlp.c_fc", colwise_conv1d),
+        ("transformer.h.*.mlp.c_proj", rowwise_conv1d),
+        ("lm_head", vocab_head)],
+}
+
+# Families whose attention core is a module of its own (Ulysses wraps it) and whose embedding
+# positions come from the local sequence (Megatron-SP shards after the embedding).
+SEQUENCE_SHARDABLE = ("tetrad-llama", "tetrad-gpt")
+
+
+# ------------------------------------------------------------------ applying a plan
+def model_family(model: nn.Module) -> tuple[str, str]:
+    """(plan key, name prefix) of a model: tetrad Transformer, or an HF model (bare or in HFCausalLM)."""
+    args = getattr(model, "args", None)
+    if args is not None and type(model).__name__ == "Transformer":
+        return f"tetrad-{args.arch}", ""
+    inner, prefix = (model.hf, "hf.") if hasattr(model, "hf") else (model, "")
+    name = type(inner).__name__
+    if name not in PLANS:
+        raise PlanError(f"no tensor/sequence-parallel plan for model class {name}; add an entry "
+                        f"PLANS[{name!r}] = [(module-name pattern, style), ...] in "
+                        f"tetrad/parallel/plan.py (known: {', '.join(PLANS)})")
+    return name, prefix
+
+
+def _shapes(model: nn.Module, family: str) -> tuple[int, int, int, int]:
+    """(heads, kv_heads, seq_len, vocab) as the model itself declares them."""
+    if family.startswith("tetrad-"):
+        a = model.args
+        return a.n_heads, a.n_kv_heads, a.seq_len, a.vocab_size
+    c = getattr(model, "hf", model).config
+    heads = c.num_attention_heads
+    return (heads, getattr(c, "num_key_value_heads", None) or heads, c.max_position_embeddings,
+            c.vocab_size)
+
+
+def check_layout(model: nn.Module, family: str, tp: int, sp: int, megatron_sp: bool) -> None:
+    """Clear errors before any module is touched (config validation catches most earlier)."""
+    heads, kv, seq_len, vocab = _shapes(model, family)
+    if (sp > 1 or (megatron_sp and tp > 1)) and family not in SEQUENCE_SHARDABLE:
+        what = f"strategy.sp={sp}" if sp > 1 else "strategy.megatron_sp=true"
+        raise PlanError(f"{what} needs a model whose attention core is a module of its own and whose "
+                        f"positions follow the local sequence shard; {family} computes attention inside "
+                        f"Hugging Face's attention function. Use strategy.sp=1 and megatron_sp=false "
+                        f"(tensor parallelism works), or a tetrad model (model.arch gpt|llama)")
+    problems = [(heads % tp, f"n_heads={heads} is not divisible by strategy.tp={tp}"),
+                (kv % tp, f"n_kv_heads={kv} is not divisible by strategy.tp={tp}"),
+                (heads // tp % sp, f"n_heads/tp={heads // tp} is not divisible by strategy.sp={sp}")]
+    split = sp * (tp if megatron_sp else 1)
+    problems.append((seq_len % split, f"seq_len={seq_len} is not divisible by the sequence split {split}"))
+    for bad, msg in problems:
+        if bad:
+            raise PlanError(f"cannot parallelize {family}: model {msg}")
+    vocab_range(vocab, tp - 1, tp)  # raises when the vocabulary is too small to split
+
+
+def _matcher(pattern: str) -> re.Pattern:
+    rx = re.escape(pattern).replace(r"\*", r"[^.]+")
+    for esc, raw in ((r"\(", "("), (r"\)", ")"), (r"\|", "|")):
+        rx = rx.replace(esc, raw)
+    return re.compile(rx)
+
+
+def apply_plan(model: nn.Module, plan: list[tuple[str, Style]], layout: Layout,
+               prefix: str = "") -> nn.Module:
+    """Apply each (pattern, style) to every matching module; a pattern matching nothing is an error
+    (the model's names drifted from the table)."""
+    for pattern, style in plan:
+        rx = _matcher(prefix + pattern)
+        hits = [name for name, _ in model.named_modules() if rx.fullmatch(name)]
+        if not hits:
+            raise PlanError(f"plan pattern {prefix + pattern!r} matches no module of "
+                            f"{type(model).__name__}; update its table in tetrad/parallel/plan.py")
+        for name in hits:
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            old = getattr(parent, attr)
+            new = style(old, layout)
+            if new is not old:
+                setattr(parent, attr, new)
+    return model
+
+
+def parallelize(model: nn.Module, strategy, mesh) -> nn.Module:
+    """Apply ``strategy``'s tp / megatron_sp / sp to the plain ``model`` over ``mesh``'s axes
+    ("tp" and "sp"). Identity when tp = sp = 1, so any model trains data-parallel without a plan.
+    """
+    tp, sp = strategy.tp, strategy.sp
+    if tp == 1 and sp == 1:
+        return model
+    family, prefix = model_family(model)
+    check_layout(model, family, tp, sp, strategy.megatron_sp)
+    tp_group, sp_group = mesh.get_group("tp"), mesh.get_group("sp")
+    tp_rank, sp_rank = mesh.get_local_rank("tp"), mesh.get_local_rank("sp")
+    device = next(model.parameters()).device
+    layout = Layout(tp_group, sp_group, tp, sp, strategy.megatron_sp,
+                    rng_sharded=RNGFork(tp_rank + tp * sp_rank, device),
+                    rng_sp=RNGFork(tp * sp_rank, device))
+    return apply_plan(model, PLANS[family], layout, prefix)

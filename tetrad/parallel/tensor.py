@@ -1,0 +1,285 @@
+"""Tensor-parallel layers (Megatron-LM style) built from the plain model's own layers.
+
+Each parallel layer is made *from* an existing ``nn.Linear`` / ``nn.Embedding`` (or Hugging
+Face's transposed ``Conv1D``) by slicing its weight, so a tensor-parallel model starts from
+exactly the single-process model's initial values, and keeps its parameter names (``weight``,
+``bias``), which checkpoints key on.
+
+Every sharded parameter carries ``p.tensor_parallel = True`` and
+``p.tp_box = (box_offsets, global_shape)``: the local tensor is the box
+``global[off_0 : off_0 + p.shape[0], ...]`` of the logical tensor. A fused projection whose
+shard is several boxes (GPT-2's ``c_attn``: q|k|v) also has ``p.tp_view``, the local shape to
+view the tensor as first; ``tp_box`` then refers to that view. Replicated parameters have
+none of these attributes. Grad-norm code uses ``tensor_parallel`` to count a sharded
+parameter once per tp rank and a replicated one once overall.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from tetrad.parallel.comm import (all_gather_tensor, copy_to_region, gather_from_sequence,
+                                  reduce_from_region, reduce_scatter_to_sequence)
+
+# How a column-parallel layer receives its input: "copy" (replicated input; backward
+# all-reduces), "gather" (Megatron-SP: all-gather the sequence first) or "none" (a
+# module-level hook already did one of those once for several projections).
+INPUT_MODES = ("copy", "gather", "none")
+
+
+def mark_tp(p: nn.Parameter, offsets: tuple[int, ...], global_shape: tuple[int, ...],
+            view: tuple[int, ...] | None = None) -> nn.Parameter:
+    p.tensor_parallel = True
+    p.tp_box = (tuple(offsets), tuple(global_shape))
+    if view is not None:
+        p.tp_view = tuple(view)
+    return p
+
+
+def _shard(t: torch.Tensor, dim: int, rank: int, world: int, parts: int = 1) -> torch.Tensor:
+    """My slice of `dim`; with parts > 1, my slice of each of `parts` equal blocks, concatenated."""
+    blocks = t.chunk(parts, dim)
+    return torch.cat([b.chunk(world, dim)[rank] for b in blocks], dim).detach().clone()
+
+
+def _box(t: torch.Tensor, dim: int, rank: int, world: int, parts: int):
+    """(offsets, global_shape, view) of a `_shard` of `t`, in the view that makes it one box."""
+    shape = list(t.shape)
+    if parts == 1:
+        offsets = [0] * len(shape)
+        offsets[dim] = rank * shape[dim] // world
+        return offsets, shape, None
+    # [.., parts * n, ..] viewed as [.., parts, n, ..]: the shard is one box of that view.
+    g = shape[:dim] + [parts, shape[dim] // parts] + shape[dim + 1:]
+    offsets = [0] * len(g)
+    offsets[dim + 1] = rank * g[dim + 1] // world
+    local = list(g)
+    local[dim + 1] //= world
+    return offsets, g, local
+
+
+def enter_region(x: torch.Tensor, mode: str, group) -> torch.Tensor:
+    """Bring a replicated ("copy") or sequence-sharded ("gather") input into a tp region.
+
+    A gathered tensor remembers its shard (``.sequence_shard``) so the projections that use it
+    can save the shard, not the whole sequence, for backward (see `_ShardSavingLinear`).
+    """
+    if mode == "copy":
+        return copy_to_region(x, group)
+    if mode == "gather":
+        full = gather_from_sequence(x, group)
+        if full is not x:
+            full.sequence_shard = x
+        return full
+    return x
+
+
+class _ShardSavingLinear(torch.autograd.Function):
+    """y = linear(x_full) that saves only this rank's sequence shard of x_full and all-gathers
+    it again in backward (Megatron-SP). Saving x_full would keep the full-sequence activation
+    that sequence parallelism exists to shard: Korthikanti et al. count the linear inputs in
+    the 10sbh term that SP divides by t. The gradient of x_full is returned whole; the gather
+    that made x_full reduce-scatters it."""
+
+    @staticmethod
+    def forward(ctx, full, shard, weight, bias, group, transposed):
+        ctx.group, ctx.transposed, ctx.has_bias = group, transposed, bias is not None
+        ctx.save_for_backward(shard, weight)
+        return F.linear(full, weight.t() if transposed else weight, bias)
+
+    @staticmethod
+    def backward(ctx, gy):
+        shard, weight = ctx.saved_tensors
+        w = weight.t() if ctx.transposed else weight  # [out, in]
+        full = all_gather_tensor(shard, 1, ctx.group)
+        g2 = gy.reshape(-1, gy.shape[-1])
+        gw = g2.t().matmul(full.reshape(-1, full.shape[-1]))
+        gb = g2.sum(0) if ctx.has_bias else None
+        return gy.matmul(w), None, gw.t() if ctx.transposed else gw, gb, None, None
+
+
+def column_linear(x, weight, bias, mode: str, group, transposed: bool = False) -> torch.Tensor:
+    """The column-parallel product for any input mode, saving a shard where there is one."""
+    x = enter_region(x, mode, group)
+    shard = getattr(x, "sequence_shard", None)
+    if shard is not None:
+        return _ShardSavingLinear.apply(x, shard, weight, bias, group, transposed)
+    return F.linear(x, weight.t() if transposed else weight, bias)
+
+
+class ColumnParallelLinear(nn.Module):
+    """y_r = x A_r: the output features split over ranks; the output stays split.
+
+    `transposed` is for HF ``Conv1D`` (weight stored [in, out]); `parts` for fused projections
+    whose output is `parts` equal blocks (q|k|v) that must each be split, not the whole.
+    """
+
+    def __init__(self, layer: nn.Module, group, input_mode: str = "copy", *,
+                 transposed: bool = False, parts: int = 1):
+        super().__init__()
+        if input_mode not in INPUT_MODES:
+            raise ValueError(f"input_mode={input_mode!r}; expected one of {INPUT_MODES}")
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        self.group, self.input_mode, self.transposed = group, input_mode, transposed
+        out_dim = 1 if transposed else 0
+        w = layer.weight
+        if w.shape[out_dim] % (world * parts):
+            raise ValueError(f"output features {w.shape[out_dim]} not divisible by tp*parts={world}*{parts}")
+        self.weight = mark_tp(nn.Parameter(_shard(w, out_dim, rank, world, parts)),
+                              *_box(w, out_dim, rank, world, parts))
+        b = getattr(layer, "bias", None)
+        self.bias = None if b is None else mark_tp(nn.Parameter(_shard(b, 0, rank, world, parts)),
+                                                   *_box(b, 0, rank, world, parts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return column_linear(x, self.weight, self.bias, self.input_mode, self.group, self.transposed)
+
+
+class RowParallelLinear(nn.Module):
+    """y = sum_r x_r A_r: input features split over ranks, partial outputs summed.
+
+    With `sequence` (Megatron-SP) the sum is a reduce-scatter that leaves each rank its slice of
+    the sequence. The bias is replicated and added once, after the sum; under Megatron-SP it
+    sees only this rank's tokens, so it enters through copy_to_region to get the full gradient.
+    """
+
+    def __init__(self, layer: nn.Module, group, sequence: bool = False, *, transposed: bool = False):
+        super().__init__()
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        self.group, self.sequence, self.transposed = group, sequence, transposed
+        in_dim = 0 if transposed else 1
+        w = layer.weight
+        if w.shape[in_dim] % world:
+            raise ValueError(f"input features {w.shape[in_dim]} not divisible by tp={world}")
+        self.weight = mark_tp(nn.Parameter(_shard(w, in_dim, rank, world)), *_box(w, in_dim, rank, world, 1))
+        b = getattr(layer, "bias", None)
+        self.bias = None if b is None else nn.Parameter(b.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.t() if self.transposed else self.weight
+        y = F.linear(x, w)
+        if self.sequence:
+            y = reduce_scatter_to_sequence(y, self.group)
+            return y if self.bias is None else y + copy_to_region(self.bias, self.group)
+        y = reduce_from_region(y, self.group)
+        return y if self.bias is None else y + self.bias
+
+
+def vocab_range(vocab: int, rank: int, world: int) -> tuple[int, int, int]:
+    """(start, end, per_rank): rows of the real vocabulary this rank holds.
+
+    The vocabulary is padded to `per_rank * world` (a multiple of tp) so every rank's logits
+    have the same width; the padding exists only as -inf logits, never as parameters, so
+    checkpoints hold exactly the single-process shapes.
+    """
+    per = math.ceil(vocab / world)
+    start = min(rank * per, vocab)
+    end = min(start + per, vocab)
+    if start == end:
+        raise ValueError(f"vocab_size={vocab} is too small for tp={world}: rank {rank} would hold "
+                         f"no rows; use tp <= {max(1, vocab // per)}")
+    return start, end, per
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Each rank holds a contiguous range of vocabulary rows; lookups outside it give zeros and
+    the all-reduce (or Megatron-SP reduce-scatter) fills them in from the owner."""
+
+    def __init__(self, emb: nn.Embedding, group, sequence: bool = False):
+        super().__init__()
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        self.group, self.sequence = group, sequence
+        vocab = emb.weight.shape[0]
+        self.start, self.end, _ = vocab_range(vocab, rank, world)
+        self.weight = mark_tp(nn.Parameter(emb.weight[self.start:self.end].detach().clone()),
+                              (self.start, 0), tuple(emb.weight.shape))
+        pad = getattr(emb, "padding_idx", None)
+        self.padding_idx = pad - self.start if pad is not None and self.start <= pad < self.end else None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        outside = (ids < self.start) | (ids >= self.end)
+        local = (ids - self.start).masked_fill(outside, 0)
+        out = F.embedding(local, self.weight, self.padding_idx).masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.sequence:
+            return reduce_scatter_to_sequence(out, self.group)
+        return reduce_from_region(out, self.group)
+
+
+class VocabParallelHead(nn.Module):
+    """Output projection onto this rank's vocabulary rows; logits stay split over ranks.
+
+    The output is padded with -inf columns to the padded shard width, so the padding tokens get
+    zero probability and zero gradient: they are never predicted.
+    """
+
+    def __init__(self, layer: nn.Linear, group, input_mode: str = "copy", *,
+                 tied: nn.Parameter | None = None):
+        super().__init__()
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        self.group, self.input_mode = group, input_mode
+        vocab = layer.weight.shape[0]
+        start, end, self.per_rank = vocab_range(vocab, rank, world)
+        self.weight = tied if tied is not None else mark_tp(
+            nn.Parameter(layer.weight[start:end].detach().clone()), (start, 0), tuple(layer.weight.shape))
+        b = getattr(layer, "bias", None)
+        self.bias = None if b is None else mark_tp(nn.Parameter(b[start:end].detach().clone()),
+                                                   (start,), tuple(b.shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = column_linear(x, self.weight, self.bias, self.input_mode, self.group)
+        missing = self.per_rank - logits.shape[-1]
+        return F.pad(logits, (0, missing), value=float("-inf")) if missing else logits
+
+
+class _VocabParallelCE(torch.autograd.Function):
+    """Cross-entropy over logits split along the vocabulary: three all-reduces of [tokens]
+    vectors (max, sum of exp, target logit) instead of gathering [tokens, vocab] logits."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, group, ignore_index):
+        width = logits.shape[-1]
+        start = dist.get_rank(group) * width
+        gmax = logits.max(dim=-1).values
+        dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=group)
+        shifted = logits - gmax.unsqueeze(-1)
+        valid = labels != ignore_index
+        target = labels - start
+        mine = valid & (target >= 0) & (target < width)
+        target = target.clamp(0, width - 1).masked_fill(~mine, 0)
+        picked = shifted.gather(-1, target.unsqueeze(-1)).squeeze(-1).masked_fill(~mine, 0.0)
+        exp = shifted.exp_()
+        sum_exp = exp.sum(dim=-1)
+        both = torch.stack((picked, sum_exp))
+        dist.all_reduce(both, group=group)
+        picked, sum_exp = both.unbind(0)
+        count = valid.sum()
+        loss = ((sum_exp.log() - picked) * valid).sum() / count
+        ctx.save_for_backward(exp.div_(sum_exp.unsqueeze(-1)), target, mine, valid, count)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        softmax, target, mine, valid, count = ctx.saved_tensors
+        g = softmax  # reused in place: backward runs once
+        g.scatter_add_(-1, target.unsqueeze(-1), -mine.to(g.dtype).unsqueeze(-1))
+        g.mul_((valid.to(g.dtype) * (grad / count)).unsqueeze(-1))
+        return g, None, None, None
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, group,
+                                 ignore_index: int = -100) -> torch.Tensor:
+    """Mean next-token cross-entropy over labels != ignore_index, from vocab-split logits.
+
+    `logits` [..., V/tp] are this rank's equal-width slice (rank r holds token ids
+    r*width .. (r+1)*width - 1); computed in at least fp32, like the single-process loss.
+    Every rank of `group` returns the same full loss.
+    """
+    flat = logits.to(torch.promote_types(logits.dtype, torch.float32)).reshape(-1, logits.shape[-1])
+    if dist.get_world_size(group) == 1:
+        return F.cross_entropy(flat, labels.reshape(-1), ignore_index=ignore_index)
+    return _VocabParallelCE.apply(flat, labels.reshape(-1).to(flat.device), group, ignore_index)
