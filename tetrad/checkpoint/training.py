@@ -1,0 +1,126 @@
+"""What the Trainer does about checkpoints: resume at start, save every N steps, finish at exit.
+
+Kept out of trainer.py so the loop stays a loop. Collectives happen only here, on the main
+thread, at construction and resume (the background writer never runs one).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from tetrad.checkpoint.discover import resolve_resume
+from tetrad.checkpoint.engine_state import engine_state_pieces, load_engine_state, restore_rng, rng_pieces
+from tetrad.checkpoint.fileio import CheckpointError
+from tetrad.checkpoint.manager import CheckpointManager
+from tetrad.checkpoint.reader import CheckpointReader
+from tetrad.checkpoint.writer import step_dirname
+
+
+def layout_of(engine) -> dict:
+    """The world layout; RNG states are restored only when a checkpoint's layout equals it."""
+    s, dims = engine.strategy, engine.dims
+    return {"world_size": dist.get_world_size(), "dp": dims.dp, "tp": s.tp, "pp": s.pp, "sp": s.sp,
+            "zero": s.zero}
+
+
+class TrainingCheckpoints:
+    """The ``checkpoint`` config section applied to one Trainer's engine and sampler."""
+
+    def __init__(self, config, engine, sampler):
+        self.cfg, self.engine, self.sampler = config, engine, sampler
+        self.section = config.checkpoint
+        self.root = Path(config.checkpoint_dir)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.manager = None
+        if self.section.every > 0:
+            self.manager = CheckpointManager(
+                self.root, rank=self.rank, world_size=self.world, keep=self.section.keep,
+                async_save=self.section.async_save, layout=layout_of(engine), run_id=self._run_id(),
+                commit_timeout=float(os.environ.get("TETRAD_CKPT_COMMIT_TIMEOUT", 600)))
+            if self.section.async_save:
+                self._hook_optimizer_step()
+
+    def _run_id(self) -> str:
+        """One random id shared by every rank, so done markers from older attempts never count."""
+        # os.urandom, not torch's RNG: drawing from it would change the training run's randomness
+        ident = torch.tensor([int.from_bytes(os.urandom(7), "little")], dtype=torch.int64,
+                             device=self.engine.device)
+        dist.broadcast(ident, src=0)
+        return f"{int(ident):x}"
+
+    def _hook_optimizer_step(self) -> None:
+        """The lazy part: the next optimizer step waits for the snapshot, nothing before it does."""
+        wait = self.manager.wait_for_snapshot
+        if hasattr(self.engine, "register_pre_step_hook"):
+            self.engine.register_pre_step_hook(wait)
+        else:
+            self.engine.optimizer.register_step_pre_hook(lambda *_: wait())
+
+    # ------------------------------------------------------------------ resume
+    def resume(self) -> int:
+        """Load the checkpoint ``checkpoint.resume`` names, if any; returns the step it was saved at."""
+        path = self._agree_on_path()
+        if path is None:
+            return 0
+        reader = CheckpointReader(path)
+        if hasattr(self.engine, "load_state_pieces"):
+            self.engine.load_state_pieces(reader)
+        else:
+            load_engine_state(self.engine, reader)
+        extra = reader.extra
+        self.sampler.load_state_dict(extra["sampler"])
+        if extra.get("scaler") and getattr(self.engine, "scaler", None) is not None:
+            self.engine.scaler.load_state_dict(extra["scaler"])
+        if reader.manifest.get("layout") == layout_of(self.engine):
+            restore_rng(reader, self.rank)
+        elif self.rank == 0:
+            warnings.warn(f"resuming {path} under a different layout ({reader.manifest.get('layout')} -> "
+                          f"{layout_of(self.engine)}): RNG states start fresh", stacklevel=2)
+        if self.rank == 0:
+            print(f"resumed from {path} at step {reader.step}", flush=True)
+        return reader.step
+
+    def _agree_on_path(self) -> Path | None:
+        """Rank 0 chooses (verifying checksums once), every rank loads the same step."""
+        resume = self.section.resume
+        if resume == "none":
+            return None
+        step = torch.tensor([-1], dtype=torch.int64, device=self.engine.device)
+        error = None
+        if self.rank == 0:
+            try:
+                path = resolve_resume(resume, self.root)
+                step[0] = -1 if path is None else CheckpointReader(path, verify_files=False).step
+            except CheckpointError as e:
+                error, step[0] = e, -2
+        dist.broadcast(step, src=0)
+        if int(step) == -2:
+            raise error or CheckpointError(f"checkpoint.resume={resume!r}: rank 0 could not load it")
+        if int(step) < 0:
+            return None
+        if resume == "auto":
+            return self.root / step_dirname(int(step))
+        given = Path(resume)
+        return given if (given / "manifest.json").is_file() else given / step_dirname(int(step))
+
+    # ------------------------------------------------------------------ save
+    def after_step(self, step: int) -> None:
+        """Save at every ``checkpoint.every``-th step (after its optimizer step)."""
+        if self.manager is None or step % self.section.every:
+            return
+        if hasattr(self.engine, "state_pieces"):
+            pieces = self.engine.state_pieces()
+        else:
+            pieces = engine_state_pieces(self.engine)
+        extra = {"step": step, "sampler": self.sampler.state_dict(), "config": self.cfg.to_dict(),
+                 "scaler": self.engine.scaler.state_dict() if getattr(self.engine, "scaler", None) else None}
+        self.manager.save(step, pieces + rng_pieces(self.rank), extra)
+
+    def close(self) -> None:
+        if self.manager is not None:
+            self.manager.close()
