@@ -1,0 +1,120 @@
+"""Runs one rank's action list for a step: forwards, backwards, weight-gradient passes, p2p.
+
+The executor knows nothing of data parallelism or optimizers: it accumulates gradients into
+``param.grad`` over all micro-batches and returns the summed loss (on the last stage). The
+caller decides when gradients are synchronised -- once, after ``run`` -- and steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Callable
+
+import torch
+from tetrad.parallel.pipeline.p2p import ACT, GRAD, StageComm
+from tetrad.parallel.pipeline.schedule import Action
+from tetrad.parallel.pipeline.split import Chunk
+from tetrad.parallel.pipeline.trace import Timeline
+from tetrad.parallel.pipeline.zero_bubble import WeightGradStore, exclude_recomputed
+
+
+class PipelineExecutor:
+    """``run(inputs, labels)`` executes ``schedule_fn(m)``'s actions for this rank.
+
+    ``loss_fn(output, labels)`` is the per-micro-batch loss (reported); ``scale(loss)`` is what
+    backward differentiates (e.g. ``loss / m``, times a loss scale).
+    """
+
+    def __init__(self, chunks: list[Chunk], schedule_fn: Callable[[int], list[Action]],
+                 comm: StageComm, loss_fn: Callable, *, timeline: Timeline | None = None):
+        self.chunks, self.schedule_fn, self.comm, self.loss_fn = chunks, schedule_fn, comm, loss_fn
+        self.p = comm.size
+        self.timeline = timeline
+        self.store = WeightGradStore()
+        exclude_recomputed(self.store, [layer for c in chunks for layer in c.layers])
+        self.stats: dict[str, float] = {}
+
+    def global_chunk(self, local: int) -> int:
+        return local * self.p + self.comm.rank
+
+    def run(self, inputs: list[torch.Tensor], labels: list[torch.Tensor],
+            scale: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss,
+            act_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """One step over micro-batches ``inputs``/``labels``; returns the sum of their losses
+        on the last stage (a zero elsewhere), as a detached fp64 scalar. ``act_shape`` is the
+        [micro_batch, local_seq, d_model] of tensors crossing stages (default: as built)."""
+        if act_shape is not None:
+            self.comm.shape = tuple(act_shape)
+        if self.comm.shape is None:
+            raise ValueError("the pipeline needs the activation shape [micro_batch, local_seq, d_model]")
+        m = len(inputs)
+        actions = self.schedule_fn(m)
+        split = any(a.kind == "W" for a in actions)
+        self._inputs, self._labels, self._scale, self._split = inputs, labels, scale, split
+        self._saved: dict[tuple[int, int], tuple] = {}
+        self._total = torch.zeros((), dtype=torch.float64, device=self.comm.device)
+        self._in_flight = self._peak = 0
+        if self.timeline:
+            self.timeline.begin_step(self.comm.group)
+        for i, a in enumerate(actions):
+            getattr(self, "_" + a.kind)(a)
+            if self.timeline:
+                self.timeline.record(a.kind, a.mb, a.chunk, *self._last_span)
+            if i + 1 == len(actions) or not self._receives(actions[i + 1]):
+                self.comm.flush()  # nothing to pair the sends with: post them now, not later
+        self.comm.wait_sends()
+        self._check_done()
+        self.stats = {"peak_in_flight": self._peak}
+        if self.timeline:
+            self.stats.update(self.timeline.end_step(self.comm.group, self.comm.device))
+        return self._total
+
+    def _receives(self, a: Action) -> bool:
+        chunk = self.chunks[a.chunk]
+        return (a.kind == "F" and not chunk.is_first) or (a.kind == "B" and not chunk.is_last)
+
+    # ------------------------------------------------------------------ actions
+    def _F(self, a: Action) -> None:
+        c = self.global_chunk(a.chunk)
+        chunk = self.chunks[a.chunk]
+        if chunk.is_first:
+            x = self._inputs[a.mb]
+        else:
+            x = self.comm.recv(ACT, c - 1, a.mb).requires_grad_()
+        t0 = time.perf_counter()
+        with self.store.capture() if self._split else contextlib.nullcontext():
+            out = chunk(x)
+            if chunk.is_last:
+                loss = self.loss_fn(out, self._labels[a.mb])
+                self._total += loss.detach().double()
+                out = self._scale(loss)
+        self._last_span = (t0, time.perf_counter())
+        if not chunk.is_last:
+            self.comm.send(out, ACT, c, c + 1, a.mb)
+        self._saved[(a.mb, a.chunk)] = (x, out)
+        self._in_flight += 1
+        self._peak = max(self._peak, self._in_flight)
+
+    def _B(self, a: Action) -> None:
+        c = self.global_chunk(a.chunk)
+        chunk = self.chunks[a.chunk]
+        x, out = self._saved.pop((a.mb, a.chunk))
+        grad = None if chunk.is_last else self.comm.recv(GRAD, c + 1, a.mb)
+        t0 = time.perf_counter()
+        with self.store.backward_of((a.mb, a.chunk)) if self._split else contextlib.nullcontext():
+            torch.autograd.backward(out, grad)
+        self._last_span = (t0, time.perf_counter())
+        if not chunk.is_first:
+            self.comm.send(x.grad, GRAD, c, c - 1, a.mb)
+        self._in_flight -= 1
+
+    def _W(self, a: Action) -> None:
+        t0 = time.perf_counter()
+        self.store.run((a.mb, a.chunk))
+        self._last_span = (t0, time.perf_counter())
+
+    def _check_done(self) -> None:
+        if self._saved or self.store.pending():
+            raise RuntimeError(f"pipeline schedule left work undone: activations of "
+                               f"{sorted(self._saved)}, weight gradients of {self.store.pending()}")
