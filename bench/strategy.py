@@ -1,0 +1,121 @@
+"""Strategy selection accuracy on this machine: predicted vs measured step time per layout.
+
+    python bench/strategy.py [--world 4] [--steps 5] [--max-layouts 40] [--profile PATH] [--force]
+
+A small Llama-style model at world 4. Profiles the machine (reused when it matches), prices
+every candidate, then runs, in one spawned world, the layouts the engine accepts: every
+(tp, pp, sp, zero, micro-batch) combination with recompute none and the default schedule, plus
+the 5 best predictions (whatever their recompute / Megatron-SP / schedule). One JSON line per
+layout (predicted and measured seconds per step, the slowest rank's median of steps 2..N),
+then a summary line: MAPE, the selected layout's measured throughput against the measured
+best, and the best of the DeepSpeed-autotuner-like subset (ZeRO stage x micro-batch size only,
+tp = pp = sp = 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+MODEL = {"arch": "llama", "vocab_size": 256, "d_model": 128, "n_layers": 4, "n_heads": 4, "seq_len": 128}
+
+
+def _config(batch: int):
+    from tetrad.config import load_config
+
+    return load_config({"run": {"global_batch_size": batch, "precision": "fp32", "output_dir": "/tmp/tetrad-bench"},
+                        "model": MODEL, "strategy": "auto"})
+
+
+def _pick(plan, limit: int) -> list:
+    """The 5 best predictions, then one per (tp, pp, sp, zero, mbs) with recompute none."""
+    chosen, seen = list(plan.ranked[:5]), set()
+    for e in plan.ranked:
+        s = e.strategy
+        key = (s.tp, s.pp, s.sp, s.zero, s.micro_batch_size)
+        default = s.recompute == "none" and not s.megatron_sp and s.pipeline_schedule == "1f1b"
+        if default and key not in seen:
+            seen.add(key)
+            if e not in chosen:
+                chosen.append(e)
+    return chosen[:limit]
+
+
+def _run_all(cfg_dict: dict, strategies: list[dict], steps: int) -> list:
+    """In one world: measured seconds per strategy (None + reason where the engine refuses)."""
+    from tetrad.config import ConfigError, load_config
+    from tetrad.config.schema import StrategyConfig
+    from tetrad.config.fields import build
+    from tetrad.strategy.verify import measure_steps
+
+    cfg = load_config(cfg_dict)
+    out = []
+    for raw in strategies:
+        s = build(StrategyConfig, raw, "strategy")
+        try:
+            out.append((measure_steps(cfg, s, steps), ""))
+        except ConfigError as err:
+            out.append((None, str(err)))
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--world", type=int, default=4)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--max-layouts", type=int, default=40)
+    p.add_argument("--profile", default="/tmp/tetrad-bench-profile.json")
+    p.add_argument("--force", action="store_true")
+    args = p.parse_args(argv)
+
+    from tetrad.models.args import ModelArgs
+    from tetrad.profiler import ProfileOptions, load_or_profile
+    from tetrad.profiler.spawn import run_local
+    from tetrad.strategy.available import unavailable_reason
+    from tetrad.strategy.measured import MeasuredCosts
+    from tetrad.strategy.report import layout
+    from tetrad.strategy.search import search
+
+    cfg = _config(args.batch)
+    margs = ModelArgs.from_config(cfg.model)
+    profile, reused = load_or_profile(margs, "fp32", args.world, path=args.profile, force=args.force,
+                                      opts=ProfileOptions(mbs=[1, 2, 4], reps=5))
+    print(json.dumps({"profile_s": profile["seconds"], "reused": reused}), flush=True)
+    plan = search(cfg, args.world, MeasuredCosts(profile, margs, "fp32"), available=unavailable_reason)
+    picked = _pick(plan, args.max_layouts)
+    raws = [dataclasses.replace(e.strategy, dp="auto").to_dict(full=True) for e in picked]
+    measured = run_local(_run_all, args.world, cfg.to_dict(), raws, args.steps, timeout=1800)
+    rows = []
+    for e, (secs, why) in zip(picked, measured):
+        row = {"layout": layout(e.strategy, args.world), "predicted_s": e.step_s, "measured_s": secs,
+               "error": None if secs is None else (e.step_s - secs) / secs, "refused": why or None}
+        rows.append((e, row))
+        print(json.dumps(row), flush=True)
+    print(json.dumps(_summary(rows, plan, args.world)), flush=True)
+    return 0
+
+
+def _summary(rows, plan, world: int) -> dict:
+    from tetrad.strategy.report import layout
+
+    ok = [(e, r) for e, r in rows if r["measured_s"]]
+    mape = sum(abs(r["error"]) for _, r in ok) / len(ok)
+    best = min(ok, key=lambda er: er[1]["measured_s"])
+    selected = next((er for er in ok if er[0] is plan.ranked[0]), ok[0])
+    ds = [er for er in ok if er[0].strategy.tp == er[0].strategy.pp == er[0].strategy.sp == 1]
+    ds_best = min(ds, key=lambda er: er[1]["measured_s"]) if ds else None
+    return {"layouts": len(ok), "mape": mape,
+            "selected": selected[1]["layout"], "selected_measured_s": selected[1]["measured_s"],
+            "best": best[1]["layout"], "best_measured_s": best[1]["measured_s"],
+            "selected_vs_best_throughput": best[1]["measured_s"] / selected[1]["measured_s"],
+            "ds_autotuner_subset_best": ds_best[1]["layout"] if ds_best else None,
+            "ds_subset_best_measured_s": ds_best[1]["measured_s"] if ds_best else None,
+            "load_average": os.getloadavg()[0]}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

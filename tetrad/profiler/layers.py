@@ -1,0 +1,197 @@
+"""Per-layer compute time and activation memory at the shard shapes a layout produces.
+
+A tensor-parallel rank of degree t computes a block whose projections hold heads/t (and
+kv_heads/t) heads and an MLP of width d_ff/t, on the full sequence; a Ulysses rank of degree
+u runs the projections on s/u tokens and the attention core on all s tokens with 1/u of its
+heads. Both are simulated here without any process group: the block is built at its shard
+shape and run alone, and the Ulysses core is corrected by timing the core at both shapes.
+Communication is the collectives module's business, never this one's.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tetrad.models.args import ModelArgs
+from tetrad.models.transformer import Block, CoreAttention
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+POLICIES = ("none", "selective", "full")
+
+
+def _shrink(linear: nn.Linear, out_div: int = 1, in_div: int = 1) -> nn.Linear:
+    """The same linear with its output (column-parallel) or input (row-parallel) split."""
+    return nn.Linear(linear.in_features // in_div, linear.out_features // out_div,
+                     bias=linear.bias is not None)
+
+
+def shard_block(args: ModelArgs, tp: int, dtype: torch.dtype, device: torch.device) -> Block:
+    """One block as a tp rank holds it: q/k/v and MLP-in split by columns, o/MLP-out by rows."""
+    with torch.device("meta"):
+        block = Block(args)
+        attn, mlp = block.attn, block.mlp
+        for name in ("q_proj", "k_proj", "v_proj"):
+            setattr(attn, name, _shrink(getattr(attn, name), out_div=tp))
+        attn.o_proj = _shrink(attn.o_proj, in_div=tp)
+        ins = ("gate_proj", "up_proj") if mlp.gated else ("fc_in",)
+        for name in ins:
+            setattr(mlp, name, _shrink(getattr(mlp, name), out_div=tp))
+        out = "down_proj" if mlp.gated else "fc_out"
+        setattr(mlp, out, _shrink(getattr(mlp, out), in_div=tp))
+    block.to_empty(device=device)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0.0, 0.02)
+    block.attn.reset_rope()
+    return block.to(dtype).train()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
+
+
+def time_fwd_bwd(fn, make_input, device: torch.device, reps: int) -> tuple[float, float]:
+    """Median forward and backward seconds of ``fn(make_input())`` over ``reps`` runs (+1 warm-up)."""
+    fwd, bwd = [], []
+    for i in range(reps + 1):
+        inputs = make_input()
+        _sync(device)
+        t0 = time.perf_counter()
+        out = fn(*inputs)
+        _sync(device)
+        t1 = time.perf_counter()
+        out.backward(torch.ones_like(out))
+        _sync(device)
+        t2 = time.perf_counter()
+        if i:  # the first run pays for allocator warm-up and lazy init
+            fwd.append(t1 - t0)
+            bwd.append(t2 - t1)
+    return statistics.median(fwd), statistics.median(bwd)
+
+
+def activation_bytes(block: nn.Module, sample: torch.Tensor) -> dict[str, int]:
+    """Bytes the block keeps for backward, per policy: the recompute package's measurement
+    when it is present (it sees through checkpoints), else saved-tensor hooks (no recompute)."""
+    try:
+        from tetrad.recompute import measure_layer_activation_bytes
+    except ImportError:
+        return {"none": _saved_bytes(block, sample)}
+    # The measurement calls gc.collect(); freezing the objects that already exist makes that
+    # scan only the new ones (0.5 s -> 5 ms here) without changing what is found.
+    gc.freeze()
+    try:
+        return measure_layer_activation_bytes(block, sample)
+    finally:
+        gc.unfreeze()
+
+
+def _saved_bytes(module: nn.Module, sample: torch.Tensor) -> int:
+    exclude = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in exclude:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(sample.detach().requires_grad_())
+    return sum(seen.values())
+
+
+def _core_inputs(b: int, heads: int, s: int, hd: int, dtype, device):
+    def make():
+        return tuple(torch.randn(b, heads, s, hd, dtype=dtype, device=device, requires_grad=True)
+                     for _ in range(3))
+    return make
+
+
+def ulysses_core_delta(args: ModelArgs, tp: int, sp: int, b: int, dtype, device,
+                       reps: int) -> tuple[float, float]:
+    """Extra (forward, backward) seconds of the attention core on all s tokens with heads/(t*u)
+    over the same core on s/u tokens with heads/t (what the s/u-token block already timed)."""
+    if sp == 1:
+        return 0.0, 0.0
+    core = CoreAttention(args.dropout).train()
+    s, hd, heads = args.seq_len, args.head_dim, args.n_heads // tp
+    full = time_fwd_bwd(core, _core_inputs(b, heads // sp, s, hd, dtype, device), device, reps)
+    local = time_fwd_bwd(core, _core_inputs(b, heads, s // sp, hd, dtype, device), device, reps)
+    return max(0.0, full[0] - local[0]), max(0.0, full[1] - local[1])
+
+
+def measure_layer(args: ModelArgs, tp: int, sp: int, b: int, policy: str, dtype, device,
+                  reps: int, block: Block | None = None) -> dict:
+    """Forward/backward seconds of one block at the (tp, sp) shard shape, micro-batch b, under
+    a recompute policy (backward then includes the re-forward)."""
+    from tetrad.recompute import apply_block_policy  # edge: the recompute package owns policies
+
+    block = block or shard_block(args, tp, dtype, device)
+    apply_block_policy(block, policy)
+    s_local = args.seq_len // sp
+
+    def make():
+        return (torch.randn(b, s_local, args.d_model, dtype=dtype, device=device, requires_grad=True),)
+    fwd, bwd = time_fwd_bwd(block, make, device, reps)
+    dfwd, dbwd = ulysses_core_delta(args, tp, sp, b, dtype, device, reps)
+    # Selective and full recompute run the core's forward again inside backward.
+    bwd += dbwd + (dfwd if policy != "none" else 0.0)
+    apply_block_policy(block, "none")
+    return {"tp": tp, "sp": sp, "mbs": b, "policy": policy, "fwd_s": fwd + dfwd, "bwd_s": bwd}
+
+
+class _Head(nn.Module):
+    """Embedding lookup + final norm + output projection + loss of one tp/sp rank: vocab/t rows."""
+
+    def __init__(self, args: ModelArgs, tp: int):
+        super().__init__()
+        self.vocab = max(1, args.vocab_size // tp)
+        self.emb = nn.Embedding(self.vocab, args.d_model)
+        self.norm = nn.LayerNorm(args.d_model)
+        self.proj = nn.Linear(args.d_model, self.vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        logits = self.proj(self.norm(h)).float()
+        return F.cross_entropy(logits.flatten(0, 1), ids.flatten())
+
+
+def measure_head(args: ModelArgs, tp: int, sp: int, b: int, dtype, device, reps: int) -> dict:
+    """Forward/backward seconds of the embedding and the loss head at the shard shape."""
+    head = _Head(args, tp).to(device=device, dtype=dtype).train()
+    s_local = args.seq_len // sp
+
+    def make():
+        return (torch.randint(0, head.vocab, (b, s_local), device=device),)
+    fwd, bwd = time_fwd_bwd(head, make, device, reps)
+    return {"tp": tp, "sp": sp, "mbs": b, "fwd_s": fwd, "bwd_s": bwd}
+
+
+def measure_activations(args: ModelArgs, tp: int, sp: int, b: int, dtype, device) -> dict:
+    """Activation bytes per policy of one block at the shard shape (s/u tokens for Ulysses)."""
+    block = shard_block(args, tp, dtype, device)
+    sample = torch.randn(b, args.seq_len // sp, args.d_model, dtype=dtype, device=device)
+    return {"tp": tp, "sp": sp, "mbs": b, "bytes": activation_bytes(block, sample)}
+
+
+def measure_optimizer(dtype_name: str, device: torch.device, numel: int = 1 << 20, reps: int = 3) -> float:
+    """Seconds per parameter of one fp32 AdamW step (the optimizer work of every layout)."""
+    p = torch.zeros(numel, device=device, requires_grad=True)
+    p.grad = torch.randn(numel, device=device)
+    opt = torch.optim.AdamW([p], lr=1e-3)
+    times = []
+    for i in range(reps + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        opt.step()
+        _sync(device)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) / numel

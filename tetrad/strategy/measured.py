@@ -1,0 +1,118 @@
+"""Cost inputs for this machine, read from a profile (tetrad.profiler).
+
+Assumptions:
+
+* Layer and head times are linear in the micro-batch size (a fixed launch/Python overhead plus
+  work per sample): fitted per (tp, sp, policy) over the measured sizes, so sizes in between
+  and beyond are inter/extrapolated.
+* Activation bytes are proportional to the micro-batch size (every term of Korthikanti et al.'s
+  formula is); the smallest measured size sets the slope.
+* Megatron-SP's activations are the measured tp bytes scaled by Korthikanti et al.'s ratio of
+  the formulas with and without it (Megatron-SP divides the replicated norm/dropout part by t).
+* A collective on a group size that was not measured uses the nearest measured size's fit,
+  rescaled by the ring formula's (g-1)/g volume factor.
+* On a machine without an accelerator, device memory and host memory are one pool, split
+  evenly over the ranks of the node; 90% of what is available is usable.
+"""
+
+from __future__ import annotations
+
+from tetrad.models.args import ModelArgs
+from tetrad.profiler.collectives import fit
+
+USABLE_FRACTION = 0.9
+
+
+def korthikanti(s: float, b: int, h: int, a: int, t: int, policy: str, megatron_sp: bool) -> float:
+    """Activation bytes per layer, 16-bit, from PAPERS.md (Korthikanti et al., arXiv:2205.05198)."""
+    sbh = s * b * h
+    if policy == "full":
+        return 2 * sbh / (t if megatron_sp else 1)
+    if policy == "selective":
+        return 34 * sbh / t if megatron_sp else sbh * (10 + 24 / t)
+    if megatron_sp:
+        return sbh / t * (34 + 5 * a * s / h)
+    return sbh * (10 + 24 / t + 5 * a * s / (h * t))
+
+
+def _linear(points: list[tuple[int, float]]) -> tuple[float, float]:
+    if len(points) == 1:
+        return 0.0, points[0][1] / points[0][0]
+    return fit(points)
+
+
+class MeasuredCosts:
+    """The cost model's inputs from a profile measured on this machine and world."""
+
+    same_pool = True
+
+    def __init__(self, profile: dict, args: ModelArgs, precision: str):
+        self.profile, self.args, self.precision = profile, args, precision
+        self.name = "this machine"
+        self.elem = 4 if precision == "fp32" else 2
+        self._layer = self._fits(profile["layers"], ("tp", "sp", "policy"))
+        self._head = self._fits(profile["head"], ("tp", "sp"))
+        self._acts = {}
+        for row in sorted(profile["activations"], key=lambda r: -r["mbs"]):  # smallest b wins
+            for policy, n in row["bytes"].items():
+                self._acts[(row["tp"], row["sp"], policy)] = n / row["mbs"]
+        mem = profile["memory"]
+        local = profile["key"]["hardware"]["local_world"]
+        self.device_budget = USABLE_FRACTION * mem["device_free_bytes"] / (local if mem["device"] == "cpu" else 1)
+        self.same_pool = mem["device"] == "cpu"
+        host = mem["host"]["available_bytes"] or mem["device_free_bytes"]
+        self.host_budget = USABLE_FRACTION * host / local
+        hd = profile.get("host_device") or {}
+        self.host_device_Bps = hd.get("h2d_Bps")  # None on a CPU-only machine: nothing to move
+        self.disk_read_Bps = profile["disk"]["read_Bps"]
+        self.disk_write_Bps = profile["disk"]["write_Bps"]
+        self.overlap = profile.get("overlap", 1.0)
+        self.peak_flops = None
+
+    @staticmethod
+    def _fits(rows: list[dict], keys: tuple[str, ...]) -> dict:
+        groups: dict[tuple, dict[str, list]] = {}
+        for r in rows:
+            g = groups.setdefault(tuple(r[k] for k in keys), {"fwd": [], "bwd": []})
+            g["fwd"].append((r["mbs"], r["fwd_s"]))
+            g["bwd"].append((r["mbs"], r["bwd_s"]))
+        return {k: (_linear(v["fwd"]), _linear(v["bwd"])) for k, v in groups.items()}
+
+    def has_shape(self, tp: int, sp: int) -> bool:
+        return (tp, sp, "none") in self._layer
+
+    def layer(self, tp: int, sp: int, b: int, policy: str) -> tuple[float, float]:
+        (fa, fb), (ba, bb) = self._layer[(tp, sp, policy)]
+        return fa + fb * b, ba + bb * b
+
+    def head(self, tp: int, sp: int, b: int) -> tuple[float, float]:
+        (fa, fb), (ba, bb) = self._head[(tp, sp)]
+        return fa + fb * b, ba + bb * b
+
+    def act_bytes(self, tp: int, sp: int, b: int, policy: str) -> float:
+        per = self._acts.get((tp, sp, policy))
+        if per is None:  # recompute package absent: only "none" was measured
+            a = self.args
+            ratio = korthikanti(a.seq_len / sp, 1, a.d_model, a.n_heads, tp, policy, False) / korthikanti(
+                a.seq_len / sp, 1, a.d_model, a.n_heads, tp, "none", False)
+            per = self._acts[(tp, sp, "none")] * ratio
+        return per * b
+
+    def coll(self, kind: str, g: int, stride: int, nbytes: float) -> float:
+        if g <= 1:
+            return 0.0
+        table = self.profile["collectives"].get(kind, {})
+        sizes = sorted({int(k.split("/")[0]) for k in table})
+        if not sizes:
+            raise KeyError(f"profile has no {kind} measurement; re-profile on the target world")
+        near = min(sizes, key=lambda x: abs(x - g))
+        placement = "inter" if f"{near}/inter" in table and stride > 1 else "intra"
+        entry = table.get(f"{near}/{placement}") or table[f"{near}/intra"]
+        scale = ((g - 1) / g) / ((near - 1) / near)
+        return entry["alpha_s"] + entry["beta_s_per_byte"] * nbytes * scale
+
+    def adam(self, params: float) -> float:
+        return params * self.profile["adam_s_per_param"]
+
+    def host_adam(self, params: float) -> float:
+        return self.adam(params)

@@ -1,0 +1,87 @@
+"""Explaining a plan: the ranked table, the rejection summary, JSON of every candidate, YAML."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from tetrad.config.schema import StrategyConfig
+from tetrad.strategy.search import Estimate, Plan
+from tetrad.strategy.shapes import dp_degree
+
+
+def layout(s: StrategyConfig, world: int) -> str:
+    """'tp2 pp4 sp1 dp8 msp z1 mbs2 selective interleaved/v2 off:cpu/none' (defaults left out)."""
+    parts = [f"tp{s.tp}", f"pp{s.pp}", f"sp{s.sp}", f"dp{dp_degree(s, world)}"]
+    parts += ["msp"] if s.megatron_sp else []
+    parts += [f"z{s.zero}", f"mbs{s.micro_batch_size}", s.recompute]
+    if s.pp > 1:
+        parts.append(s.pipeline_schedule + (f"/v{s.virtual_stages}" if s.virtual_stages > 1 else ""))
+    if s.offload.optimizer != "none" or s.offload.params != "none":
+        parts.append(f"off:{s.offload.optimizer}/{s.offload.params}")
+    return " ".join(parts)
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f}"
+
+
+def table(plan: Plan, top: int = 10) -> str:
+    """The ranked table `tetrad plan` prints, then why the rest were rejected."""
+    head = f"{'#':>3}  {'layout':<58} {'step s':>9} {'tokens/s':>11} {'mem GB/rank':>11} {'MFU':>6}"
+    lines = [f"plan for world {plan.world} on {plan.costs_name}; memory budget {_gb(plan.budget)} GB/rank", head]
+    for i, e in enumerate(plan.ranked[:top], 1):
+        mfu = plan.mfu(e)
+        lines.append(f"{i:>3}  {layout(e.strategy, plan.world):<58} {e.step_s:>9.4g} "
+                     f"{plan.tokens_per_s(e):>11.4g} {_gb(e.memory['device'] + (e.memory['host'] if plan.costs_name == 'this machine' else 0)):>11} "
+                     f"{'' if mfu is None else f'{100 * mfu:.1f}%':>6}")
+    if not plan.ranked:
+        lines.append("  (no candidate fits and runs)")
+    lines.append(f"{len(plan.ranked)} candidates fit; rejected or pruned:")
+    for reason, n in plan.reason_counts().most_common(12):
+        lines.append(f"  {n:>7} x {reason}")
+    if plan.chosen is not None:
+        lines.append("chosen: " + layout(plan.chosen.strategy, plan.world) + _breakdown(plan.chosen))
+    lines += plan.notes
+    return "\n".join(lines)
+
+
+def _breakdown(e: Estimate) -> str:
+    parts = ", ".join(f"{k} {v:.3g}s" for k, v in e.time.items() if k != "total" and v > 0)
+    return f"  ({parts})"
+
+
+def _record(plan: Plan, e: Estimate) -> dict:
+    return {"layout": layout(e.strategy, plan.world), "strategy": e.strategy.to_dict(full=True),
+            "status": e.status, "reason": e.reason, "predicted_step_s": e.step_s,
+            "tokens_per_s": plan.tokens_per_s(e), "mfu": plan.mfu(e), "measured_step_s": e.measured_s,
+            "time": e.time, "memory": e.memory}
+
+
+def to_json(plan: Plan) -> dict:
+    """Every priced candidate, and the invalid ones grouped by reason (with up to 3 examples)."""
+    groups: dict[str, dict] = {}
+    for s, reason in plan.rejected:
+        g = groups.setdefault(reason, {"reason": reason, "count": 0, "examples": []})
+        g["count"] += 1
+        if len(g["examples"]) < 3:
+            g["examples"].append(layout(s, plan.world))
+    return {"world": plan.world, "costs": plan.costs_name, "budget_bytes": plan.budget,
+            "chosen": _record(plan, plan.chosen) if plan.chosen else None,
+            "ranked": [_record(plan, e) for e in plan.ranked],
+            "not_fitting_or_unavailable": [_record(plan, e) for e in plan.others],
+            "invalid": sorted(groups.values(), key=lambda g: -g["count"]),
+            "dominated": plan.dominated}
+
+
+def write_json(plan: Plan, path) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(to_json(plan), fh, indent=1)
+
+
+def strategy_yaml(s: StrategyConfig) -> str:
+    """The chosen strategy as a `strategy:` section a run config (or tetrad.parallelize) reads."""
+    body = s.to_dict(full=True)
+    body.pop("auto", None)
+    return yaml.safe_dump({"strategy": body}, sort_keys=False)

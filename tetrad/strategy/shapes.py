@@ -1,0 +1,60 @@
+"""Parameter counts per piece of the model and the per-rank share of a layout, analytically
+(no model is built, so a 1T-parameter plan costs nothing). Matches tetrad.models exactly;
+tests/test_strategy_cost.py checks it against ``num_params`` of a built model."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from tetrad.config.schema import StrategyConfig
+from tetrad.models.args import ModelArgs
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    layer: int      # one transformer block
+    embed: int      # token (+ learned position) embedding
+    head: int       # final norm + output projection (0 projection when tied)
+
+    def total(self, n_layers: int) -> int:
+        return n_layers * self.layer + self.embed + self.head
+
+
+def param_counts(a: ModelArgs) -> ParamCounts:
+    gpt = a.arch == "gpt"
+    h, hd = a.d_model, a.head_dim
+    attn = h * (a.n_heads + 2 * a.n_kv_heads) * hd + a.n_heads * hd * h
+    attn += ((a.n_heads + 2 * a.n_kv_heads) * hd + h) if gpt else 0
+    mlp = 2 * h * a.d_ff + a.d_ff + h if gpt else 3 * h * a.d_ff
+    norm = 2 * h if gpt else h
+    embed = a.vocab_size * h + (a.seq_len * h if gpt else 0)
+    head = norm + (0 if a.tie_embeddings else a.vocab_size * h)
+    return ParamCounts(layer=attn + mlp + 2 * norm, embed=embed, head=head)
+
+
+def layers_per_stage(a: ModelArgs, s: StrategyConfig) -> int:
+    """Layers on the busiest pipeline rank (all its virtual chunks together)."""
+    return math.ceil(a.n_layers / s.pp)
+
+
+def rank_params(a: ModelArgs, s: StrategyConfig) -> float:
+    """Parameters on the fullest rank. Assumption: tp splits every weight evenly (norms and the
+    row-parallel biases it replicates are a rounding error); the first stage holds the
+    embedding, the last the head, and with one stage both."""
+    c = param_counts(a)
+    edge = c.embed + c.head if s.pp == 1 else max(c.embed, c.head)
+    return (layers_per_stage(a, s) * c.layer + edge) / s.tp
+
+
+def dp_degree(s: StrategyConfig, world: int) -> int:
+    return world // s.model_parallel_size if s.dp == "auto" else s.dp
+
+
+def micro_batches(global_batch: int, s: StrategyConfig, world: int) -> int:
+    return global_batch // (dp_degree(s, world) * s.micro_batch_size)
+
+
+def shard_group(s: StrategyConfig, world: int) -> int:
+    """Ranks ZeRO shards over: the gradient group, dp x sp (Ulysses ranks see other tokens)."""
+    return dp_degree(s, world) * s.sp

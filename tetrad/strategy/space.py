@@ -1,0 +1,139 @@
+"""The search space: every layout of the world and global batch, invalid ones with the reason.
+
+Validity is tetrad.config's own rules (heads and kv heads divisible by tp, Ulysses heads and
+sequence by sp, layers per pipeline chunk, world and batch divisibility, ZeRO-2/3 with pp,
+nvme tiers needing a directory, ...), so `plan` and `train` can never disagree about what is
+valid. Bounds of the enumeration, each a choice rather than a rule: micro-batch sizes up to
+32 (larger ones only add activation memory once matmuls are saturated), virtual stages up to
+8, and the recompute policies none/selective/full (`budget` needs a budget the user gives;
+it is searched only when set). At pp = 1 the schedules are identical, so only 1f1b is kept.
+Keys the user fixed (``StrategyConfig.fixed_keys``) take their given value only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+from tetrad.config.schema import Config, OffloadConfig, StrategyConfig
+from tetrad.config.validate import batch_errors, layout_errors, strategy_errors, strategy_world_errors
+
+MAX_MBS = 32
+MAX_VIRTUAL = 8
+FREE_KEYS = ("tp", "pp", "sp", "megatron_sp", "zero", "micro_batch_size", "recompute",
+             "pipeline_schedule", "virtual_stages", "offload.optimizer", "offload.params")
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+class Space:
+    """Enumerates candidates for ``cfg`` on ``world`` ranks; ``rejected`` collects (strategy, reason)."""
+
+    def __init__(self, cfg: Config, world: int):
+        self.cfg, self.world = cfg, world
+        base = cfg.strategy
+        self.fixed = {k for k in base.fixed_keys() if k in FREE_KEYS or k == "dp"}
+        self.base = dataclasses.replace(base, auto=False)
+        self.rejected: list[tuple[StrategyConfig, str]] = []
+
+    def _options(self, key: str, values) -> list:
+        if key in self.fixed:
+            return [_get(self.base, key)]
+        return list(values)
+
+    def _reject(self, s: StrategyConfig, errors: list[str]) -> bool:
+        if errors:
+            self.rejected.append((s, errors[0]))
+        return bool(errors)
+
+    def layouts(self) -> Iterator[StrategyConfig]:
+        """(tp, pp, sp, megatron_sp) combinations that fit the model and the world."""
+        w, m = self.world, self.cfg.model
+        for tp in self._options("tp", divisors(w)):
+            for pp in self._options("pp", divisors(w // tp) if w % tp == 0 else [1]):
+                rest = w // (tp * pp) if w % (tp * pp) == 0 else 1
+                for sp in self._options("sp", divisors(rest)):
+                    for msp in self._options("megatron_sp", [False, True] if tp > 1 else [False]):
+                        s = dataclasses.replace(self.base, tp=tp, pp=pp, sp=sp, megatron_sp=msp)
+                        if not self._reject(s, strategy_world_errors(s, w) + layout_errors(m, s)):
+                            yield s
+
+    def _schedules(self, s: StrategyConfig) -> list[tuple[str, int]]:
+        if s.pp == 1:
+            return [(s.pipeline_schedule if "pipeline_schedule" in self.fixed else "1f1b", 1)]
+        chunks = self.cfg.model.n_layers // s.pp
+        out = [(name, 1) for name in ("gpipe", "1f1b", "zero_bubble")]
+        out += [("interleaved", v) for v in range(2, min(MAX_VIRTUAL, chunks) + 1)
+                if self.cfg.model.n_layers % (s.pp * v) == 0]
+        fixed_sched = "pipeline_schedule" in self.fixed
+        fixed_v = "virtual_stages" in self.fixed
+        return [(n, v) for n, v in out if (not fixed_sched or n == s.pipeline_schedule)
+                and (not fixed_v or v == s.virtual_stages)]
+
+    def bases(self) -> Iterator[StrategyConfig]:
+        """Layouts x ZeRO stage x micro-batch size x schedule, checked (recompute/offload not yet set)."""
+        batch = self.cfg.run.global_batch_size
+        for lay in self.layouts():
+            dp = self.world // lay.model_parallel_size
+            per_rank = batch // dp if batch % dp == 0 else 1
+            mbs_all = [b for b in divisors(per_rank) if b <= MAX_MBS]
+            for zero in self._options("zero", range(4)):
+                for mbs in self._options("micro_batch_size", mbs_all):
+                    for sched, v in self._schedules(lay):
+                        s = dataclasses.replace(lay, zero=zero, micro_batch_size=mbs,
+                                                pipeline_schedule=sched, virtual_stages=v,
+                                                recompute="none", offload=_offload(lay, "none", "none"))
+                        errors = strategy_errors(s) + batch_errors(batch, s, dp)
+                        if not self._reject(s, errors):
+                            yield s
+
+    def recompute_options(self) -> list[str]:
+        if "recompute" in self.fixed:
+            return [self.base.recompute]
+        return ["none", "selective", "full"]
+
+    def offload_options(self, s: StrategyConfig) -> list[tuple[str, str]]:
+        """Valid (optimizer tier, params tier) pairs, cheapest first; (none, none) leads.
+
+        Invalid pairs are recorded against the base with the rule they break (the same rules
+        as tetrad.config.validate: params offload needs ZeRO-3, nvme needs offload.nvme_dir)."""
+        tiers = ("none", "cpu", "nvme")
+        opt = self._options("offload.optimizer", tiers)
+        par = self._options("offload.params", tiers)
+        out = []
+        for o in opt:
+            for p in par:
+                why = _offload_rule(s, o, p)
+                if why:
+                    self.rejected.append((s, why))
+                else:
+                    out.append((o, p))
+        out.sort(key=lambda op: tiers.index(op[0]) + tiers.index(op[1]))
+        return out
+
+    def with_options(self, s: StrategyConfig, recompute: str, opt: str, par: str) -> StrategyConfig | None:
+        c = dataclasses.replace(s, recompute=recompute, offload=_offload(s, opt, par))
+        return None if self._reject(c, strategy_errors(c)) else c
+
+
+def _offload_rule(s: StrategyConfig, opt: str, par: str) -> str:
+    """The offload rules of tetrad.config.validate.strategy_errors, checked without building a
+    candidate (the search meets them once per base layout); the wording is the same."""
+    c = dataclasses.replace(s, offload=_offload(s, opt, par)) if "nvme" in (opt, par) or par != "none" else None
+    if c is None:
+        return ""
+    errors = [e for e in strategy_errors(c) if "offload" in e]
+    return errors[0] if errors else ""
+
+
+def _offload(s: StrategyConfig, opt: str, par: str) -> OffloadConfig:
+    return OffloadConfig(optimizer=opt, params=par, nvme_dir=s.offload.nvme_dir)
+
+
+def _get(s: StrategyConfig, key: str):
+    obj = s
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj

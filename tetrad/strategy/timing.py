@@ -1,0 +1,154 @@
+"""Step time of a candidate: compute + exposed communication + pipeline bubble + optimizer + I/O.
+
+What the model assumes (Narayanan et al., Korthikanti et al., Qi et al., Rajbhandari et al.):
+
+* Per micro-batch the busiest pipeline rank runs ceil(L/p) layers plus the embedding and loss
+  head (the head is on the last stage; pricing it on the busiest one is conservative).
+* Tensor parallelism: per layer 2 all-reduces of the b*s*h activations in forward and 2 in
+  backward, 2 more when full recompute re-runs the forward; Megatron-SP replaces each by an
+  all-gather + reduce-scatter pair of the same volume; the vocab-parallel embedding and head add
+  2 more. All exposed (each sits between two dependent matmuls).
+* Ulysses: per layer all-to-alls of q, k, v and the output in forward, the same in backward and
+  again under full recompute (selective recompute keeps the core's inputs); exposed.
+* Pipeline: GPipe and 1F1B add (p-1) micro-batch times of bubble, interleaved (p-1)/v, ZB-H1
+  (p-1)(T_F + T_B - T_W) with T_W the weight-gradient share of backward (24h / (48h + 8s) of a
+  no-recompute backward); every micro-batch sends activations forward and gradients back
+  (b*s*h elements; /t with Megatron-SP), v times as often when interleaved, exposed.
+* Data parallelism syncs gradients once per step, during the last micro-batch's backward:
+  all of it but the last bucket can hide behind that backward, as far as the machine lets
+  communication overlap compute (the profile's measured overlap fraction; 1 on GPUs).
+  Stage 0 all-reduces; stages 1-2 reduce-scatter then all-gather updated parameters after the
+  step (exposed); stage 3 all-gathers each layer before its forward and its backward in every
+  micro-batch (hidden behind the previous layer's compute as far as overlap allows).
+* Optimizer: AdamW over the rank's shard (on the host when offloaded); offload moves
+  gradients down and parameters up over host-device bandwidth, and NVMe reads and writes the
+  optimizer state at the measured disk bandwidth, exposed (no delayed parameter update).
+"""
+
+from __future__ import annotations
+
+from tetrad.config.schema import StrategyConfig
+from tetrad.models.args import ModelArgs
+from tetrad.strategy.shapes import dp_degree, layers_per_stage, micro_batches, param_counts, rank_params, shard_group
+
+
+def _tp_comm(a: ModelArgs, s: StrategyConfig, costs, n_act: float) -> tuple[float, float]:
+    """(forward, backward) exposed tensor-parallel seconds per micro-batch on one rank."""
+    if s.tp == 1:
+        return 0.0, 0.0
+    if s.megatron_sp:
+        one = costs.coll("all_gather", s.tp, 1, n_act) + costs.coll("reduce_scatter", s.tp, 1, n_act)
+    else:
+        one = costs.coll("all_reduce", s.tp, 1, n_act)
+    layers = layers_per_stage(a, s)
+    fwd = (2 * layers + 1) * one
+    bwd = (2 * layers + 1 + (2 * layers if s.recompute == "full" else 0)) * one
+    tokens = s.micro_batch_size * a.seq_len / s.sp
+    ce = 3 * costs.coll("all_reduce", s.tp, 1, 4 * tokens)  # max, sum-exp, target logit
+    return fwd + ce, bwd
+
+
+def _sp_comm(a: ModelArgs, s: StrategyConfig, costs, elem: int) -> tuple[float, float]:
+    if s.sp == 1:
+        return 0.0, 0.0
+    tokens = s.micro_batch_size * a.seq_len / s.sp
+    q = tokens * a.n_heads / s.tp * a.head_dim * elem
+    kv = tokens * a.n_kv_heads / s.tp * a.head_dim * elem
+    one = 2 * costs.coll("all_to_all", s.sp, s.tp, q) + 2 * costs.coll("all_to_all", s.sp, s.tp, kv)
+    layers = layers_per_stage(a, s)
+    return layers * one, layers * one * (2 if s.recompute == "full" else 1)
+
+
+def micro_batch_times(a: ModelArgs, s: StrategyConfig, costs, elem: int) -> dict[str, float]:
+    """T_F, T_B (compute + exposed tp/sp communication) and T_W of one micro-batch on the busiest rank."""
+    b, layers = s.micro_batch_size, layers_per_stage(a, s)
+    f_l, b_l = costs.layer(s.tp, s.sp, b, s.recompute)
+    f_h, b_h = costs.head(s.tp, s.sp, b)
+    n_act = b * a.seq_len / s.sp * a.d_model * elem
+    tp_f, tp_b = _tp_comm(a, s, costs, n_act)
+    sp_f, sp_b = _sp_comm(a, s, costs, elem)
+    f_none = costs.layer(s.tp, s.sp, b, "none")[0]
+    w_share = 24 * a.d_model / (48 * a.d_model + 8 * a.seq_len)
+    return {"T_F": layers * f_l + f_h + tp_f + sp_f, "T_B": layers * b_l + b_h + tp_b + sp_b,
+            "T_W": w_share * 2 * f_none * layers, "comm": tp_f + tp_b + sp_f + sp_b,
+            "bwd_layers": layers * b_l}
+
+
+def pipeline_time(s: StrategyConfig, mb: dict[str, float], m: int) -> tuple[float, float]:
+    """(compute time of the step, bubble part of it) for the schedule."""
+    t_mb = mb["T_F"] + mb["T_B"]
+    p = s.pp
+    if p == 1:
+        return m * t_mb, 0.0
+    bubble = {"gpipe": (p - 1) * t_mb, "1f1b": (p - 1) * t_mb,
+              "interleaved": (p - 1) * t_mb / s.virtual_stages,
+              "zero_bubble": (p - 1) * max(0.0, t_mb - mb["T_W"])}[s.pipeline_schedule]
+    return m * t_mb + bubble, bubble
+
+
+def _p2p(a: ModelArgs, s: StrategyConfig, costs, world: int, m: int, elem: int) -> float:
+    if s.pp == 1:
+        return 0.0
+    n = s.micro_batch_size * a.seq_len / s.sp * a.d_model * elem / (s.tp if s.megatron_sp else 1)
+    stride = s.tp * s.sp * dp_degree(s, world)
+    return 2 * (m * s.virtual_stages + s.pp - 1) * costs.coll("send_recv", 2, stride, n)
+
+
+def _hidden(comm: float, window: float, overlap: float) -> float:
+    return comm - overlap * min(comm, window)
+
+
+def dp_time(a: ModelArgs, s: StrategyConfig, costs, world: int, m: int, mb: dict, elem: int) -> float:
+    """Exposed data-parallel (ZeRO) communication per step."""
+    n = shard_group(s, world)
+    if n == 1:
+        return 0.0
+    psi = rank_params(a, s)
+    grads, bucket = psi * elem, min(psi * elem, s.bucket_mb * 2**20)
+    stride, window = s.tp, mb["bwd_layers"]
+    reduce = "all_reduce" if s.zero == 0 else "reduce_scatter"
+    total = costs.coll(reduce, n, stride, grads)
+    exposed = max(costs.coll(reduce, n, stride, bucket), _hidden(total, window, costs.overlap))
+    if s.zero in (1, 2):
+        exposed += costs.coll("all_gather", n, stride, psi * elem)
+    if s.zero == 3:
+        layer = param_counts(a).layer / s.tp * elem
+        gathers = 2 * layers_per_stage(a, s) * costs.coll("all_gather", n, stride, layer)
+        exposed += m * _hidden(gathers, mb["T_F"] + mb["T_B"], costs.overlap)
+    return exposed
+
+
+def optimizer_time(a: ModelArgs, s: StrategyConfig, costs, world: int, precision: str, m: int) -> float:
+    """AdamW over the shard, plus offload traffic (host-device and NVMe), exposed."""
+    shard = rank_params(a, s) / (shard_group(s, world) if s.zero else 1)
+    elem = 4 if precision == "fp32" else 2
+    k = 8 if precision == "fp32" else 12
+    t = 0.0
+    if s.offload.optimizer == "none":
+        t += costs.adam(shard)
+    else:
+        t += costs.host_adam(shard)
+        if costs.host_device_Bps:
+            t += 2 * elem * shard / costs.host_device_Bps
+        if s.offload.optimizer == "nvme":
+            t += k * shard / costs.disk_read_Bps + k * shard / costs.disk_write_Bps
+    if s.offload.params != "none":
+        bw = costs.disk_read_Bps if s.offload.params == "nvme" else costs.host_device_Bps
+        if bw:
+            t += m * 2 * elem * shard / bw
+    return t
+
+
+def step_time(a: ModelArgs, s: StrategyConfig, costs, world: int, global_batch: int,
+              precision: str) -> dict[str, float]:
+    """Predicted seconds per optimizer step and its parts."""
+    elem = 4 if precision == "fp32" else 2
+    m = micro_batches(global_batch, s, world)
+    mb = micro_batch_times(a, s, costs, elem)
+    compute, bubble = pipeline_time(s, mb, m)
+    parts = {"compute": compute - bubble - m * mb["comm"], "tp_sp_comm": m * mb["comm"], "bubble": bubble,
+             "pp_comm": _p2p(a, s, costs, world, m, elem),
+             "dp_comm": dp_time(a, s, costs, world, m, mb, elem),
+             "optimizer": optimizer_time(a, s, costs, world, precision, m)}
+    parts["total"] = sum(parts.values())
+    return parts
