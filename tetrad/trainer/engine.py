@@ -16,6 +16,7 @@ The engine owns no parallelism logic itself: it asks ``tetrad.parallel`` for the
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Callable
 
 import torch
@@ -27,23 +28,27 @@ from tetrad.config.schema import OptimizerConfig
 from tetrad.models.loss import cross_entropy
 from tetrad.parallel.launch import init_distributed
 from tetrad.parallel.mesh import ParallelDims
-from tetrad.trainer.optim import build_adamw, lr_at, param_groups, set_lr
-from tetrad.zero.ddp import AllReduceGrads
+from tetrad.recompute import apply_recompute
+from tetrad.checkpoint.pieces import Piece
+from tetrad.trainer.optim import lr_at
+from tetrad.zero import build_data_parallel
 
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _check_supported(strategy: StrategyConfig) -> None:
     """Fail clearly for strategy keys whose implementation has not landed in this build."""
-    unsupported = {"tp": strategy.tp != 1, "pp": strategy.pp != 1, "sp": strategy.sp != 1,
-                   "zero": strategy.zero != 0, "megatron_sp": strategy.megatron_sp,
-                   "recompute": strategy.recompute != "none",
-                   "offload": strategy.offload.optimizer != "none" or strategy.offload.params != "none"}
+    unsupported = {"offload": strategy.offload.optimizer != "none" or strategy.offload.params != "none"}
     bad = [k for k, v in unsupported.items() if v]
     if bad:
         raise ConfigError(f"strategy.{bad[0]}={getattr(strategy, bad[0])!r} is not available in this "
                           f"build yet (only data parallelism with zero: 0 is); set "
                           f"strategy.{bad[0]} back to its default")
+
+
+def _budget_bytes(strategy: StrategyConfig) -> int | None:
+    mb = strategy.recompute_budget_mb
+    return None if mb is None else int(mb * 2**20)
 
 
 class Engine:
@@ -71,16 +76,24 @@ class Engine:
         # model, recompute wraps the (possibly sharded) blocks, then data parallelism / ZeRO
         # takes ownership of gradients and the optimizer.
         self.model = self._parallelize_model(model.to(self.device))
+        apply_recompute(self.model, self.strategy.recompute, _budget_bytes(self.strategy),
+                        batch_size=self.strategy.micro_batch_size)
         self.precision, self.amp_dtype = precision, _DTYPES[precision]
+        # Pipeline split before ZeRO, so that ZeRO owns (and names) only this stage's parameters.
+        self.pipeline = self._build_pipeline() if self.dims.pp > 1 else None
         self.optim_cfg = optim_cfg
         self.total_steps = total_steps
         self.grad_accum = self._accum_steps(global_batch_size)
-        self.grads = AllReduceGrads(list(self.model.parameters()), self.grad_group,
-                                    int(self.strategy.bucket_mb * 2**20))
-        self.optimizer = optimizer or build_adamw(
-            param_groups(self.model.named_parameters(), (optim_cfg or OptimizerConfig()).weight_decay),
-            optim_cfg or OptimizerConfig())
-        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
+        # ZeRO (stage 0 = plain DP) owns gradients, fp32 masters, the optimizer and the loss
+        # scale; the model's parameters become compute-dtype (true mixed precision).
+        self.grads = build_data_parallel(
+            self.model, optimizer=optimizer, optim_cfg=optim_cfg, stage=self.strategy.zero,
+            group=self.grad_group, precision=precision,
+            bucket_bytes=int(self.strategy.bucket_mb * 2**20), device=self.device)
+        self.optimizer = self.grads.optimizer
+        self.scaler = self.grads.scaler
+        self.norm_groups = {axis: self.mesh.get_group(axis) if getattr(self.dims, axis) > 1 else None
+                            for axis in ("tp", "pp")}
         self.step_count, self.micro_step = 0, 0
         self.last = {}
 
@@ -97,27 +110,55 @@ class Engine:
     def _make_grad_group(self) -> dist.ProcessGroup:
         """Ranks that see different tokens of the same model replica: gradients and the loss
         are averaged over them (dp; dp x sp once sequence parallelism splits sequences)."""
-        return self.dp_group
+        if self.dims.sp == 1:
+            return self.dp_group
+        return self.mesh["dp", "sp"]._flatten("dp_sp").get_group()
 
     def _parallelize_model(self, model: nn.Module) -> nn.Module:
         """Apply tensor / sequence parallelism to the plain model (identity at tp = sp = 1)."""
-        return model
+        from tetrad.parallel.plan import parallelize
+
+        if self.dims.tp > 1 and self.loss_fn is not cross_entropy:
+            raise ConfigError("strategy.tp > 1 computes the loss from vocabulary-split logits with "
+                              "tetrad's vocab-parallel cross-entropy; a custom loss_fn would need full "
+                              "logits. Use the default loss_fn, or strategy.tp=1")
+        return parallelize(model, self.strategy, self.mesh)
 
     def shard_micro_batch(self, input_ids: torch.Tensor, labels: torch.Tensor):
-        """This rank's part of a micro-batch (a slice of the sequence under sequence parallelism)."""
-        return input_ids, labels
+        """This rank's part of a micro-batch (a slice of the sequence under sequence parallelism).
+
+        Ulysses ranks take contiguous sequence slices; Megatron-SP shards after the embedding.
+        """
+        sp = self.dims.sp
+        if sp == 1:
+            return input_ids, labels
+        if input_ids.shape[1] % sp:
+            raise ValueError(f"sequence length {input_ids.shape[1]} is not divisible by strategy.sp={sp}")
+        rank = self.mesh.get_local_rank("sp")
+        return input_ids.chunk(sp, 1)[rank], labels.chunk(sp, 1)[rank]
 
     def loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The layout's loss for one micro-batch: mean over the micro-batch's tokens."""
+        """The layout's loss for one micro-batch: mean over the micro-batch's (local) tokens.
+
+        Under tp the logits are split over the vocabulary: the vocab-parallel cross-entropy
+        gives every tp rank the full loss without gathering them.
+        """
+        if self.dims.tp > 1:
+            from tetrad.parallel.tensor import vocab_parallel_cross_entropy
+
+            return vocab_parallel_cross_entropy(output, labels, self.mesh.get_group("tp"))
         return self.loss_fn(output, labels)
 
     # ------------------------------------------------------------------ micro-batch API
     def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        """No autocast: parameters are already in the compute dtype (fp32 masters live in
+        ``self.grads``), as in the ZeRO paper's mixed-precision accounting."""
+        return contextlib.nullcontext()
 
     def __call__(self, input_ids: torch.Tensor, *args, **kwargs):
+        if self.pipeline is not None:
+            raise RuntimeError("with strategy.pp > 1 a rank holds only its pipeline stage: use "
+                               "engine.train_step(batch), which runs the pipeline schedule")
         with self.autocast():
             return self.model(input_ids.to(self.device), *args, **kwargs)
 
@@ -125,10 +166,7 @@ class Engine:
         """Backward of one micro-batch's loss, scaled by 1/accumulation steps."""
         accum = accum_steps or self.grad_accum
         self.grads.begin_backward(sync=(self.micro_step + 1) % accum == 0)
-        scaled = loss / accum
-        if self.scaler is not None:
-            scaled = self.scaler.scale(scaled)
-        scaled.backward()
+        self.grads.scale_loss(loss / accum).backward()
 
     def step(self, *, accum_steps: int | None = None) -> bool:
         """Count a micro-batch; at the end of the accumulation window update the weights.
@@ -153,7 +191,11 @@ class Engine:
         n_micro = input_ids.shape[0] // mbs
         self.micro_step = 0
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        for x, y in zip(input_ids.split(mbs), labels.split(mbs)):
+        micro = list(zip(input_ids.split(mbs), labels.split(mbs)))
+        if self.pipeline is not None:
+            total = self._pipeline_step(micro)
+            micro = []  # the pipeline schedule ran them all
+        for x, y in micro:
             x, y = self.shard_micro_batch(x, y)
             loss = self.loss(self(x), y)
             self.backward(loss, accum_steps=n_micro)
@@ -164,31 +206,57 @@ class Engine:
         self.last["loss"] = loss
         return loss
 
+    # ------------------------------------------------------------------ pipeline (pp > 1)
+    def _build_pipeline(self):
+        """Prune the model to this pp rank's stage chunks and build the schedule's executor."""
+        from tetrad.parallel.pipeline import build_pipeline
+
+        s = self.strategy
+        return build_pipeline(self.model, self.mesh.get_group("pp"), schedule=s.pipeline_schedule,
+                              virtual_stages=s.virtual_stages, dtype=self.amp_dtype or torch.float32,
+                              device=self.device, loss_fn=self.loss,
+                              trace=os.environ.get("TETRAD_TRACE") or None)
+
+    def _pipeline_step(self, micro: list) -> torch.Tensor:
+        """Run the schedule over all micro-batches with gradients accumulating locally, sync them
+        once, step; returns the summed loss, broadcast from the last stage to the pp group."""
+        micro = [self.shard_micro_batch(x, y) for x, y in micro]
+        x0 = micro[0][0]
+        shards = self.dims.tp if self.strategy.megatron_sp else 1  # Megatron-SP: sequence split over tp
+        shape = (x0.shape[0], x0.shape[1] // shards, self.model.args.d_model)
+        self.grads.begin_backward(sync=False)
+        total = self.pipeline.run([x for x, _ in micro], [y for _, y in micro], act_shape=shape,
+                                  scale=lambda loss: self.grads.scale_loss(loss / len(micro)))
+        self.grads.begin_backward(sync=True)  # no backward follows: finish() reduces every bucket
+        self._optimizer_step()
+        pp_group = self.mesh.get_group("pp")
+        dist.broadcast(total, group=pp_group, src=dist.get_global_rank(pp_group, self.dims.pp - 1))
+        self.last.update({f"pipeline_{k}": v for k, v in self.pipeline.stats.items()})
+        return total
+
     def _optimizer_step(self) -> None:
         self.grads.finish()
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
         clip = self.optim_cfg.grad_clip if self.optim_cfg is not None else 0.0
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"),
-                                              foreach=True)
-        if self.optim_cfg is not None:
-            lr = lr_at(self.step_count, self.optim_cfg, self.total_steps or 1)
-            set_lr(self.optimizer, lr)
-        if self.scaler is not None:
-            scale = self.scaler.get_scale()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.last["skipped"] = self.scaler.get_scale() < scale
-        else:
-            self.optimizer.step()
-            self.last["skipped"] = False
+        lr = lr_at(self.step_count, self.optim_cfg, self.total_steps or 1) if self.optim_cfg else None
+        norm, skipped = self.grads.step(lr, clip, self.norm_groups)
         self.grads.zero_grad()
         self.step_count += 1
-        self.last.update(grad_norm=float(norm), lr=self.optimizer.param_groups[0]["lr"])
+        self.last.update(grad_norm=norm, skipped=skipped, lr=self.optimizer.param_groups[0]["lr"])
 
     def memory_report(self) -> dict[str, int]:
-        """Bytes of parameters, gradients and optimizer state that this rank holds."""
-        params = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        state = sum(t.numel() * t.element_size() for s in self.optimizer.state.values()
-                    for t in s.values() if torch.is_tensor(t))
-        return {"params": params, "grads": self.grads.grad_bytes(), "optimizer": state}
+        """Bytes of parameters, gradients, fp32 masters and optimizer state this rank holds,
+        measured from the live tensors (see tetrad.zero.memory)."""
+        return self.grads.memory_report()
+
+    def state_pieces(self) -> list[Piece]:
+        """This rank's shards of weights and optimizer state, plus the step counter."""
+        step = torch.tensor(self.step_count, dtype=torch.int64)
+        return self.grads.state_pieces() + [Piece("engine/step_count", step, (), write=self.dp_rank == 0)]
+
+    def load_state_pieces(self, fill) -> None:
+        """Fill this rank's shards from ``fill(pieces)`` (or a reader with ``.fill``), any layout."""
+        fill = getattr(fill, "fill", fill)
+        self.grads.load_state_pieces(fill)
+        step = torch.zeros((), dtype=torch.int64)
+        fill([Piece("engine/step_count", step, ())])
+        self.step_count = int(step)

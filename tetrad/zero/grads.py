@@ -1,0 +1,150 @@
+"""Gradient synchronisation, launched from post-accumulate-grad hooks so it overlaps backward.
+
+``FullGrads`` (stages 0 and 1) keeps every gradient: ``param.grad`` is a view into a
+persistent flat buffer per group, so autograd accumulates straight into what is
+communicated. Stage 0 all-reduces each buffer; stage 1 reduce-scatters it (the same bytes on
+the wire as DDP's all-reduce minus its all-gather half, which stage 1 spends on parameters
+instead) and keeps only its shard of the result.
+
+``ShardedGrads`` (stages 2 and 3) keeps only the local gradient shard between steps. On the
+micro-batch that synchronises, each gradient is copied into its group's flat buffer as soon
+as autograd finishes it and then dropped; a full group is reduce-scattered at once and its
+buffer freed when the collective completes (at most ``max_inflight`` buffers are alive).
+With gradient accumulation the earlier micro-batches accumulate full gradients locally in
+``param.grad`` and only the last one communicates, as DeepSpeed does with
+``reduce_scatter`` at the accumulation boundary: the same volume per step as without
+accumulation, at the cost of full-size gradients during accumulation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tetrad.zero.comm import all_reduce_avg, reduce_scatter_avg
+from tetrad.zero.flat import FlatGroup
+
+
+class _HookedGrads:
+    def __init__(self, groups: list[FlatGroup], group, dtype: torch.dtype):
+        self.groups, self.group, self.dtype = groups, group, dtype
+        self.sync = False
+        self._where: dict[nn.Parameter, tuple[FlatGroup, int]] = {}
+        for g in groups:
+            for i, p in enumerate(g.params):
+                self._where[p] = (g, i)
+                p.register_post_accumulate_grad_hook(self._on_grad)
+
+    def begin_backward(self, sync: bool) -> None:
+        self.sync = sync
+        if sync:
+            for g in self.groups:
+                g.pending, g.handle = len(g.params), None
+                g.extra["packed"], g.extra["launched"] = set(), False
+
+    def _on_grad(self, p: nn.Parameter) -> None:
+        if self.sync:
+            g, i = self._where[p]
+            self._arrived(g, i, p)
+            g.pending -= 1
+            if g.pending == 0:
+                self._start(g)
+
+    def _start(self, g: FlatGroup) -> None:
+        g.extra["launched"] = True
+        self._launch(g)
+
+    def _arrived(self, g: FlatGroup, i: int, p: nn.Parameter) -> None:
+        pass
+
+    def finish(self) -> None:
+        """Wait for every group; groups some of whose parameters got no gradient go now."""
+        if not self.sync:
+            return
+        for g in self.groups:
+            if not g.extra["launched"]:
+                for i, p in enumerate(g.params):
+                    if i not in g.extra["packed"] and p.grad is not None:
+                        self._arrived(g, i, p)
+                self._start(g)
+        for g in self.groups:
+            self._retire(g)
+        self.sync = False
+
+
+class FullGrads(_HookedGrads):
+    def __init__(self, groups: list[FlatGroup], group, dtype: torch.dtype, scatter: bool):
+        super().__init__(groups, group, dtype)
+        self.scatter = scatter
+        for g in groups:
+            g.grad_full = torch.zeros(g.numel, dtype=dtype, device=g.params[0].device)
+            g.grad_shard = g.grad_full[g.lo:g.hi]
+        self.attach()
+
+    def attach(self) -> None:
+        """Point each ``param.grad`` at its slice of the flat buffer (again after set_to_none)."""
+        for g in self.groups:
+            for i, p in enumerate(g.params):
+                view = g.view(g.grad_full, i)
+                if p.grad is None or p.grad.data_ptr() != view.data_ptr():
+                    if p.grad is not None:
+                        view.copy_(p.grad)
+                    p.grad = view
+
+    def begin_backward(self, sync: bool) -> None:
+        self.attach()
+        super().begin_backward(sync)
+
+    def _launch(self, g: FlatGroup) -> None:
+        if self.scatter:
+            g.extra["out"] = torch.empty_like(g.grad_shard)
+            g.handle = reduce_scatter_avg(g.extra["out"], g.grad_full, self.group)
+        else:
+            g.handle = all_reduce_avg(g.grad_full, self.group)
+
+    def _retire(self, g: FlatGroup) -> None:
+        g.handle.wait()
+        g.handle = None
+        if self.scatter:
+            g.grad_shard.copy_(g.extra.pop("out"))
+
+    def zero_grad(self) -> None:
+        for g in self.groups:
+            g.grad_full.zero_()
+
+
+class ShardedGrads(_HookedGrads):
+    def __init__(self, groups: list[FlatGroup], group, dtype: torch.dtype, max_inflight: int = 2):
+        super().__init__(groups, group, dtype)
+        self.max_inflight = max_inflight
+        self._inflight: list[FlatGroup] = []
+        for g in groups:
+            g.grad_shard = torch.zeros(g.shard_size, dtype=dtype, device=g.params[0].device)
+
+    def _arrived(self, g: FlatGroup, i: int, p: nn.Parameter) -> None:
+        if g.grad_full is None:
+            g.grad_full = torch.zeros(g.numel, dtype=self.dtype, device=p.device)
+        g.view(g.grad_full, i).copy_(p.grad)
+        g.extra["packed"].add(i)
+        p.grad = None
+
+    def _launch(self, g: FlatGroup) -> None:
+        if g.grad_full is None:  # no parameter of the group got a gradient this step
+            g.grad_full = torch.zeros(g.numel, dtype=self.dtype, device=g.grad_shard.device)
+        g.handle = reduce_scatter_avg(g.grad_shard, g.grad_full, self.group)
+        self._inflight.append(g)
+        while len(self._inflight) > self.max_inflight:
+            self._retire(self._inflight[0])
+
+    def _retire(self, g: FlatGroup) -> None:
+        if g.handle is not None:
+            g.handle.wait()
+            g.handle = None
+        g.grad_full = None
+        if g in self._inflight:
+            self._inflight.remove(g)
+
+    def zero_grad(self) -> None:
+        for g in self.groups:
+            for p in g.params:
+                p.grad = None

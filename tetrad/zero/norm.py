@@ -1,0 +1,45 @@
+"""The global gradient norm, exact whatever the layout.
+
+Each rank squares only the gradient elements it owns. ZeRO shards are disjoint across the
+dp group, so their squares are summed there (replicated stage-0 gradients are not). Tensor-
+parallel parameters (``tensor_parallel=True``) hold different elements on each tp rank and
+are summed over tp; the others are identical across tp and counted once. Pipeline stages own
+different layers and are summed over pp. The groups come in as arguments: this module knows
+nothing of the mesh.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from tetrad.zero.flat import FlatGroup
+
+
+def global_grad_norm(groups: list[FlatGroup], grads: list[torch.Tensor], *, sharded: bool,
+                     dp_group, norm_groups: dict | None) -> torch.Tensor:
+    """sqrt of the sum of squares of every gradient of the model, as an fp64 scalar."""
+    device = grads[0].device if grads else torch.device("cpu")
+    sq = torch.zeros(2, dtype=torch.float64, device=device)  # [tensor-parallel, replicated]
+    for g, grad in zip(groups, grads):
+        if grad.numel():
+            sq[0 if g.tensor_parallel else 1] += torch.linalg.vector_norm(grad, dtype=torch.float64) ** 2
+    norm_groups = norm_groups or {}
+    if sharded and dp_group is not None and dist.get_world_size(dp_group) > 1:
+        dist.all_reduce(sq, group=dp_group)
+    tp_part = sq[:1].clone()
+    if norm_groups.get("tp") is not None:
+        dist.all_reduce(tp_part, group=norm_groups["tp"])
+    total = tp_part[0] + sq[1]
+    if norm_groups.get("pp") is not None:
+        dist.all_reduce(total, group=norm_groups["pp"])
+    return total.sqrt()
+
+
+def clip_(grads: list[torch.Tensor], norm: torch.Tensor, max_norm: float) -> None:
+    """Scale gradients in place so their global norm is at most ``max_norm`` (torch's rule)."""
+    if max_norm <= 0:
+        return
+    coef = max_norm / (float(norm) + 1e-6)
+    if coef < 1.0:
+        torch._foreach_mul_(grads, coef)

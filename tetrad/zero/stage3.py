@@ -1,0 +1,159 @@
+"""Stage 3: parameters sharded too; each unit is gathered just before use and freed after.
+
+Each parameter is a view into its group's flat compute buffer, whose *storage* is resized to
+zero when the unit is freed and back when it is gathered (FSDP1's trick). Autograd's saved
+tensors refer to that same storage, so a unit re-gathered before its backward is exactly
+what forward used, with no saved-tensor hooks. The collective writes through a second
+tensor aliasing the storage, so it does not bump the parameters' version counters (which
+would make autograd reject the saved tensors).
+
+Hooks, all on modules or autograd, none on ``nn.Module`` itself:
+forward pre-hook -> gather (wait), prefetch the next unit in forward order;
+forward post-hook -> register a pre-backward hook on the outputs, free;
+pre-backward (first output gradient) -> gather (wait), prefetch the previous unit;
+post-accumulate-grad of the unit's last parameter -> its gradients go to the reduce-scatter
+(``ShardedGrads``) and the unit is freed. The forward order is recorded on the first call.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves
+
+from tetrad.zero.base import DataParallel, flat_fp32, init_master
+from tetrad.zero.comm import all_gather
+from tetrad.zero.flat import FlatGroup
+from tetrad.zero.grads import ShardedGrads
+from tetrad.zero.units import UnitSpec
+
+
+class Unit:
+    def __init__(self, spec: UnitSpec, groups: list[FlatGroup]):
+        self.name, self.groups, self.triggers = spec.name, groups, spec.triggers
+        self.params = [p for g in groups for p in g.params]
+        self.state = "free"  # free | gathering | full
+        self.handles: list = []
+        self.in_backward = False
+        self.pending = 0
+
+
+class Stage3DataParallel(DataParallel):
+    stage = 3
+
+    def __init__(self, model: nn.Module, units: list[tuple[UnitSpec, list[FlatGroup]]], *,
+                 group, dtype: torch.dtype):
+        super().__init__(model, [g for _, gs in units for g in gs], group=group, dtype=dtype)
+        self.units = [Unit(spec, gs) for spec, gs in units]
+        for g in self.groups:
+            self._shard_group(g)
+        self.grads = ShardedGrads(self.groups, group, dtype)
+        self.order: list[Unit] | None = None
+        self._recording: list[Unit] | None = None
+        model.register_forward_pre_hook(self._root_pre_forward)
+        model.register_forward_hook(self._root_post_forward)
+        for unit in self.units:
+            for module in unit.triggers:
+                module.register_forward_pre_hook(lambda m, a, u=unit: self._pre_forward(u))
+                module.register_forward_hook(lambda m, a, out, u=unit: self._post_forward(u, out))
+            for p in unit.params:  # registered after ShardedGrads' hooks, so runs after them
+                p.register_post_accumulate_grad_hook(lambda p, u=unit: self._on_grad(u))
+
+    @torch.no_grad()
+    def _shard_group(self, g: FlatGroup) -> None:
+        flat32 = flat_fp32(g)
+        g.shard = flat32[g.lo:g.hi].to(self.dtype, copy=True)
+        init_master(g, flat32, self.dtype, g.shard)
+        g.full = torch.empty(g.numel, dtype=self.dtype, device=g.shard.device)
+        g.extra["io"] = torch.empty(0, dtype=self.dtype, device=g.shard.device).set_(
+            g.full.untyped_storage(), 0, (g.numel,))
+        for i, p in enumerate(g.params):
+            p.data = g.view(g.full, i)
+        g.full.untyped_storage().resize_(0)
+
+    # ------------------------------------------------------------------ gather / free
+    def _gather(self, unit: Unit, wait: bool = True) -> None:
+        if unit.state == "free":
+            for g in unit.groups:
+                g.full.untyped_storage().resize_(g.numel * g.full.element_size())
+                unit.handles.append(all_gather(g.extra["io"], g.shard, self.group))
+            unit.state = "gathering"
+        if wait and unit.state == "gathering":
+            for handle in unit.handles:
+                handle.wait()
+            unit.handles, unit.state = [], "full"
+
+    def _free(self, unit: Unit) -> None:
+        if unit.state == "free":
+            return
+        self._gather(unit)  # an in-flight prefetch must land before its buffer goes
+        for g in unit.groups:
+            g.full.untyped_storage().resize_(0)
+        unit.state = "free"
+
+    def _neighbour(self, unit: Unit, step: int) -> Unit | None:
+        if self.order is None or unit not in self.order:
+            return None
+        i = self.order.index(unit) + step
+        return self.order[i] if 0 <= i < len(self.order) else None
+
+    # ------------------------------------------------------------------ hooks
+    def _root_pre_forward(self, module, args) -> None:
+        if self.order is None:
+            self._recording = []
+        for unit in self.units:  # a unit whose parameters got no gradient last time
+            unit.in_backward = False
+
+    def _root_post_forward(self, module, args, out) -> None:
+        if self._recording is not None:
+            self.order, self._recording = self._recording, None
+
+    def _pre_forward(self, unit: Unit) -> None:
+        self._gather(unit)
+        if self._recording is not None:
+            if unit not in self._recording:
+                self._recording.append(unit)
+        elif not unit.in_backward:
+            nxt = self._neighbour(unit, +1)
+            if nxt is not None:
+                self._gather(nxt, wait=False)
+
+    def _post_forward(self, unit: Unit, out) -> None:
+        if torch.is_grad_enabled() and not unit.in_backward:
+            tensors = [t for t in tree_leaves(out) if torch.is_tensor(t) and t.requires_grad]
+            if tensors:
+                torch.autograd.graph.register_multi_grad_hook(
+                    tensors, lambda grads, u=unit: self._pre_backward(u), mode="any")
+        if not unit.in_backward:
+            self._free(unit)
+
+    def _pre_backward(self, unit: Unit) -> None:
+        unit.in_backward = True
+        self._gather(unit)
+        prev = self._neighbour(unit, -1)
+        if prev is not None:
+            self._gather(prev, wait=False)
+
+    def _on_grad(self, unit: Unit) -> None:
+        unit.pending -= 1
+        if unit.pending == 0:
+            unit.in_backward = False
+            self._free(unit)
+
+    # ------------------------------------------------------------------ step
+    def begin_backward(self, sync: bool) -> None:
+        super().begin_backward(sync)
+        for unit in self.units:
+            unit.pending = len(unit.params)
+
+    def finish(self) -> None:
+        super().finish()
+        for unit in self.units:  # units some of whose parameters got no gradient
+            unit.in_backward = False
+            self._free(unit)
+
+    @torch.no_grad()
+    def _publish(self) -> None:
+        for g in self.groups:
+            if g.master is not g.shard:
+                g.shard.copy_(g.master)
