@@ -9,9 +9,14 @@ from tetrad.config import ConfigError
 
 
 def _train(args: argparse.Namespace) -> int:
+    from tetrad.trainer.faults import TrainingFault
     from tetrad.trainer.trainer import Trainer
 
-    history = Trainer(args.config, overrides=args.set).fit()
+    try:
+        history = Trainer(args.config, overrides=args.set).fit()
+    except TrainingFault as err:  # a dead peer or a diverged run: the message says which
+        print(f"tetrad: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        return 1
     if history and history[-1].get("step"):
         return 0
     return 1
@@ -21,6 +26,18 @@ def _data(args: argparse.Namespace) -> int:
     from tetrad.data.cli import data_main
 
     return data_main(args.rest)
+
+
+def _ckpt(args: argparse.Namespace) -> int:
+    from tetrad.checkpoint.cli import ckpt_main
+
+    return ckpt_main(args.rest)
+
+
+def _strategy(args: argparse.Namespace) -> int:
+    from tetrad.strategy.cli import plan_main, profile_main
+
+    return (plan_main if args.command == "plan" else profile_main)(args.rest)
 
 
 def _not_yet(args: argparse.Namespace) -> int:
@@ -39,15 +56,24 @@ def _parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="prepare token files", add_help=False)
     data.add_argument("rest", nargs=argparse.REMAINDER)
     data.set_defaults(func=_data)
-    for name in ("plan", "profile", "ckpt"):
-        p = sub.add_parser(name, help=f"{name} (not yet available)")
+    ckpt = sub.add_parser("ckpt", help="inspect or export checkpoints", add_help=False)
+    ckpt.add_argument("rest", nargs=argparse.REMAINDER)
+    ckpt.set_defaults(func=_ckpt)
+    for name, text in (("plan", "rank layouts for a world and explain the choice"),
+                       ("profile", "measure this machine for the strategy selector")):
+        p = sub.add_parser(name, help=text, add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=_not_yet)
+        p.set_defaults(func=_strategy)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["plan"], ["profile"]) and argv[1:2] != ["-h"]:
+        # They parse their own options, which may come first (argparse's REMAINDER drops those).
+        args = argparse.Namespace(command=argv[0], rest=argv[1:], func=_strategy)
+    else:
+        args = _parser().parse_args(argv)
     try:
         return args.func(args)
     except ConfigError as err:

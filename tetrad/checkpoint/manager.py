@@ -71,16 +71,21 @@ class CheckpointManager:
             self.stats[-1]["stall_s"] = self.stats[-1].get("stall_s", 0.0) + time.perf_counter() - start
         self._raise_pending()
 
-    def wait_for_flush(self) -> None:
-        """Block until the last save is written (and, on rank 0, committed); re-raise its error."""
+    def wait_for_flush(self, timeout: float | None = None) -> None:
+        """Block until the last save is written (and, on rank 0, committed); re-raise its error.
+
+        With ``timeout`` give up after that many seconds (a dead peer's shard never comes):
+        the save stays an uncommitted temporary that resume ignores."""
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                return
             self._thread = None
         self._raise_pending()
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> None:
         """Finish everything in flight; call at the end of training and before exiting."""
-        self.wait_for_flush()
+        self.wait_for_flush(timeout)
 
     # ------------------------------------------------------------------ background side
     def _background(self, step: int, pieces: list[Piece], extra: dict, record: dict) -> None:

@@ -109,9 +109,12 @@ class TrainingCheckpoints:
         return given if (given / "manifest.json").is_file() else given / step_dirname(int(step))
 
     # ------------------------------------------------------------------ save
-    def after_step(self, step: int) -> None:
-        """Save at every ``checkpoint.every``-th step (after its optimizer step)."""
-        if self.manager is None or step % self.section.every:
+    def after_step(self, step: int, force: bool = False) -> None:
+        """Save at every ``checkpoint.every``-th step (after its optimizer step); ``force``
+        saves now (preemption) unless this step was just saved."""
+        if self.manager is None or (step % self.section.every and not force):
+            return
+        if self.manager.stats and self.manager.stats[-1]["step"] == step:
             return
         if hasattr(self.engine, "state_pieces"):
             pieces = self.engine.state_pieces()
@@ -121,6 +124,6 @@ class TrainingCheckpoints:
                  "scaler": self.engine.scaler.state_dict() if getattr(self.engine, "scaler", None) else None}
         self.manager.save(step, pieces + rng_pieces(self.rank), extra)
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> None:
         if self.manager is not None:
-            self.manager.close()
+            self.manager.close(timeout)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import reprlib
 from typing import Any, Iterable
 
 
@@ -13,9 +14,15 @@ class ConfigError(ValueError):
     """
 
 
+_SHORT = reprlib.Repr()  # keyword arguments only from Python 3.12
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxdict = 3, 6, 6, 6
+_SHORT.maxstring = _SHORT.maxother = 60
+
+
 def show(value: Any, limit: int = 60) -> str:
-    """repr() of a value, cut short so a whole mapping never floods a message."""
-    text = repr(value)
+    """repr() of a value, cut short so a whole mapping never floods a message (reprlib stops
+    early: a YAML alias bomb shares one list a billion times and a full repr never ends)."""
+    text = _SHORT.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -15,7 +15,18 @@ from tetrad.config.schema import Config, StrategyConfig
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads `3e-4` as a float (PyYAML wants `3.0e-4`, YAML 1.2 does not)."""
+    """SafeLoader that also reads `3e-4` as a float (PyYAML wants `3.0e-4`, YAML 1.2 does not)
+    and refuses a key given twice in one mapping (PyYAML would silently keep the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if key is not None and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 _Loader.add_implicit_resolver(
@@ -43,6 +54,9 @@ def read_yaml(path: str | os.PathLike) -> Any:
     except OSError as e:
         raise ConfigError(f"config file {os.fspath(path)!r}: cannot read ({e.strerror}); "
                           "valid: a path to a YAML file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {os.fspath(path)!r}: not UTF-8 text (byte {e.start}); "
+                          "valid: a YAML file") from None
     return parse_yaml(text, os.fspath(path))
 
 

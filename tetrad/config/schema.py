@@ -16,14 +16,33 @@ from tetrad.config.validate import (check_world_size, raise_all, strategy_world_
                                     validate_config, validate_strategy)
 
 MAX_DEGREE = 4096  # upper bound on any parallel degree; larger is a typo, not a cluster
+MAX_SIZE = 2**31 - 1  # upper bound on sizes and counts: int32 indexing; larger is a typo or overflow
 
 
 def _nonempty(value: str) -> str | None:
     return None if value.strip() else "a non-empty string"
 
 
+def _path(value: str) -> str | None:
+    if not value.strip():
+        return "a non-empty string"
+    return "a path without NUL characters" if "\0" in value else None
+
+
+def _inside_output(value: str) -> str | None:
+    """A directory tetrad writes: absolute (anywhere you name), or relative to run.output_dir
+    without '..', so a relative path can never write outside the run's directory."""
+    if _path(value):
+        return _path(value)
+    if not os.path.isabs(value) and ".." in value.replace("\\", "/").split("/"):
+        return "an absolute path, or a path relative to run.output_dir without '..' components"
+    return None
+
+
 def _data_source(value: str) -> str | None:
     kind, sep, path = value.partition(":")
+    if "\0" in value:
+        return "a path without NUL characters"
     if value == "builtin" or (sep and kind in ("text", "tokens") and path.strip()):
         return None
     return "'builtin', 'text:PATH' or 'tokens:PATH'"
@@ -53,23 +72,30 @@ def _plain(value: Any) -> Any:
 @dataclasses.dataclass
 class RunConfig(Section):
     output_dir: str = setting("runs/tiny", "where metrics.jsonl, TensorBoard events and checkpoints go; non-empty",
-                              check=_nonempty)
+                              check=_path)
     seed: int = setting(1234, "base random seed; 0..2**32-1 (numpy's limit)", ge=0, le=2**32 - 1)
     steps: int = setting(100, "optimizer steps to train; 1..1e9", ge=1, le=10**9)
-    global_batch_size: int = setting(8, "sequences per optimizer step summed over all dp ranks; >= 1", ge=1)
+    global_batch_size: int = setting(8, "sequences per optimizer step summed over all dp ranks; 1..2**31-1",
+                                     ge=1, le=MAX_SIZE)
     precision: Literal["fp32", "bf16", "fp16"] = setting("fp32", "compute dtype; master weights stay fp32")
-    log_every: int = setting(1, "log metrics every N steps; >= 1", ge=1)
+    log_every: int = setting(1, "log metrics every N steps; 1..2**31-1", ge=1, le=MAX_SIZE)
+    collective_timeout_s: float = setting(600.0, "seconds a collective waits for a dead or hung peer "
+                                          "before the run fails naming it; 1..86400", ge=1.0, le=86400.0)
+    max_skipped_steps: int = setting(10, "stop after this many optimizer steps in a row skipped for a "
+                                     "non-finite loss or gradient; 1..1e6", ge=1, le=10**6)
 
 
 @dataclasses.dataclass
 class ModelConfig(Section):
     arch: Literal["gpt", "llama", "hf"] = setting("gpt", "model family; hf loads a Hugging Face architecture")
     vocab_size: int = setting(256, "token vocabulary size; >= 2", ge=2)
-    d_model: int = setting(64, "hidden width; >= 1, a multiple of n_heads", ge=1)
-    n_layers: int = setting(2, "transformer blocks; >= 1", ge=1)
-    n_heads: int = setting(4, "attention (query) heads; >= 1, divides d_model", ge=1)
-    n_kv_heads: Optional[int] = setting(None, "key/value heads (GQA); null = n_heads; divides n_heads", ge=1)
-    d_ff: Optional[int] = setting(None, "MLP hidden width; null = the arch's default (4*d_model for gpt)", ge=1)
+    d_model: int = setting(64, "hidden width; 1..2**31-1, a multiple of n_heads", ge=1, le=MAX_SIZE)
+    n_layers: int = setting(2, "transformer blocks; 1..2**31-1", ge=1, le=MAX_SIZE)
+    n_heads: int = setting(4, "attention (query) heads; 1..2**31-1, divides d_model", ge=1, le=MAX_SIZE)
+    n_kv_heads: Optional[int] = setting(None, "key/value heads (GQA); null = n_heads; divides n_heads",
+                                        ge=1, le=MAX_SIZE)
+    d_ff: Optional[int] = setting(None, "MLP hidden width; null = the arch's default (4*d_model for gpt)",
+                                  ge=1, le=MAX_SIZE)
     seq_len: int = setting(64, "tokens per training sequence; >= 2", ge=2)
     dropout: float = setting(0.0, "dropout probability; in [0, 1)", ge=0.0, lt=1.0)
     norm_eps: float = setting(1e-5, "epsilon of the layer/RMS norms; > 0", gt=0.0)
@@ -87,7 +113,8 @@ class ModelConfig(Section):
 class DataConfig(Section):
     source: str = setting("builtin", "'builtin', 'text:PATH' (raw text, byte-tokenized) or 'tokens:PATH'",
                           check=_data_source)
-    builtin_tokens: int = setting(2_000_000, "tokens in the generated built-in corpus; >= 1000", ge=1000)
+    builtin_tokens: int = setting(2_000_000, "tokens in the generated built-in corpus; 1000..2**31-1",
+                                  ge=1000, le=MAX_SIZE)
 
     @property
     def kind(self) -> str:
@@ -109,7 +136,7 @@ class OptimizerConfig(Section):
     eps: float = setting(1e-8, "Adam denominator epsilon; > 0", gt=0.0)
     weight_decay: float = setting(0.1, "decoupled weight decay; >= 0", ge=0.0)
     grad_clip: float = setting(1.0, "max global gradient norm; >= 0, 0 disables clipping", ge=0.0)
-    warmup_steps: int = setting(10, "linear warmup steps from 0 to lr; >= 0", ge=0)
+    warmup_steps: int = setting(10, "linear warmup steps from 0 to lr; 0..2**31-1", ge=0, le=MAX_SIZE)
     schedule: Literal["cosine", "constant", "linear"] = setting("cosine", "lr decay after warmup")
     min_lr_ratio: float = setting(0.1, "final lr as a fraction of lr; in [0, 1]", ge=0.0, le=1.0)
 
@@ -136,7 +163,7 @@ class StrategyConfig(Section):
                                               ge=1, le=MAX_DEGREE)
     zero: int = setting(0, "ZeRO stage 0..3: 0 plain DP, 1 +optimizer, 2 +gradients, 3 +parameters sharded",
                         ge=0, le=3)
-    micro_batch_size: int = setting(1, "sequences per micro-batch per dp rank; >= 1", ge=1)
+    micro_batch_size: int = setting(1, "sequences per micro-batch per dp rank; 1..2**31-1", ge=1, le=MAX_SIZE)
     recompute: Literal["none", "selective", "full", "budget"] = setting("none", "activation recomputation policy")
     recompute_budget_mb: Optional[float] = setting(None, "activation memory budget per rank, MB; > 0, "
                                                    "required by recompute budget", gt=0.0)
@@ -145,6 +172,8 @@ class StrategyConfig(Section):
                                   ge=1, le=MAX_DEGREE)
     bucket_mb: float = setting(25.0, "gradient communication bucket size, MB; > 0", gt=0.0)
     offload: OffloadConfig = setting(factory=OffloadConfig, doc="CPU/NVMe offload tiers")
+    verify: int = setting(0, "under auto: run a few real steps of the K best predicted layouts and keep the "
+                          "measured best; 0 trusts the cost model; 0..16", ge=0, le=16)
     # Keys (dotted, e.g. "offload.optimizer") the source gave explicitly; the loader fills it.
     given: frozenset = dataclasses.field(default_factory=frozenset, init=False, compare=False, repr=False)
 
@@ -189,16 +218,16 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 @dataclasses.dataclass
 class CheckpointConfig(Section):
-    dir: Optional[str] = setting(None, "checkpoint directory; null = <run.output_dir>/checkpoints",
-                                 check=_nonempty)
-    every: int = setting(0, "save every N steps; >= 0, 0 = never", ge=0)
-    keep: int = setting(2, "most recent checkpoints kept on disk; >= 1", ge=1)
+    dir: Optional[str] = setting(None, "checkpoint directory: absolute, or relative to run.output_dir "
+                                 "without '..'; null = <run.output_dir>/checkpoints", check=_inside_output)
+    every: int = setting(0, "save every N steps; 0..2**31-1, 0 = never", ge=0, le=MAX_SIZE)
+    keep: int = setting(2, "most recent checkpoints kept on disk; 1..2**31-1", ge=1, le=MAX_SIZE)
     async_save: bool = setting(True, "flush to disk in the background while training continues", key="async")
     resume: str = setting("auto", "'auto' (latest in dir, if any), 'none', or a checkpoint path", check=_nonempty)
 
     def resolve_dir(self, output_dir: str) -> str:
-        """`dir`, or `<output_dir>/checkpoints` when unset."""
-        return self.dir if self.dir is not None else os.path.join(output_dir, "checkpoints")
+        """`dir` (a relative one under `output_dir`), or `<output_dir>/checkpoints` when unset."""
+        return os.path.join(output_dir, self.dir if self.dir is not None else "checkpoints")
 
 
 @dataclasses.dataclass

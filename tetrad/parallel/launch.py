@@ -109,6 +109,26 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[LaunchEnv, torch.device]
         return env, device
     if env.launcher == "mpi":
         _mpi_rendezvous(env)
-    dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
-                            timeout=timeout)
+    prefix = _restart_prefix()
+    if prefix is None:
+        dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
+                                timeout=timeout)
+        return env, device
+    store, _, _ = next(dist.rendezvous("env://", env.rank, env.world_size, timeout=timeout))
+    dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=env.rank,
+                            world_size=env.world_size, timeout=timeout)
     return env, device
+
+
+def _restart_prefix() -> str | None:
+    """A store prefix per torchrun restart on a single node.
+
+    torchrun's agent keeps one store across ``--max-restarts`` attempts, so a restarted rank
+    could read a dead predecessor's gloo address and fail to connect. On one node every worker
+    shares the agent's restart count; across nodes the counts can differ (a membership
+    change restarts without counting), so there torch's own behaviour is kept.
+    """
+    count = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if count in (None, "0") or os.environ.get("GROUP_WORLD_SIZE", "1") != "1":
+        return None
+    return f"tetrad/attempt_{count}/"

@@ -23,17 +23,42 @@ def peak_device_mb(device: torch.device) -> float | None:
     return torch.accelerator.max_memory_allocated(device) / 2**20
 
 
+def keep_steps_through(path: Path, step: int) -> dict | None:
+    """Atomically rewrite ``path`` keeping only records with ``step <= step`` (and dropping a
+    line a crash cut short); returns the last kept record. A fresh run (step 0) starts empty."""
+    if not path.exists():
+        return None
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(record)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return kept[-1] if kept else None
+
+
 class MetricsLogger:
     """Writes one JSON object per optimizer step; a no-op on every rank but 0."""
 
     def __init__(self, output_dir: str | os.PathLike, *, enabled: bool, total_steps: int,
                  tensorboard: bool = True, progress: bool = True, start_step: int = 0):
         self.enabled = enabled
+        self.resumed_record: dict | None = None  # the last kept line (rank 0), e.g. skipped_steps
         self._file = self._tb = self._bar = None
         if not enabled:
             return
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
+        # A resumed run recomputes the steps after its checkpoint: drop their old lines first.
+        self.resumed_record = keep_steps_through(out / "metrics.jsonl", start_step)
         self._file = open(out / "metrics.jsonl", "a", encoding="utf-8")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

@@ -9,11 +9,13 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from tetrad.checkpoint.training import TrainingCheckpoints
 from tetrad.config import Config, load_config
 from tetrad.data import GlobalBatchSampler, build_dataset, shard_indices
 from tetrad.models import build_model
-from tetrad.parallel.launch import detect_launch
+from tetrad.parallel.launch import detect_launch, init_distributed
 from tetrad.trainer.engine import Engine
+from tetrad.trainer.faults import FaultGuard
 from tetrad.trainer.metrics import MetricsLogger, peak_device_mb, peak_rss_mb
 
 
@@ -30,6 +32,12 @@ class Trainer:
 
     def _build(self) -> None:
         cfg = self.config
+        init_distributed(timeout_s=cfg.run.collective_timeout_s)  # a dead peer fails, not hangs
+        if cfg.strategy.auto:
+            # The selector profiles this world and fills the layout before the engine exists.
+            from tetrad.strategy.auto import resolve_auto
+
+            cfg.strategy = resolve_auto(cfg)
         torch.manual_seed(cfg.run.seed)
         model = build_model(cfg.model, seed=cfg.run.seed)
         self.engine = Engine(model, strategy=cfg.strategy, optim_cfg=cfg.optimizer,
@@ -43,6 +51,7 @@ class Trainer:
         if self.rank0:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        self.ckpt = TrainingCheckpoints(cfg, self.engine, self.sampler)
 
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         indices = self.sampler.next_indices()
@@ -53,22 +62,34 @@ class Trainer:
         """Run the configured number of steps; returns the per-step metrics (every rank)."""
         self._build()
         cfg = self.config
+        first = self.ckpt.resume() + 1
         logger = MetricsLogger(self.out, enabled=self.rank0, total_steps=cfg.run.steps,
-                               tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress)
+                               tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
+                               start_step=first - 1)
         tokens_per_step = cfg.run.global_batch_size * cfg.model.seq_len
+        skipped = (logger.resumed_record or {}).get("skipped_steps", 0)
+        self.faults = guard = FaultGuard(cfg, self.engine, self.out, skipped)
         try:
-            for step in range(1, cfg.run.steps + 1):
+            for step in range(first, cfg.run.steps + 1):
                 start = time.perf_counter()
-                loss = self.engine.train_step(self._next_batch())
-                elapsed = time.perf_counter() - start
-                record = self._record(step, loss, elapsed, tokens_per_step)
+                with guard.step(step):
+                    loss = self.engine.train_step(self._next_batch())
+                    elapsed = time.perf_counter() - start
+                    record = self._record(step, loss, elapsed, tokens_per_step)
+                guard.observe(record)
                 self.history.append(record)
                 logger.log(record)
+                self.ckpt.after_step(step)
                 if self.rank0 and not logger.has_bar and step % cfg.run.log_every == 0:
                     print(f"step {step}/{cfg.run.steps} loss {loss:.4f} "
                           f"lr {record['lr']:.2e} tok/s {record['tokens_per_s']:.0f}", flush=True)
+                if guard.end_step(step, record, self.ckpt):  # preempted: checkpointed at this step
+                    break
         finally:
+            guard.close()
             logger.close()
+            self.ckpt.close(guard.close_timeout())
+            self.engine.close()  # offload files go now, not only at exit
         return self.history
 
     def _record(self, step: int, loss: float, elapsed: float, tokens_per_step: int) -> dict:

@@ -34,8 +34,9 @@ class MasterOptimizer:
             torch._foreach_mul_(grads, 1.0 / self.scaler.scale)
         norm = global_grad_norm(self.groups, grads, sharded=self.sharded, dp_group=self.dp_group,
                                 norm_groups=norm_groups)
-        if self.scaler is not None and not torch.isfinite(norm):
-            self.scaler.update(overflow=True)
+        if not torch.isfinite(norm):  # every rank sees the same all-reduced norm: all skip together
+            if self.scaler is not None:
+                self.scaler.update(overflow=True)
             return float(norm), True
         clip_(grads, norm, grad_clip)
         for g, grad in zip(self.groups, grads):

@@ -1,0 +1,265 @@
+"""What the training loop does when something goes wrong, kept out of trainer.py.
+
+* **Preemption.** SIGTERM/SIGINT only set a flag. At the next step boundary every rank
+  learns whether *any* rank was signalled (a one-int all-reduce MAX), so all of them stop
+  after the same step; no rank leaves a collective half done. The loop then writes a
+  checkpoint synchronously and returns normally, so the process exits 0 and the next
+  launch resumes from it (``checkpoint.resume: auto``).
+* **Non-finite steps.** The global gradient norm is all-reduced over every group, so every
+  rank sees the same NaN/inf and skips the same optimizer update (in ``tetrad.zero``);
+  here skipped steps are counted into ``metrics.jsonl`` and the run stops with
+  :class:`NumericalFault` after ``run.max_skipped_steps`` of them in a row.
+* **Dead or hung peers.** A collective that fails (gloo: "connection closed by peer") or
+  times out after ``run.collective_timeout_s`` becomes a :class:`RankFailure` naming the
+  ranks that did not check in on the rendezvous store, which outlives the workers under
+  torchrun (the agent hosts it). The process exits non-zero; under
+  ``torchrun --max-restarts N`` the job restarts and resumes from the newest intact checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# How long a survivor waits for its peers to check in before naming the missing ones.
+_CHECK_IN_S = 5.0
+# Substrings of backend errors that mean "a peer is gone" rather than a bug in this rank.
+_COMM_WORDS = ("connection", "gloo", "nccl", "timed out", "timeout", "socket", "broken pipe", "peer")
+
+
+class TrainingFault(RuntimeError):
+    """A fault the run cannot continue through; the CLI prints it and exits 1."""
+
+
+class NumericalFault(TrainingFault):
+    """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
+
+
+class RankFailure(TrainingFault):
+    """A peer rank died or hung: a collective failed or timed out."""
+
+
+# ---------------------------------------------------------------------------- preemption
+class Preemption:
+    """SIGTERM/SIGINT handlers that only record the signal (repeats are ignored: a second
+    Ctrl-C must not kill the checkpoint being written; SIGKILL is the hard stop)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> "Preemption":
+        if threading.current_thread() is threading.main_thread():  # Python's rule for handlers
+            for sig in _SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def agreed(self, device: torch.device) -> int:
+        """The signal any rank received (0 if none); every rank gets the same answer."""
+        flag = torch.tensor([self.signum or 0], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag)
+
+
+# ---------------------------------------------------------------------------- skipped steps
+class SkippedSteps:
+    """Counts skipped optimizer steps; raises after ``limit`` in a row."""
+
+    def __init__(self, limit: int, total: int = 0):
+        self.limit, self.total, self.in_row = limit, total, 0
+
+    def observe(self, record: dict) -> None:
+        """Add ``skipped_steps`` (running total) to a step's metrics record."""
+        skipped = bool(record.get("skipped")) or not _finite(record.get("loss"))
+        record["skipped"] = skipped
+        self.in_row = self.in_row + 1 if skipped else 0
+        self.total += skipped
+        record["skipped_steps"] = self.total
+
+    def check(self, record: dict) -> None:
+        if self.in_row < self.limit:
+            return
+        step = record["step"]
+        raise NumericalFault(
+            f"{self.in_row} optimizer steps in a row (steps {step - self.in_row + 1}..{step}) were skipped "
+            f"because the loss or the global gradient norm was not finite (last loss={record.get('loss')}, "
+            f"grad_norm={record.get('grad_norm')}); the weights are those of step {step - self.in_row}. "
+            f"Lower optimizer.lr, check the data, prefer bf16 to fp16, or raise "
+            f"run.max_skipped_steps={self.limit}")
+
+
+def _finite(value) -> bool:
+    return value is None or math.isfinite(value)
+
+
+# ---------------------------------------------------------------------------- dead peers
+def is_comm_failure(err: BaseException) -> bool:
+    """Whether an exception from a collective means a peer failed (not a bug on this rank)."""
+    if isinstance(err, dist.DistError):
+        return True
+    return isinstance(err, RuntimeError) and any(w in str(err).lower() for w in _COMM_WORDS)
+
+
+def unresponsive_ranks(rank: int, world: int, wait_s: float = _CHECK_IN_S) -> list[int] | None:
+    """Ranks that do not check in on the rendezvous store within ``wait_s`` (dead or hung).
+
+    None when the store itself is unreachable (it lives in rank 0 outside torchrun, so
+    rank 0 is then the likely casualty).
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    prefix = f"tetrad/alive/{attempt}/"
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"{prefix}{rank}", "1")
+        missing = set(range(world)) - {rank}
+        deadline = time.monotonic() + wait_s
+        while missing and time.monotonic() < deadline:
+            missing -= {r for r in missing if store.check([f"{prefix}{r}"])}
+            time.sleep(0.1)
+        return sorted(missing)
+    except Exception:  # noqa: BLE001 - any store error means: cannot tell
+        return None
+
+
+def rank_failure(err: BaseException, rank: int, world: int, what: str, timeout_s: float) -> RankFailure:
+    dead = unresponsive_ranks(rank, world, min(_CHECK_IN_S, timeout_s))
+    if dead is None:
+        who = "the rendezvous store is unreachable, so rank 0 (its host outside torchrun) is likely dead"
+    elif dead:
+        who = (f"rank{'s' if len(dead) > 1 else ''} {', '.join(map(str, dead))} did not check in "
+               f"within {min(_CHECK_IN_S, timeout_s):.0f}s (dead or hung)")
+    else:
+        who = "every rank checked in afterwards (a transient network fault?)"
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return RankFailure(f"rank {rank}: {what} failed: {who}; the collective said: {first[:200]}. "
+                       f"Collectives wait at most run.collective_timeout_s={timeout_s:g}s. Under "
+                       f"torchrun --max-restarts N the job restarts from the newest intact checkpoint")
+
+
+# ---------------------------------------------------------------------------- the loop's view
+class FaultGuard:
+    """One Trainer's fault handling: ``with guard.step(n): ...`` around each step's
+    collectives, ``observe`` before logging, ``end_step`` after checkpointing."""
+
+    def __init__(self, config, engine, output_dir: Path, skipped_total: int = 0):
+        self.engine, self.run = engine, config.run
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        total = torch.tensor([skipped_total], dtype=torch.int64, device=engine.device)
+        dist.broadcast(total, src=0)  # only rank 0 reads metrics.jsonl back on resume
+        self.skips = SkippedSteps(self.run.max_skipped_steps, int(total))
+        self.preemption = Preemption().install()
+        self.failed = False
+        self.signum = 0
+        write_pid_file(output_dir, self.rank)
+        self._inject = _TestFaults(engine, self.rank, self.world)
+
+    @contextlib.contextmanager
+    def step(self, step: int, what: str = "step"):
+        """Turn a collective failure inside the block into a RankFailure naming the dead ranks."""
+        try:
+            with self._inject.around(step):
+                yield
+        except Exception as err:
+            if not is_comm_failure(err):
+                raise
+            self.failed = True
+            raise rank_failure(err, self.rank, self.world, f"{what} {step}",
+                               self.run.collective_timeout_s) from err
+
+    def observe(self, record: dict) -> None:
+        self.skips.observe(record)
+
+    def end_step(self, step: int, record: dict, checkpoints) -> bool:
+        """Raise after too many skipped steps; True when the run was preempted and has been
+        checkpointed at ``step`` (the loop should stop)."""
+        self.skips.check(record)
+        with self.step(step, "preemption check after step"):
+            self.signum = self.preemption.agreed(self.engine.device)
+        if not self.signum:
+            return False
+        self._checkpoint_now(step, checkpoints)
+        return True
+
+    def _checkpoint_now(self, step: int, checkpoints) -> None:
+        name = signal.Signals(self.signum).name
+        if checkpoints.manager is None:
+            msg = "checkpoint.every=0, so no checkpoint was written"
+        else:
+            checkpoints.after_step(step, force=True)  # no-op if this step was just saved
+            checkpoints.manager.wait_for_flush()  # synchronous: committed before we exit
+            msg = f"checkpoint committed under {checkpoints.root}; relaunch to resume"
+        if self.rank == 0:
+            print(f"tetrad: {name} received: stopped after step {step}, {msg}", flush=True)
+
+    def close_timeout(self) -> float | None:
+        """How long to wait for an in-flight checkpoint at exit: until it is committed, unless
+        a peer is gone (its shard may never come; the previous checkpoint stays intact)."""
+        return min(_CHECK_IN_S, self.run.collective_timeout_s) if self.failed else None
+
+    def close(self) -> None:
+        self.preemption.restore()
+
+
+def write_pid_file(output_dir: Path, rank: int) -> Path:
+    """``<output_dir>/pids/rank_<r>.pid`` = "pid host": lets operators (and tests) find a rank."""
+    path = Path(output_dir) / "pids" / f"rank_{rank:05d}.pid"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(f"{os.getpid()} {socket.gethostname()}\n")
+    os.replace(tmp, path)
+    return path
+
+
+# ---------------------------------------------------------------------------- TEST-ONLY hooks
+class _TestFaults:
+    """TEST-ONLY fault injection, driven by environment variables, on the last rank:
+
+    * ``TETRAD_FAULT_NAN_AT_STEP=3,4``      the model's output is NaN (so loss and gradients are)
+    * ``TETRAD_FAULT_INF_GRAD_AT_STEP=5``   one parameter's gradient is +inf (loss stays finite)
+
+    Nothing happens unless one is set; see tests/test_faults_numeric.py.
+    """
+
+    def __init__(self, engine, rank: int, world: int):
+        self.engine = engine
+        self.active = rank == world - 1
+        self.nan = _steps(os.environ.get("TETRAD_FAULT_NAN_AT_STEP"))
+        self.inf = _steps(os.environ.get("TETRAD_FAULT_INF_GRAD_AT_STEP"))
+
+    @contextlib.contextmanager
+    def around(self, step: int):
+        if not self.active or step not in self.nan | self.inf:
+            yield
+            return
+        if step in self.nan:
+            handle = self.engine.model.register_forward_hook(lambda m, i, out: out * float("nan"))
+        else:
+            param = next(p for p in self.engine.model.parameters() if p.requires_grad)
+            handle = param.register_hook(lambda g: torch.full_like(g, float("inf")))
+        try:
+            yield
+        finally:
+            handle.remove()
+
+
+def _steps(spec: str | None) -> set[int]:
+    return {int(s) for s in spec.split(",") if s.strip()} if spec else set()
