@@ -69,3 +69,18 @@ def test_data_prepare_writes_a_token_file(tmp_path):
     from tetrad.data import open_tokens
 
     assert len(open_tokens(tmp_path / "c.tok")) == 1300
+
+
+def test_pipeline_run_writes_chrome_traces_and_bubble_metrics(tmp_path):
+    out = tmp_path / "pp"
+    proc = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                 "-m", "tetrad", "train", str(TINY), "--trace", str(tmp_path / "trace.json"),
+                 "--set", f"run.output_dir={out}", "--set", "run.steps=3", "--set", "strategy.pp=2",
+                 "--set", "logging.tensorboard=false"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        events = json.loads((tmp_path / f"trace.rank{rank}.json").read_text())["traceEvents"]
+        kinds = {e["name"][0] for e in events if e.get("ph") == "X"}  # F3 = forward of micro-batch 3
+        assert {"F", "B"} <= kinds, kinds
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(0.0 <= r["pipeline_bubble"] < 1.0 for r in records)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from tetrad.config import ConfigError
@@ -12,6 +13,8 @@ def _train(args: argparse.Namespace) -> int:
     from tetrad.trainer.faults import TrainingFault
     from tetrad.trainer.trainer import Trainer
 
+    if args.trace:
+        os.environ["TETRAD_TRACE"] = args.trace  # read by the pipeline executor on every rank
     try:
         history = Trainer(args.config, overrides=args.set).fit()
     except TrainingFault as err:  # a dead peer or a diverged run: the message says which
@@ -52,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="path to the run's YAML file")
     train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override one config value (repeatable)")
+    train.add_argument("--trace", metavar="PATH", default=None,
+                       help="write each pipeline rank's schedule as a Chrome trace "
+                            "(PATH.rank<r>.json; open in chrome://tracing or Perfetto)")
     train.set_defaults(func=_train)
     data = sub.add_parser("data", help="prepare token files", add_help=False)
     data.add_argument("rest", nargs=argparse.REMAINDER)

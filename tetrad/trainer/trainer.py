@@ -99,6 +99,8 @@ class Trainer:
         record = {"step": step, "loss": loss, "lr": last["lr"], "grad_norm": last["grad_norm"],
                   "tokens": step * tokens_per_step, "tokens_per_s": tokens_per_step / elapsed,
                   "step_time_s": elapsed, "peak_rss_mb": float(rss), "skipped": bool(last["skipped"])}
+        # Pipeline runs add this rank's bubble fraction and peak in-flight micro-batches.
+        record.update({k: v for k, v in last.items() if k.startswith("pipeline_")})
         device_mb = peak_device_mb(self.engine.device)
         if device_mb is not None:
             record["peak_device_mb"] = device_mb
