@@ -34,13 +34,15 @@ LayerMemory = Callable[[nn.Module], dict[str, int]]
 
 def apply_recompute(model: nn.Module, policy: str, budget_bytes: int | None = None,
                     layer_memory: LayerMemory | None = None, *, batch_size: int = 1,
-                    costs: dict[str, float] | None = None) -> nn.Module:
+                    seq_shards: int = 1, costs: dict[str, float] | None = None) -> nn.Module:
     """Apply ``policy`` to every transformer block of ``model`` in place; returns ``model``.
 
     For ``budget``: ``budget_bytes`` is the activation memory the blocks may keep for one
     micro-batch of ``batch_size`` sequences on this rank; ``layer_memory(block)`` gives a
     block's bytes per policy (default: measured on the first block of each class with a
-    [batch_size, seq_len, d_model] input); ``costs`` the recompute cost per policy in units of
+    [batch_size, seq_len / seq_shards, d_model] input: a block of a sequence-parallel model,
+    Megatron-SP or Ulysses, receives only its rank's slice of the sequence); ``costs`` the
+    recompute cost per policy in units of
     one block forward (default: full 1, selective the attention core's FLOP share).
     """
     if policy not in MODES:
@@ -50,7 +52,7 @@ def apply_recompute(model: nn.Module, policy: str, budget_bytes: int | None = No
     blocks = find_blocks(model)
     plan = [policy] * len(blocks)
     if policy == "budget":
-        plan = _budget_plan(model, blocks, budget_bytes, layer_memory, batch_size, costs)
+        plan = _budget_plan(model, blocks, budget_bytes, layer_memory, batch_size, seq_shards, costs)
     for block, p in zip(blocks, plan):
         apply_block_policy(block, p)
     return model
@@ -69,12 +71,12 @@ def recompute_plan(model: nn.Module) -> list[str]:
     return [block_policy(b) for b in find_blocks(model)]
 
 
-def _budget_plan(model, blocks, budget_bytes, layer_memory, batch_size, costs) -> list[str]:
+def _budget_plan(model, blocks, budget_bytes, layer_memory, batch_size, seq_shards, costs) -> list[str]:
     if budget_bytes is None or budget_bytes <= 0:
         raise ValueError(f"strategy.recompute_budget_mb={budget_bytes!r}: recompute 'budget' "
                          f"needs a positive activation budget")
     seq_len, d_model = model_shape(model)
-    measure = layer_memory or _measured_by_class(model, batch_size, seq_len, d_model)
+    measure = layer_memory or _measured_by_class(model, batch_size, seq_len // seq_shards, d_model)
     memories = [measure(b) for b in blocks]
     if costs is None:
         costs = default_costs(seq_len, d_model)
