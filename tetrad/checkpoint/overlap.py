@@ -6,6 +6,10 @@ with shape", whatever layout (tp split, ZeRO flat shard, replica) produced them.
 common cases take fast paths (whole boxes: a strided slice copy; the same box: a 1-D range
 copy); anything else falls back to index arithmetic over the boxes' intersection, a chunk
 of rows at a time so the index tensors stay small.
+
+Two holdings whose boxes are in different *frames* (reshapes of the logical tensor, see
+``Piece.frame``) are matched by global flat index instead: row-major order is the same in
+every frame, so an element's flat index in the logical tensor identifies it in both.
 """
 
 from __future__ import annotations
@@ -89,3 +93,47 @@ def _copy_by_index(dst_flat, covered, src, s_desc, d_desc, lo, hi) -> int:
         covered[d_idx] = True
         copied += int(d_idx.numel())
     return copied
+
+
+
+def _global_flat(offsets, shape, flat_start: int, numel: int, frame) -> torch.Tensor:
+    """Flat indices in the logical tensor of a holding's elements, in its storage order."""
+    if not shape:
+        return torch.zeros(numel, dtype=torch.int64)
+    lo = list(offsets)
+    hi = [o + n for o, n in zip(offsets, shape)]
+    idx = _box_flat_index(lo, hi, (lo[0], hi[0]), [0] * len(frame), frame)
+    return idx[flat_start:flat_start + numel]
+
+
+def _local_index(g: torch.Tensor, frame, offsets, shape, flat_start: int, numel: int) -> torch.Tensor:
+    """For global flat indices ``g``: the position in a holding (box in ``frame``, flat range)
+    of each, or -1 where the holding does not have that element."""
+    local = torch.zeros_like(g)
+    inside = torch.ones_like(g, dtype=torch.bool)
+    rest = g
+    for d in range(len(frame) - 1, -1, -1):  # unravel, last dim first
+        coord = rest % frame[d] - offsets[d]
+        rest = rest // frame[d]
+        inside &= (coord >= 0) & (coord < shape[d])
+        local += coord * math.prod(shape[d + 1:])
+    local -= flat_start
+    inside &= (local >= 0) & (local < numel)
+    return torch.where(inside, local, -1)
+
+
+def copy_across_frames(dst: Piece, covered: torch.Tensor, src: torch.Tensor, meta: dict,
+                       global_shape) -> int:
+    """``copy_overlap`` for a saved piece whose box is in another frame than ``dst``'s: each
+    saved element's flat index in the logical tensor is unravelled in dst's frame."""
+    s_frame = tuple(meta.get("frame") or global_shape)
+    g_src = _global_flat(meta["box_offsets"], meta["box_shape"], int(meta["flat_start"]),
+                         int(meta["numel"]), s_frame)
+    if not dst.box_shape:  # 0-d: frames cannot differ
+        raise AssertionError("0-d piece with a frame")
+    d_idx = _local_index(g_src, dst.box_frame, dst.box_offsets, dst.box_shape, dst.flat_start, dst.numel)
+    hit = d_idx >= 0
+    d_idx = d_idx[hit]
+    dst.tensor.view(-1)[d_idx] = src[hit]
+    covered[d_idx] = True
+    return int(d_idx.numel())

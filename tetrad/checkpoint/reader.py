@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from tetrad.checkpoint.fileio import FROM_NAME, CheckpointError, check_file, open_safetensors, read_json
-from tetrad.checkpoint.overlap import copy_overlap
+from tetrad.checkpoint.overlap import copy_across_frames, copy_overlap
 from tetrad.checkpoint.pieces import Piece
 from tetrad.checkpoint.writer import FORMAT, VERSION
 
@@ -106,10 +106,15 @@ class CheckpointReader:
         direct = p.tensor.is_contiguous() and p.tensor.device.type == "cpu"
         # detach: parameters are filled in place without autograd seeing it
         target = p.tensor.detach() if direct else torch.empty(p.tensor.shape, dtype=p.tensor.dtype)
-        work = Piece(p.name, target, p.global_shape, p.box_offsets, p.box_shape, p.flat_start)
+        work = Piece(p.name, target, p.global_shape, p.box_offsets, p.box_shape, p.flat_start,
+                     frame=p.frame)
         covered = torch.zeros(p.numel, dtype=torch.bool)
         for saved in entry["pieces"]:
-            if _boxes_meet(saved, p):
+            frame = tuple(saved.get("frame") or entry["shape"])
+            if frame != p.box_frame:
+                _check_frame(self.path, p.name, saved, frame, entry["shape"])
+                copy_across_frames(work, covered, self._saved(saved, dtype), saved, entry["shape"])
+            elif _boxes_meet(saved, p):
                 copy_overlap(work, covered, self._saved(saved, dtype), saved)
         if not bool(covered.all()):
             missing = p.numel - int(covered.sum())
@@ -127,3 +132,15 @@ def _boxes_meet(saved: dict, p: Piece) -> bool:
         if min(so + ss, po + ps) <= max(so, po):
             return False
     return math.prod(saved["box_shape"]) > 0 or not saved["box_shape"]
+
+
+def _check_frame(path: Path, name: str, saved: dict, frame: tuple, shape) -> None:
+    """A saved piece in another frame must be a box of a reshape of the tensor (the manifest
+    is data, not trusted code: refuse rather than index out of range)."""
+    box_ok = len(saved["box_offsets"]) == len(saved["box_shape"]) == len(frame) and all(
+        0 <= o and o + n <= f for o, n, f in zip(saved["box_offsets"], saved["box_shape"], frame))
+    if math.prod(frame) != math.prod(shape) or not box_ok or \
+            int(saved["flat_start"]) + int(saved["numel"]) > math.prod(saved["box_shape"]):
+        raise CheckpointError(f"{path}: tensor {name!r}: saved piece {saved['key']!r} has frame {list(frame)} "
+                              f"and box {saved['box_offsets']}+{saved['box_shape']}, not a part of a "
+                              f"reshape of shape {list(shape)}")

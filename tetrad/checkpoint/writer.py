@@ -40,9 +40,12 @@ def rank_stem(rank: int) -> str:
 
 
 def _piece_meta(p: Piece, key: str, file: str) -> dict:
-    return {"name": p.name, "key": key, "file": file, "global_shape": list(p.global_shape),
+    meta = {"name": p.name, "key": key, "file": file, "global_shape": list(p.global_shape),
             "box_offsets": list(p.box_offsets), "box_shape": list(p.box_shape),
             "flat_start": p.flat_start, "numel": p.numel, "dtype": DTYPE_NAMES[p.tensor.dtype]}
+    if p.frame is not None:  # the box is in a reshaped frame of global_shape
+        meta["frame"] = list(p.frame)
+    return meta
 
 
 def write_rank(tmp: Path, rank: int, step: int, run_id: str, pieces: list[Piece]) -> None:
@@ -103,7 +106,7 @@ def build_manifest(step: int, world: int, layout: dict, extra: dict, indexes: li
                                       f"({entry['shape']} {entry['dtype']} vs {meta['global_shape']} "
                                       f"{meta['dtype']})")
             entry["pieces"].append({k: meta[k] for k in ("file", "key", "box_offsets", "box_shape",
-                                                         "flat_start", "numel")})
+                                                         "flat_start", "numel", "frame") if k in meta})
     return {"format": FORMAT, "version": VERSION, "step": step, "world_size": world, "layout": layout,
             "files": files, "tensors": tensors, "extra": extra}
 
@@ -162,7 +165,8 @@ def snapshot_buffers(pieces: list[Piece], pool: dict) -> list[Piece]:
         if buf is None:
             buf = pool[key] = torch.empty(p.tensor.shape, dtype=p.tensor.dtype, pin_memory=pin)
         buf.copy_(p.tensor.detach(), non_blocking=pin)
-        out.append(Piece(p.name, buf, p.global_shape, p.box_offsets, p.box_shape, p.flat_start, p.write))
+        out.append(Piece(p.name, buf, p.global_shape, p.box_offsets, p.box_shape, p.flat_start, p.write,
+                         p.frame))
     if pin:
         torch.cuda.synchronize()
     return out
