@@ -118,6 +118,34 @@ def test_meta_build_matches_direct(arch, tie):
     torch.testing.assert_close(m(x), ref(x), rtol=0, atol=0)  # RoPE tables rebuilt too
 
 
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_init_is_per_parameter_name(arch):
+    """Each parameter's values depend only on (seed, its name, shape): a model that keeps some
+    of its layers under their names (a pipeline stage) initialises them exactly as the whole
+    model does, whatever else exists and in whatever order they are visited."""
+    from tetrad.models import init_parameter
+
+    args = make_args(arch, n_layers=4)
+    whole = dict(Transformer(args, seed=5).named_parameters())
+    with torch.device("meta"):
+        part = Transformer(args, seed=5)
+    part.layers = torch.nn.ModuleDict({"2": part.layers[2], "3": part.layers[3]})  # keep names
+    part.tok_emb = None
+    part.materialize("cpu")
+    held = dict(part.named_parameters())
+    assert held and not any(n.startswith(("tok_emb", "layers.0", "layers.1")) for n in held)
+    for n, p in held.items():
+        assert torch.equal(p, whole[n]), n
+    for n in reversed(list(whole)):  # any order, one parameter at a time
+        p = torch.empty_like(whole[n])
+        init_parameter(n, p, 5, args.n_layers)
+        assert torch.equal(p, whole[n]), n
+    # same shape, different names (and seeds): different draws
+    q0, q1 = whole["layers.0.attn.q_proj.weight"], whole["layers.1.attn.q_proj.weight"]
+    assert not torch.equal(q0, q1)
+    assert not torch.equal(q0, Transformer(args, seed=6).layers[0].attn.q_proj.weight)
+
+
 def test_tied_embeddings_share_storage():
     m = Transformer(make_args("gpt", tie_embeddings=True))
     assert m.lm_head.weight is m.tok_emb.weight

@@ -4,24 +4,34 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from .args import ModelArgs, default_d_ff
 from .counts import flops_per_token, num_params
 from .hf import HFCausalLM, _get
 from .loss import cross_entropy
-from .transformer import MLP, Attention, Block, CoreAttention, Transformer
+from .transformer import MLP, Attention, Block, CoreAttention, Transformer, init_parameter
 
 
-def build_model(model_cfg: Any, seed: int = 0) -> nn.Module:
-    """arch gpt | llama -> Transformer; arch hf -> HFCausalLM (hf_model_type llama | gpt2)."""
+def build_model(model_cfg: Any, seed: int = 0, device: Any = None) -> nn.Module:
+    """arch gpt | llama -> Transformer; arch hf -> HFCausalLM (hf_model_type llama | gpt2).
+
+    ``device="meta"`` (tetrad models) builds shapes only: nothing is allocated or initialised
+    until ``model.materialize(device)``, typically after a pipeline stage pruned the layers it
+    does not own. Hugging Face models are always built whole, on the default device.
+    """
     if _get(model_cfg, "arch") == "hf":
         from .hf import build_hf
         return build_hf(model_cfg, seed)
-    return Transformer(ModelArgs.from_config(model_cfg), seed=seed)
+    args = ModelArgs.from_config(model_cfg)
+    if device is None:
+        return Transformer(args, seed=seed)
+    with torch.device(device):
+        return Transformer(args, seed=seed)
 
 
 __all__ = [
     "Attention", "Block", "CoreAttention", "HFCausalLM", "MLP", "ModelArgs", "Transformer",
-    "build_model", "cross_entropy", "default_d_ff", "flops_per_token", "num_params",
+    "build_model", "cross_entropy", "default_d_ff", "flops_per_token", "init_parameter", "num_params",
 ]

@@ -7,6 +7,7 @@ No parallelism lives here. Module names and nesting are an interface: tensor par
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -152,13 +153,45 @@ class Block(nn.Module):
 RESIDUAL_PROJECTIONS = ("o_proj", "fc_out", "down_proj")
 
 
+def param_seed(seed: int, name: str) -> int:
+    """The generator seed of parameter ``name``: a stable 63-bit hash of (seed, name).
+
+    Not Python's ``hash`` (salted per process): blake2b, so every rank and every run agrees.
+    """
+    digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+@torch.no_grad()
+def init_parameter(name: str, p: torch.Tensor, seed: int, n_layers: int) -> None:
+    """Fill parameter ``name`` (its name in the whole model) as ``Transformer.init_weights`` does.
+
+    Biases are zero, norm weights one, everything else N(0, 0.02) (residual output projections
+    N(0, 0.02/sqrt(2 n_layers)), GPT-2's scaling) drawn on the CPU in fp32 from a generator of
+    its own, seeded by ``param_seed(seed, name)``. A parameter's values therefore depend only on
+    (seed, name, shape): any subset of the model -- a pipeline stage, a ZeRO-3 unit, a deferred
+    group -- initialises exactly as it would inside the whole model, in any order.
+    """
+    leaf = name.rsplit(".", 2)
+    if name.endswith(".bias"):
+        p.zero_()
+    elif len(leaf) > 1 and "norm" in leaf[-2]:
+        p.fill_(1.0)
+    else:
+        std = 0.02 / math.sqrt(2 * n_layers) if len(leaf) > 1 and leaf[-2] in RESIDUAL_PROJECTIONS else 0.02
+        gen = torch.Generator(device="cpu").manual_seed(param_seed(seed, name))
+        p.copy_(torch.empty(p.shape, dtype=torch.float32).normal_(0.0, std, generator=gen))
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs, seed: int = 0):
         """Built on the default device (a `with torch.device(...)` block included) and
         initialised by `init_weights(seed)`; under `torch.device("meta")` nothing is
-        initialised: call `to_empty(device=...)` then `init_weights(seed)`."""
+        initialised: call `materialize(device)` (`to_empty` then `init_weights(seed)`), after
+        pruning what this rank does not hold if it likes (the pipeline does)."""
         super().__init__()
         self.args = args
+        self.init_seed = seed
         device = torch.get_default_device()
         # Construct on meta so the layers' own reset_parameters neither draws from the global
         # RNG nor spends time on values init_weights overwrites anyway.
@@ -173,34 +206,32 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         if device.type != "meta":
-            self.to_empty(device=device)
-            self.init_weights(seed)
+            self.materialize(device)
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
-        """Initialise every parameter (and the RoPE tables) from a private generator.
+        """Initialise every parameter this module holds (and the RoPE tables), each by its name.
 
-        Values are drawn on the CPU in fp32 in named_parameters order and copied in, so they
-        depend only on `seed` and the shapes: not on the global RNG, the device, or the rank.
+        See `init_parameter`: values depend only on `seed`, the parameter's name and shape --
+        not on the global RNG, the device, the rank, or which other parameters exist, so a
+        model pruned to some of its layers (names kept) gets exactly the whole model's values.
         Use after `to_empty` for a model constructed under `torch.device("meta")`.
         """
         # `to_empty` gives each module its own new tensor, which breaks tying: restore it first.
-        if self.args.tie_embeddings:
+        if self.args.tie_embeddings and self.tok_emb is not None and self.lm_head is not None:
             self.lm_head.weight = self.tok_emb.weight
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        resid_std = 0.02 / math.sqrt(2 * self.args.n_layers)
         for name, p in self.named_parameters():
-            leaf = name.rsplit(".", 2)
-            if name.endswith(".bias"):
-                p.zero_()
-            elif "norm" in leaf[-2]:
-                p.fill_(1.0)
-            else:
-                std = resid_std if leaf[-2] in RESIDUAL_PROJECTIONS else 0.02
-                p.copy_(torch.empty(p.shape, dtype=torch.float32).normal_(0.0, std, generator=gen))
+            init_parameter(name, p, seed, self.args.n_layers)
         for m in self.modules():
             if isinstance(m, Attention):
                 m.reset_rope()
+
+    def materialize(self, device: torch.device | str) -> "Transformer":
+        """Allocate the parameters (of the modules still present) on `device` and initialise
+        them with the seed the model was built with; returns the model."""
+        self.to_empty(device=device)
+        self.init_weights(self.init_seed)
+        return self
 
     def reset_parameters(self, seed: int = 0) -> None:
         self.init_weights(seed)

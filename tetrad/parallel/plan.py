@@ -231,6 +231,20 @@ def _matcher(pattern: str) -> re.Pattern:
     return re.compile(rx)
 
 
+def _dropped(model: nn.Module, pattern: str) -> bool:
+    """The pattern's leading plain-name module exists on ``model`` as ``None`` (a pipeline stage
+    pruned it: ``tetrad.parallel.pipeline.split`` sets the embedding / head it does not run to
+    None, and the engine prunes before tensor parallelism so only held layers are built)."""
+    node = model
+    for part in pattern.split("."):
+        if not re.fullmatch(r"\w+", part) or part not in node._modules:
+            return False
+        node = node._modules[part]
+        if node is None:
+            return True
+    return False
+
+
 def apply_plan(model: nn.Module, plan: list[tuple[str, Style]], layout: Layout,
                prefix: str = "") -> nn.Module:
     """Apply each (pattern, style) to every matching module; a pattern matching nothing is an error
@@ -238,6 +252,8 @@ def apply_plan(model: nn.Module, plan: list[tuple[str, Style]], layout: Layout,
     for pattern, style in plan:
         rx = _matcher(prefix + pattern)
         hits = [name for name, _ in model.named_modules() if rx.fullmatch(name)]
+        if not hits and _dropped(model, prefix + pattern):
+            continue  # a pipeline stage set this module to None: absent on purpose
         if not hits:
             raise PlanError(f"plan pattern {prefix + pattern!r} matches no module of "
                             f"{type(model).__name__}; update its table in tetrad/parallel/plan.py")

@@ -23,9 +23,18 @@ Zero-bubble and recomputation: Linears inside recomputed modules keep their weig
 in B (see ``zero_bubble.exclude_recomputed``), so with ``recompute: full`` ZB-H1 runs exact
 but with an almost empty W pass; ``selective`` keeps the whole split.
 
-Not yet: Megatron's 1/tp scatter/gather of p2p tensors (every tp rank sends the full
-activation), tied embeddings across first and last stage, Hugging Face models, building only
-the owned layers (the whole model is built, then pruned), ZB-V / ZB-H2.
+Only the owning stage builds its layers: the Trainer builds the model on the meta device,
+the engine prunes it to this rank's chunks, then materialises and initialises what is left.
+tetrad's init draws each parameter from a generator seeded by (seed, parameter name), so a
+stage's parameters equal the whole model's bit for bit. Tensor parallelism slices the held,
+materialised layers after the prune (order: pipeline prune -> tp/sp -> recompute -> ZeRO).
+
+With tp and without Megatron-SP every tp rank of a stage holds the same boundary activation
+(and the same input gradient): ``p2p`` sends only this tp rank's 1/tp of it, flattened, and
+the receiver all-gathers over the tp group (Megatron's scatter/gather), cutting inter-stage
+bytes by tp. With Megatron-SP the activations are already sequence-sharded per tp rank.
+
+Not yet: tied embeddings across first and last stage, Hugging Face models, ZB-V / ZB-H2.
 """
 
 from __future__ import annotations
@@ -47,17 +56,22 @@ from tetrad.parallel.pipeline.zero_bubble import WeightGradStore, active_store, 
 def build_pipeline(model: torch.nn.Module, group, *, schedule: str, virtual_stages: int,
                    dtype: torch.dtype, device: torch.device, loss_fn: Callable,
                    act_shape: tuple[int, ...] | None = None, ranges: list[range] | None = None,
-                   trace: str | None = None, instrument: bool = False) -> PipelineExecutor:
+                   trace: str | None = None, instrument: bool = False,
+                   chunks: list[Chunk] | None = None, tp_group=None) -> PipelineExecutor:
     """Prune ``model`` in place to this rank's chunks of the pp ``group`` and return the
-    executor that runs ``schedule`` over them. ``act_shape`` ([micro_batch, local_seq, d_model])
-    may instead be given to each ``run``. ``trace`` (a path) implies ``instrument``."""
+    executor that runs ``schedule`` over them (``chunks``: ``split_model`` already ran, e.g.
+    on the meta device before materialising). ``act_shape`` ([micro_batch, local_seq, d_model])
+    may instead be given to each ``run``. ``trace`` (a path) implies ``instrument``.
+    ``tp_group``: the boundary tensors are replicated over it, so each rank sends 1/tp of them
+    and the receiver all-gathers (None: send whole, e.g. Megatron-SP's already-sharded ones)."""
     import torch.distributed as dist
 
     p, rank = dist.get_world_size(group), dist.get_rank(group)
     v = virtual_stages
     check_micro_batches(schedule, p, max(p, 1), v)  # validates the schedule name / v early
-    chunks = split_model(model, rank, p, v, ranges)
-    comm = StageComm(group, act_shape, dtype, device)
+    if chunks is None:
+        chunks = split_model(model, rank, p, v, ranges)
+    comm = StageComm(group, act_shape, dtype, device, tp_group=tp_group)
     timeline = Timeline(dist.get_rank(), trace) if (trace or instrument) else None
     cache: dict[int, list[Action]] = {}
 

@@ -55,6 +55,7 @@ class PipelineExecutor:
         self._saved: dict[tuple[int, int], tuple] = {}
         self._total = torch.zeros((), dtype=torch.float64, device=self.comm.device)
         self._in_flight = self._peak = 0
+        self.comm.reset_counts()
         if self.timeline:
             self.timeline.begin_step(self.comm.group)
         for i, a in enumerate(actions):
@@ -65,7 +66,8 @@ class PipelineExecutor:
                 self.comm.flush()  # nothing to pair the sends with: post them now, not later
         self.comm.wait_sends()
         self._check_done()
-        self.stats = {"peak_in_flight": self._peak}
+        self.stats = {"peak_in_flight": self._peak, "sent_bytes": self.comm.sent_bytes,
+                      "sent_messages": self.comm.sent_messages}
         if self.timeline:
             self.stats.update(self.timeline.end_step(self.comm.group, self.comm.device))
         return self._total

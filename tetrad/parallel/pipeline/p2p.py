@@ -6,6 +6,13 @@ buffer without a shape handshake. Each message has a tag naming (direction, glob
 micro-batch): gloo matches receives by tag, so an activation and a gradient travelling
 between the same two ranks (interleaved schedules with p = 2) can never be confused.
 
+With tensor parallelism (and no Megatron-SP) the tensors crossing a boundary are replicated
+over the tp group: each tp rank sends only its 1/tp of the flattened tensor to the same tp
+rank of the next stage, and the receiver all-gathers the pieces over its tp group (Megatron's
+scatter/gather; the pieces are padded to equal length when tp does not divide the size). The
+receiving tp ranks run the same schedule, so their all-gathers pair up in order. ``sent_bytes``
+and ``sent_messages`` count what this rank put on the wire (reset by the executor each step).
+
 Sends never block the schedule: the executor posts the sends an action produced together
 with the receive the next action needs in one ``batch_isend_irecv`` and waits only for the
 receive (Megatron's ``send_forward_recv_backward`` pairing; on NCCL the batch is one group
@@ -15,21 +22,41 @@ waited at the end of the step.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
+
+from tetrad.parallel.comm import all_gather_tensor
 
 ACT, GRAD = 0, 1
 
 
 class StageComm:
-    """Transfers for one pipeline rank of ``group`` (the pp group: explicit, never global)."""
+    """Transfers for one pipeline rank of ``group`` (the pp group: explicit, never global).
 
-    def __init__(self, group, shape: tuple[int, ...] | None, dtype: torch.dtype, device: torch.device):
+    ``tp_group``: the group over which boundary tensors are replicated (send 1/tp, all-gather
+    on receipt); None or a group of one sends them whole.
+    """
+
+    def __init__(self, group, shape: tuple[int, ...] | None, dtype: torch.dtype, device: torch.device,
+                 *, tp_group=None):
         self.group, self.dtype, self.device = group, dtype, device
         self.shape = tuple(shape) if shape is not None else None
         self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
+        tp = dist.get_world_size(tp_group) if tp_group is not None else 1
+        self.tp_group = tp_group if tp > 1 else None
+        self.tp, self.tp_rank = tp, (dist.get_rank(tp_group) if tp > 1 else 0)
+        self.sent_bytes = self.sent_messages = 0
         self._sends: list = []
         self._outbox: list[dist.P2POp] = []
+
+    def piece_numel(self) -> int:
+        """Elements of one message: the whole tensor, or its 1/tp piece (rounded up)."""
+        return math.ceil(math.prod(self.shape) / self.tp)
+
+    def reset_counts(self) -> None:
+        self.sent_bytes = self.sent_messages = 0
 
     def peer(self, global_chunk: int) -> int:
         """Global rank of the pp rank holding ``global_chunk``."""
@@ -45,19 +72,34 @@ class StageComm:
         if tuple(t.shape) != self.shape:
             raise RuntimeError(f"pipeline stage produced a tensor of shape {tuple(t.shape)} but the "
                                f"p2p shape is {self.shape} ([micro_batch, local_seq, d_model])")
-        t = t.detach().to(self.dtype).contiguous()
+        t = t.detach().to(self.dtype)
+        if self.tp_group is not None:  # replicated over tp: my 1/tp piece is enough
+            n = self.piece_numel()
+            flat = t.reshape(-1)
+            if n * self.tp != flat.numel():
+                flat = torch.nn.functional.pad(flat, (0, n * self.tp - flat.numel()))
+            t = flat[self.tp_rank * n:(self.tp_rank + 1) * n].clone()  # not a view: frees the rest
+        else:
+            t = t.contiguous()
+        self.sent_bytes += t.numel() * t.element_size()
+        self.sent_messages += 1
         self._outbox.append(dist.P2POp(dist.isend, t, self.peer(to_chunk), self.group,
                                        self.tag(kind, from_chunk, mb)))
 
     def recv(self, kind: int, from_chunk: int, mb: int) -> torch.Tensor:
         """Post queued sends and this receive together; wait for the receive only."""
-        buf = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        piece = self.tp_group is not None
+        buf = torch.empty((self.piece_numel(),) if piece else self.shape, dtype=self.dtype,
+                          device=self.device)
         op = dist.P2POp(dist.irecv, buf, self.peer(from_chunk), self.group, self.tag(kind, from_chunk, mb))
         works = dist.batch_isend_irecv(self._outbox + [op])
         self._sends += list(zip(works[:-1], self._outbox))  # keep buffers alive until sent
         self._outbox = []
         works[-1].wait()
-        return buf
+        if not piece:
+            return buf
+        full = all_gather_tensor(buf, 0, self.tp_group)  # every tp rank's piece, in rank order
+        return full[:math.prod(self.shape)].view(self.shape)
 
     def flush(self) -> None:
         """Post queued sends (no receive to pair them with)."""

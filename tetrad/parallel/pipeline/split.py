@@ -3,8 +3,10 @@
 The model keeps the plain model's module tree and parameter *names* (``layers.5.attn...`` stays
 ``layers.5.attn...`` on the rank that holds layer 5) because checkpoints, tensor-parallel
 plans and the recompute policies all key on names. Layers this rank does not run are dropped
-from the model after it was built whole (memory for one whole replica is needed briefly at
-start-up; building only the owned layers on the meta device is future work).
+(embedding and head modules set to ``None``). Prune a model built on the meta device, then
+``materialize`` it: only this stage's parameters are ever allocated, and because tetrad's init
+is per parameter name (``tetrad.models.init_parameter``) they get exactly the whole model's
+values. A model built whole can be pruned too (the engine accepts both).
 
 The model must expose ``embed(input_ids)``, ``layers`` and ``head(h)`` -- tetrad's
 ``Transformer`` does; Hugging Face adapters do not yet.
@@ -87,14 +89,20 @@ def measure_costs(model: nn.Module, input_ids: torch.Tensor, reps: int = 3) -> t
     return layer_costs, embed, head
 
 
-class StageLayers(nn.Module):
+class StageLayers(nn.ModuleList):
     """The layers a pipeline rank holds, registered under their indices in the whole model
-    (so ``layers.5`` keeps its name); iterating yields them in model order."""
+    (so ``layers.5`` keeps its name); iterating yields them in model order, and ``[i]`` is the
+    i-th *held* layer. A ``ModuleList``, so code that finds a model's blocks by type (e.g.
+    recomputation, applied after the split) sees it as one."""
 
     def __init__(self, layers: dict[int, nn.Module]):
         super().__init__()
         for i in sorted(layers):
             self.add_module(str(i), layers[i])
+
+    def __getitem__(self, idx):
+        held = list(self._modules.values())
+        return nn.ModuleList(held[idx]) if isinstance(idx, slice) else held[idx]
 
     def __iter__(self):
         return iter(self._modules.values())
