@@ -38,7 +38,7 @@ _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def _check_supported(strategy: StrategyConfig) -> None:
     """Fail clearly for strategy keys whose implementation has not landed in this build."""
-    unsupported = {"offload": strategy.offload.optimizer != "none" or strategy.offload.params != "none"}
+    unsupported: dict[str, bool] = {}  # offload landed with tetrad.offload
     bad = [k for k, v in unsupported.items() if v]
     if bad:
         raise ConfigError(f"strategy.{bad[0]}={getattr(strategy, bad[0])!r} is not available in this "
@@ -51,6 +51,18 @@ def _budget_bytes(strategy: StrategyConfig) -> int | None:
     return None if mb is None else int(mb * 2**20)
 
 
+def _materialize(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` on ``device``: a model built on the meta device is allocated there and
+    initialised (``model.materialize``, tetrad's per-name init); any other is moved."""
+    if not any(p.is_meta for p in model.parameters()):
+        return model.to(device)
+    if not hasattr(model, "materialize"):
+        raise ConfigError(f"{type(model).__name__} was built on the meta device but has no "
+                          f"materialize(device) to allocate and initialise it; build it on a real "
+                          f"device (tetrad's Transformer supports meta builds)")
+    return model.materialize(device)
+
+
 class Engine:
     """Wraps a plain model and its optimizer for data-parallel training on the launch world."""
 
@@ -58,7 +70,7 @@ class Engine:
                  strategy: StrategyConfig | str | dict | None = None, *,
                  optim_cfg: OptimizerConfig | None = None, precision: str = "fp32",
                  global_batch_size: int | None = None, total_steps: int | None = None,
-                 loss_fn: Callable = cross_entropy):
+                 loss_fn: Callable = cross_entropy, param_init: Callable | None = None):
         if precision not in _DTYPES:
             raise ConfigError(f"run.precision={precision!r} is not valid; use one of {sorted(_DTYPES)}")
         self.strategy = load_strategy(strategy if strategy is not None else {})
@@ -72,15 +84,17 @@ class Engine:
         self.dp_rank = self.mesh.get_local_rank("dp")
         self.grad_group = self._make_grad_group()
         self.loss_fn = loss_fn
-        # Fixed order, as in torchtitan: tensor/sequence parallelism swaps modules of the plain
-        # model, recompute wraps the (possibly sharded) blocks, then data parallelism / ZeRO
-        # takes ownership of gradients and the optimizer.
-        self.model = self._parallelize_model(model.to(self.device))
+        # Fixed order: the pipeline prunes the plain model to this stage's chunks (names kept),
+        # a model built on the meta device is only then materialised and initialised by name,
+        # so a rank never allocates another stage's layers; tensor/sequence parallelism then
+        # slices the (materialised) held layers, recompute wraps the (possibly sharded) blocks,
+        # and data parallelism / ZeRO takes ownership of this stage's gradients and optimizer.
+        chunks = self._split_pipeline(model) if self.dims.pp > 1 else None
+        self.model = self._parallelize_model(_materialize(model, self.device))
         apply_recompute(self.model, self.strategy.recompute, _budget_bytes(self.strategy),
-                        batch_size=self.strategy.micro_batch_size)
+                        batch_size=self.strategy.micro_batch_size, seq_shards=self._seq_shards())
         self.precision, self.amp_dtype = precision, _DTYPES[precision]
-        # Pipeline split before ZeRO, so that ZeRO owns (and names) only this stage's parameters.
-        self.pipeline = self._build_pipeline() if self.dims.pp > 1 else None
+        self.pipeline = self._build_pipeline(chunks) if chunks is not None else None
         self.optim_cfg = optim_cfg
         self.total_steps = total_steps
         self.grad_accum = self._accum_steps(global_batch_size)
@@ -89,7 +103,8 @@ class Engine:
         self.grads = build_data_parallel(
             self.model, optimizer=optimizer, optim_cfg=optim_cfg, stage=self.strategy.zero,
             group=self.grad_group, precision=precision,
-            bucket_bytes=int(self.strategy.bucket_mb * 2**20), device=self.device)
+            bucket_bytes=int(self.strategy.bucket_mb * 2**20), device=self.device,
+            offload=self.strategy.offload, param_init=param_init)
         self.optimizer = self.grads.optimizer
         self.scaler = self.grads.scaler
         self.norm_groups = {axis: self.mesh.get_group(axis) if getattr(self.dims, axis) > 1 else None
@@ -113,6 +128,10 @@ class Engine:
         if self.dims.sp == 1:
             return self.dp_group
         return self.mesh["dp", "sp"]._flatten("dp_sp").get_group()
+
+    def _seq_shards(self) -> int:
+        """How many ranks split one sequence between transformer blocks (sp x Megatron-SP tp)."""
+        return self.dims.sp * (self.dims.tp if self.strategy.megatron_sp else 1)
 
     def _parallelize_model(self, model: nn.Module) -> nn.Module:
         """Apply tensor / sequence parallelism to the plain model (identity at tp = sp = 1)."""
@@ -207,14 +226,25 @@ class Engine:
         return loss
 
     # ------------------------------------------------------------------ pipeline (pp > 1)
-    def _build_pipeline(self):
-        """Prune the model to this pp rank's stage chunks and build the schedule's executor."""
+    def _split_pipeline(self, model: nn.Module) -> list:
+        """Prune the plain (possibly meta) model in place to this pp rank's stage chunks."""
+        from tetrad.parallel.pipeline import split_model
+
+        pp_group = self.mesh.get_group("pp")
+        return split_model(model, dist.get_rank(pp_group), self.dims.pp, self.strategy.virtual_stages)
+
+    def _build_pipeline(self, chunks: list):
+        """The schedule's executor over this rank's (already pruned) chunks. Without Megatron-SP
+        every tp rank holds the whole boundary activation: each sends 1/tp of it and the
+        receiving stage all-gathers over tp (Megatron's scatter/gather)."""
         from tetrad.parallel.pipeline import build_pipeline
 
         s = self.strategy
+        scatter = self.dims.tp > 1 and not s.megatron_sp
         return build_pipeline(self.model, self.mesh.get_group("pp"), schedule=s.pipeline_schedule,
                               virtual_stages=s.virtual_stages, dtype=self.amp_dtype or torch.float32,
-                              device=self.device, loss_fn=self.loss,
+                              device=self.device, loss_fn=self.loss, chunks=chunks,
+                              tp_group=self.mesh.get_group("tp") if scatter else None,
                               trace=os.environ.get("TETRAD_TRACE") or None)
 
     def _pipeline_step(self, micro: list) -> torch.Tensor:
@@ -243,15 +273,24 @@ class Engine:
         self.step_count += 1
         self.last.update(grad_norm=norm, skipped=skipped, lr=self.optimizer.param_groups[0]["lr"])
 
+    def close(self) -> None:
+        """Finish offload I/O and delete its files (they are also removed at process exit)."""
+        self.grads.close()
+
     def memory_report(self) -> dict[str, int]:
         """Bytes of parameters, gradients, fp32 masters and optimizer state this rank holds,
         measured from the live tensors (see tetrad.zero.memory)."""
         return self.grads.memory_report()
 
     def state_pieces(self) -> list[Piece]:
-        """This rank's shards of weights and optimizer state, plus the step counter."""
+        """This rank's shards of weights and optimizer state, plus the step counter; exactly
+        one rank of the world (whatever dp/ZeRO/tp/sp/pp) marks each element for writing."""
+        from tetrad.zero.state import mark_writers
+
         step = torch.tensor(self.step_count, dtype=torch.int64)
-        return self.grads.state_pieces() + [Piece("engine/step_count", step, (), write=self.dp_rank == 0)]
+        pieces = self.grads.state_pieces() + [Piece("engine/step_count", step, ())]
+        tp_rank = self.mesh.get_local_rank("tp") if self.dims.tp > 1 else 0
+        return mark_writers(pieces, self.model, tp_rank=tp_rank, world_rank=dist.get_rank())
 
     def load_state_pieces(self, fill) -> None:
         """Fill this rank's shards from ``fill(pieces)`` (or a reader with ``.fill``), any layout."""

@@ -39,7 +39,10 @@ class Trainer:
 
             cfg.strategy = resolve_auto(cfg)
         torch.manual_seed(cfg.run.seed)
-        model = build_model(cfg.model, seed=cfg.run.seed)
+        # With pipeline stages the model is built on the meta device: the engine prunes it to
+        # this rank's stage and only then allocates and initialises (by parameter name).
+        meta = cfg.strategy.pp > 1 and cfg.model.arch != "hf"
+        model = build_model(cfg.model, seed=cfg.run.seed, device="meta" if meta else None)
         self.engine = Engine(model, strategy=cfg.strategy, optim_cfg=cfg.optimizer,
                              precision=cfg.run.precision, global_batch_size=cfg.run.global_batch_size,
                              total_steps=cfg.run.steps)

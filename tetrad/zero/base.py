@@ -25,6 +25,7 @@ class DataParallel:
         self.model, self.groups, self.group, self.dtype = model, groups, group, dtype
         self.master: MasterOptimizer | None = None  # set by build_data_parallel
         self.grads = None
+        self.offload = None  # tetrad.offload.Offload when strategy.offload moves state
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -52,7 +53,7 @@ class DataParallel:
              norm_groups: dict | None = None) -> tuple[float, bool]:
         """Update the weights; returns (global grad norm before clipping, skipped)."""
         norm, skipped = self.master.step(lr, grad_clip, norm_groups)
-        if not skipped:
+        if not skipped and not getattr(self.master, "publishes", False):  # offload publishes per bucket
             self._publish()
         return norm, skipped
 
@@ -67,7 +68,14 @@ class DataParallel:
     def memory_report(self) -> dict[str, int]:
         return memory_report(self.model, self.groups, self.optimizer)
 
+    def close(self) -> None:
+        """Release what outlives a step beyond memory: the offload tier's files."""
+        if self.offload is not None:
+            self.offload.close()
+
     def state_pieces(self) -> list:
+        if self.offload is not None:
+            return self.master.state_pieces()  # not supported yet: raises, naming the key
         return state_pieces(self.groups, self.optimizer, replicated=not self.sharded,
                             rank=self._dp_rank())
 

@@ -114,12 +114,17 @@ class FullGrads(_HookedGrads):
 
 
 class ShardedGrads(_HookedGrads):
-    def __init__(self, groups: list[FlatGroup], group, dtype: torch.dtype, max_inflight: int = 2):
+    def __init__(self, groups: list[FlatGroup], group, dtype: torch.dtype, max_inflight: int = 2,
+                 lazy: bool = False):
         super().__init__(groups, group, dtype)
         self.max_inflight = max_inflight
         self._inflight: list[FlatGroup] = []
-        for g in groups:
-            g.grad_shard = torch.zeros(g.shard_size, dtype=dtype, device=g.params[0].device)
+        # tetrad.offload: called with each group once its reduced shard is ready (it takes the
+        # shard to its tier and sets grad_shard to None; _launch then allocates a fresh one).
+        self.on_reduced = None
+        for g in groups:  # lazy (tetrad.offload): allocated at the first reduce, not all at once
+            g.grad_shard = None if lazy else torch.zeros(g.shard_size, dtype=dtype,
+                                                         device=g.params[0].device)
 
     def _arrived(self, g: FlatGroup, i: int, p: nn.Parameter) -> None:
         if g.grad_full is None:
@@ -131,6 +136,8 @@ class ShardedGrads(_HookedGrads):
     def _launch(self, g: FlatGroup) -> None:
         if g.grad_full is None:  # no parameter of the group got a gradient this step
             g.grad_full = torch.zeros(g.numel, dtype=self.dtype, device=g.grad_shard.device)
+        if g.grad_shard is None:
+            g.grad_shard = torch.empty(g.shard_size, dtype=self.dtype, device=g.grad_full.device)
         g.handle = reduce_scatter_avg(g.grad_shard, g.grad_full, self.group)
         self._inflight.append(g)
         while len(self._inflight) > self.max_inflight:
@@ -140,6 +147,8 @@ class ShardedGrads(_HookedGrads):
         if g.handle is not None:
             g.handle.wait()
             g.handle = None
+            if self.on_reduced is not None:
+                self.on_reduced(g)
         g.grad_full = None
         if g in self._inflight:
             self._inflight.remove(g)

@@ -24,6 +24,13 @@ def global_grad_norm(groups: list[FlatGroup], grads: list[torch.Tensor], *, shar
     for g, grad in zip(groups, grads):
         if grad.numel():
             sq[0 if g.tensor_parallel else 1] += torch.linalg.vector_norm(grad, dtype=torch.float64) ** 2
+    return reduce_squares(sq, sharded=sharded, dp_group=dp_group, norm_groups=norm_groups)
+
+
+def reduce_squares(sq: torch.Tensor, *, sharded: bool, dp_group, norm_groups: dict | None) -> torch.Tensor:
+    """The global norm from this rank's fp64 squares [tensor-parallel, replicated]. Split out
+    of global_grad_norm for tetrad.offload, which squares gradient shards as they stream to
+    their tier and so never has them all at once."""
     norm_groups = norm_groups or {}
     if sharded and dp_group is not None and dist.get_world_size(dp_group) > 1:
         dist.all_reduce(sq, group=dp_group)

@@ -42,12 +42,20 @@ class Stage3DataParallel(DataParallel):
     stage = 3
 
     def __init__(self, model: nn.Module, units: list[tuple[UnitSpec, list[FlatGroup]]], *,
-                 group, dtype: torch.dtype):
+                 group, dtype: torch.dtype, offload=None, param_init=None):
         super().__init__(model, [g for _, gs in units for g in gs], group=group, dtype=dtype)
         self.units = [Unit(spec, gs) for spec, gs in units]
+        # tetrad.offload: each group's shard and master go to their tier as soon as they
+        # exist, so construction never holds more than one group's state.
+        self.offload = offload
         for g in self.groups:
+            if param_init is not None:  # deferred init: fill the group just before sharding
+                for name, p in zip(g.names, g.params):
+                    param_init(name, p)
             self._shard_group(g)
-        self.grads = ShardedGrads(self.groups, group, dtype)
+            if offload is not None:
+                offload.adopt(g)
+        self.grads = ShardedGrads(self.groups, group, dtype, lazy=offload is not None)
         self.order: list[Unit] | None = None
         self._recording: list[Unit] | None = None
         model.register_forward_pre_hook(self._root_pre_forward)
@@ -76,12 +84,16 @@ class Stage3DataParallel(DataParallel):
         if unit.state == "free":
             for g in unit.groups:
                 g.full.untyped_storage().resize_(g.numel * g.full.element_size())
-                unit.handles.append(all_gather(g.extra["io"], g.shard, self.group))
+                shard = g.shard if self.offload is None else self.offload.param_shard(g)
+                unit.handles.append(all_gather(g.extra["io"], shard.to(g.full.device), self.group))
             unit.state = "gathering"
         if wait and unit.state == "gathering":
             for handle in unit.handles:
                 handle.wait()
             unit.handles, unit.state = [], "full"
+            if self.offload is not None:  # the shards' host buffers can be reused
+                for g in unit.groups:
+                    self.offload.param_done(g)
 
     def _free(self, unit: Unit) -> None:
         if unit.state == "free":

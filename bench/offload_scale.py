@@ -1,0 +1,182 @@
+"""How large a Llama-style model trains on this machine with NVMe offload (ZeRO-3, parameters
+and optimizer state in files), and how close its I/O comes to the disk.
+
+    python bench/offload_scale.py --nvme-dir /tmp/tetrad-nvme [--sizes 0.5,1,2,4] [--steps 2]
+    python bench/offload_scale.py --nvme-dir DIR --io-only      # disk bandwidth only
+    python bench/offload_scale.py --nvme-dir DIR --aio          # FileIO vs DeepSpeed's libaio op
+
+First the disk's sequential bandwidth is measured in this run (O_DIRECT, 64 MiB requests,
+one thread: what ``dd oflag=direct bs=64M`` does, and the same through tetrad's FileIO with 4
+threads). Then each size of the ladder, smallest first, runs in a fresh process (so peak RSS
+is its own): deferred init, ``--steps`` optimizer steps of micro-batch 1 x ``--seq`` tokens in
+fp32. A size whose files (20 bytes/param: param, master, grad, exp_avg, exp_avg_sq) would not
+fit in the free disk, less 10% headroom, is skipped and said so; the ladder stops at the first
+size that fails. One JSON line per result.
+
+Reported per size: params, peak RSS, disk bytes, s/step (each step), bytes read and written
+per step, their rate over the step, and ``io_bound_s``: the time the step's bytes need at the
+measured disk bandwidth -- ``io_bound_s / step_s`` is the fraction of the disk the step used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+
+SIZES = {  # billions -> (d_model, n_layers); vocab 32000, heads of 128, SwiGLU 8h/3
+    0.1: (768, 12), 0.5: (1536, 16), 1: (2048, 20), 2: (2560, 24), 4: (3072, 34),
+}
+DISK_BYTES_PER_PARAM = 20
+
+
+def model_cfg(size: float, seq: int) -> dict:
+    d, layers = SIZES[size]
+    return {"arch": "llama", "vocab_size": 32000, "d_model": d, "n_layers": layers,
+            "n_heads": d // 128, "n_kv_heads": d // 128, "seq_len": seq, "dropout": 0.0}
+
+
+def disk_bandwidth(nvme_dir: str, nbytes: int = 2 * 2**30) -> dict:
+    """Sequential write then read of ``nbytes``: one thread, 64 MiB O_DIRECT requests (dd's
+    way, the reference), and tetrad's FileIO (4 threads, 8 MiB blocks)."""
+    from tetrad.offload.pool import aligned_empty
+    from tetrad.offload.store import NvmeStore
+
+    buf = aligned_empty(nbytes)
+    buf.fill_(7)
+    out = {}
+    for label, threads, block in (("dd", 1, 64 * 2**20), ("fileio", 4, 8 * 2**20)):
+        store = NvmeStore(nvme_dir, threads=threads, block_bytes=block)
+        out["direct"] = store.direct
+        store.create("bw", nbytes)
+        t = time.perf_counter()
+        store.write("bw", buf).wait()
+        os.sync()
+        out[f"{label}_write_MBps"] = nbytes / (time.perf_counter() - t) / 1e6
+        t = time.perf_counter()
+        store.read("bw", buf).wait()
+        out[f"{label}_read_MBps"] = nbytes / (time.perf_counter() - t) / 1e6
+        store.close()
+    return out
+
+
+def compare_aio(nvme_dir: str, nbytes: int = 2**30, reps: int = 3) -> dict:
+    """tetrad FileIO (4 threads, 8 MiB blocks) vs DeepSpeed's async_io op (libaio; needs
+    ``apt-get install libaio-dev`` and builds on first use), same buffer and file size,
+    interleaved, best of ``reps``: whether an extra dependency would be faster."""
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    from tetrad.offload.pool import aligned_empty
+    from tetrad.offload.store import NvmeStore
+
+    handle = AsyncIOBuilder().load(verbose=False).aio_handle(8 * 2**20, 32, False, True, 4)
+    buf = aligned_empty(nbytes)
+    buf.fill_(1)
+    best = {"tetrad": [0.0, 0.0], "deepspeed_aio": [0.0, 0.0]}
+    for _ in range(reps):
+        store = NvmeStore(nvme_dir, threads=4, block_bytes=8 * 2**20)
+        store.create("f", nbytes)
+        path = os.path.join(nvme_dir, "ds_aio.bin")
+        ops = {"tetrad": (lambda: store.write("f", buf).wait(), lambda: store.read("f", buf).wait()),
+               "deepspeed_aio": (lambda: handle.sync_pwrite(buf, path), lambda: handle.sync_pread(buf, path))}
+        for name, (write, read) in ops.items():
+            for k, op in enumerate((write, read)):
+                t = time.perf_counter()
+                op()
+                os.sync()
+                best[name][k] = max(best[name][k], nbytes / (time.perf_counter() - t) / 1e6)
+        store.close()
+        os.unlink(path)
+    return {name: {"write_MBps": w, "read_MBps": r} for name, (w, r) in best.items()}
+
+
+def child(size: float, nvme_dir: str, steps: int, seq: int) -> dict:
+    import torch
+
+    from tetrad.offload.deferred import deferred_transformer
+    from tetrad.trainer.engine import Engine
+
+    torch.manual_seed(0)
+    model, param_init = deferred_transformer(model_cfg(size, seq), seed=0)
+    n_params = sum(p.numel() for p in model.parameters())
+    strategy = {"zero": 3, "micro_batch_size": 1,
+                "offload": {"optimizer": "nvme", "params": "nvme", "nvme_dir": nvme_dir}}
+    t0 = time.perf_counter()
+    engine = Engine(model, strategy=strategy, global_batch_size=1, param_init=param_init)
+    init_s = time.perf_counter() - t0
+    io = engine.grads.offload.store.io
+    tokens = torch.randint(0, 32000, (1, seq + 1), generator=torch.Generator().manual_seed(0))
+    rows = []
+    for _ in range(steps):
+        r0, w0, t = io.bytes_read, io.bytes_written, time.perf_counter()
+        loss = engine.train_step((tokens[:, :-1], tokens[:, 1:]))
+        rows.append({"loss": loss, "step_s": time.perf_counter() - t,
+                     "read_bytes": io.bytes_read - r0, "written_bytes": io.bytes_written - w0})
+    disk = engine.grads.offload.store.disk_bytes
+    engine.close()
+    return {"params": n_params, "init_s": init_s, "steps": rows, "disk_bytes": disk,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def run_size(size: float, args, bw: dict) -> dict | None:
+    cmd = [sys.executable, __file__, "--child", str(size), "--nvme-dir", args.nvme_dir,
+           "--steps", str(args.steps), "--seq", str(args.seq)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    if proc.returncode != 0:
+        print(json.dumps({"size_b": size, "failed": proc.stderr.strip().splitlines()[-1:]}), flush=True)
+        return None
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    last = got["steps"][-1]
+    read_bw, write_bw = bw["dd_read_MBps"] * 1e6, bw["dd_write_MBps"] * 1e6
+    io_bound = last["read_bytes"] / read_bw + last["written_bytes"] / write_bw
+    row = {"size_b": size, **{k: got[k] for k in ("params", "peak_rss_mb", "disk_bytes", "init_s")},
+           "step_s": [round(s["step_s"], 2) for s in got["steps"]],
+           "read_GB_per_step": last["read_bytes"] / 1e9, "written_GB_per_step": last["written_bytes"] / 1e9,
+           "read_MBps": last["read_bytes"] / last["step_s"] / 1e6,
+           "write_MBps": last["written_bytes"] / last["step_s"] / 1e6,
+           "io_bound_s": io_bound, "disk_fraction": io_bound / last["step_s"],
+           "losses": [s["loss"] for s in got["steps"]]}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--nvme-dir", required=True)
+    ap.add_argument("--sizes", default="0.5,1,2,4", help="billions of parameters, from " + str(list(SIZES)))
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--timeout", type=int, default=3600)
+    ap.add_argument("--io-only", action="store_true")
+    ap.add_argument("--aio", action="store_true", help="compare with DeepSpeed's libaio op, then stop")
+    ap.add_argument("--child", type=float)
+    args = ap.parse_args()
+    os.makedirs(args.nvme_dir, exist_ok=True)
+    if args.child is not None:
+        print(json.dumps(child(args.child, args.nvme_dir, args.steps, args.seq)))
+        return
+    if args.aio:
+        print(json.dumps({"aio": compare_aio(args.nvme_dir)}), flush=True)
+        return
+    bw = disk_bandwidth(args.nvme_dir)
+    print(json.dumps({"disk": bw}), flush=True)
+    if args.io_only:
+        return
+    for size in [float(s) for s in args.sizes.split(",")]:
+        free = shutil.disk_usage(args.nvme_dir).free
+        need = DISK_BYTES_PER_PARAM * size * 1e9 * 1.1
+        if need > free:
+            print(json.dumps({"size_b": size, "skipped": f"needs ~{need / 1e9:.0f} GB of disk, "
+                              f"{free / 1e9:.0f} GB free"}), flush=True)
+            continue
+        if run_size(size, args, bw) is None:
+            break
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""``ParamStore``: ZeRO-3 parameter shards kept in NVMe files, fetched ahead in execution order.
+
+Stage 3 asks for a group's compute-dtype shard just before it all-gathers the group
+(``shard``), hands it back once the gather is done (``release``) and, after the optimizer
+step, gives the updated fp32 master (``update``). The order of ``shard`` calls over the
+first iteration (forward then backward) is recorded as the trace, as DeepSpeed's
+ZeRO-Infinity does; from then on every ``shard`` call starts reads for the next ``ahead``
+groups of the trace, so the disk works while the current unit computes. A read whose group is
+updated before it is used is dropped, and a read of a file waits for its last write.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tetrad.offload.fileio import Transfer
+from tetrad.offload.pool import BufferPool, typed
+from tetrad.offload.store import NvmeStore
+
+
+class ParamStore:
+    def __init__(self, store: NvmeStore, numels: list[int], dtype: torch.dtype, ahead: int = 2,
+                 piece: int = 4 * 2**20):
+        self.store, self.numels, self.dtype, self.ahead = store, list(numels), dtype, ahead
+        size = torch.empty((), dtype=dtype).element_size()
+        store.check_space(sum(numels) * size)
+        biggest = max(numels, default=1) * size
+        self.pool = BufferPool(ahead + 6, biggest)   # prefetched + held by in-flight gathers
+        self.out = BufferPool(3, min(biggest, piece * size))  # write-behind of updated pieces
+        for i, n in enumerate(numels):
+            store.create(self.name(i), n * size)
+        self.ready: dict[int, tuple[torch.Tensor, Transfer]] = {}
+        self.held: dict[int, torch.Tensor] = {}
+        self.writes: dict[int, list[Transfer]] = {}
+        self.trace: list[int] = []
+        self.recording, self.pos = True, 0
+
+    def name(self, i: int) -> str:
+        return f"param{i}"
+
+    def adopt(self, i: int, shard: torch.Tensor) -> None:
+        """Write the initial shard (the caller frees its copy afterwards)."""
+        self.store.write(self.name(i), shard.contiguous()).wait()
+
+    # ------------------------------------------------------------------ reads
+    def _wait_writes(self, i: int) -> None:
+        for t in self.writes.pop(i, []):
+            t.wait()  # threads give no ordering: the bytes must land before a read
+
+    def _start(self, i: int) -> tuple[torch.Tensor, Transfer]:
+        self._wait_writes(i)
+        buf = self.pool.acquire()
+        return buf, self.store.read(self.name(i), buf)
+
+    def shard(self, i: int) -> torch.Tensor:
+        """Group ``i``'s shard in host memory (read now unless prefetched); prefetches ahead."""
+        if self.recording:
+            self.trace.append(i)
+        else:
+            self._advance(i)
+        buf, transfer = self.ready.pop(i, None) or self._start(i)
+        transfer.wait()
+        self.held[i] = buf
+        if not self.recording:
+            self._prefetch()
+        return typed(buf, self.dtype, self.numels[i])
+
+    def release(self, i: int) -> None:
+        buf = self.held.pop(i, None)
+        if buf is not None:
+            self.pool.release(buf)
+
+    def _advance(self, i: int) -> None:
+        n = len(self.trace)
+        for k in range(n):
+            j = (self.pos + k) % n
+            if self.trace[j] == i:
+                self.pos = (j + 1) % n
+                return
+
+    def _upcoming(self) -> list[int]:
+        out: list[int] = []
+        n = len(self.trace)
+        for k in range(n):
+            i = self.trace[(self.pos + k) % n]
+            if i not in out and i not in self.held:
+                out.append(i)
+            if len(out) == self.ahead:
+                break
+        return out
+
+    def _prefetch(self) -> None:
+        upcoming = self._upcoming()
+        for i in [i for i in self.ready if i not in upcoming]:
+            self._drop(i)  # the order changed: free the buffer for what is needed now
+        for i in upcoming:
+            if i not in self.ready and self.pool.available > 4:  # keep 4 for unforeseen reads
+                self.ready[i] = self._start(i)
+
+    def _drop(self, i: int) -> None:
+        entry = self.ready.pop(i, None)
+        if entry is not None:
+            entry[1].wait()
+            self.pool.release(entry[0])
+
+    # ------------------------------------------------------------------ writes
+    def update(self, i: int, master: torch.Tensor, lo: int = 0) -> None:
+        """Store updated elements [lo, lo + len) of shard ``i`` (cast to the compute dtype),
+        written behind from a buffer of the small output pool."""
+        self.recording = False  # the first optimizer step ends the traced iteration
+        self._drop(i)           # a prefetch of the old values is stale now
+        buf = self.out.acquire()
+        part = typed(buf, self.dtype, master.numel())
+        part.copy_(master)
+        transfer = self.store.write(self.name(i), part, offset=lo * part.element_size())
+        transfer.add_done_callback(lambda _t, b=buf: self.out.release(b))
+        self.writes.setdefault(i, []).append(transfer)
+
+    def flush(self) -> None:
+        for i in list(self.ready):
+            self._drop(i)
+        for i in list(self.writes):
+            self._wait_writes(i)

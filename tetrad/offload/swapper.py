@@ -1,0 +1,145 @@
+"""``StateSwapper``: per-bucket state streamed between NVMe files and a bounded buffer pool.
+
+Each bucket (one flat group's shard) has the same named tensors, e.g. ``master``, ``grad``,
+``exp_avg``, ``exp_avg_sq``, each a file in the ``NvmeStore``. ``stream(order)`` visits the
+buckets in the order given (the order the optimizer steps them, i.e. the order backward
+produced them), reading ``ahead`` buckets ahead while the caller computes on the current one,
+and writing each bucket back behind it; a buffer returns to the pool when its write lands.
+So at most ``(ahead + 2) * len(keys)`` bucket-sized buffers are ever resident, whatever the
+number of buckets: resident memory is bounded by the largest bucket, not by the model.
+
+A tensor never written reads as zeros (optimizer state before the first step), so nothing
+has to be written at start-up.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Iterable, Iterator
+
+import torch
+
+from tetrad.offload.fileio import Transfer
+from tetrad.offload.pool import BufferPool, typed
+from tetrad.offload.store import NvmeStore
+
+
+class StateSwapper:
+    def __init__(self, store: NvmeStore, numels: list[int], keys: Iterable[str], *,
+                 prefix: str = "opt", dtype: torch.dtype = torch.float32, ahead: int = 1):
+        self.store, self.numels, self.keys = store, list(numels), tuple(keys)
+        self.prefix, self.dtype, self.ahead = prefix, dtype, ahead
+        size = torch.empty((), dtype=dtype).element_size()
+        store.check_space(sum(self.numels) * size * len(self.keys))
+        self.pool = BufferPool((ahead + 2) * len(self.keys), max(self.numels, default=1) * size)
+        self.valid: set[tuple[int, str]] = set()
+        self._writes: list[Transfer] = []
+        self._last_write: dict[str, Transfer] = {}  # a read of a file waits for its last write
+        for b, n in enumerate(self.numels):
+            for k in self.keys:
+                store.create(self.name(b, k), n * size)
+
+    def name(self, bucket: int, key: str) -> str:
+        return f"{self.prefix}{bucket}.{key}"
+
+    # ------------------------------------------------------------------ single tensors
+    def put(self, bucket: int, key: str, t: torch.Tensor) -> Transfer:
+        """Start writing ``t`` as ``key`` of ``bucket`` (e.g. a gradient shard as it arrives);
+        keep ``t`` alive and unchanged until the returned transfer is done."""
+        self._check(bucket, t)
+        self.valid.add((bucket, key))
+        name = self.name(bucket, key)
+        self._wait_write(name)
+        transfer = self.store.write(name, t)
+        self._track(name, transfer)
+        return transfer
+
+    def _wait_write(self, name: str) -> None:
+        last = self._last_write.pop(name, None)
+        if last is not None:
+            last.wait()
+
+    def get(self, bucket: int, key: str, out: torch.Tensor) -> torch.Tensor:
+        """Read ``key`` of ``bucket`` into ``out`` now (zeros if never written)."""
+        self._check(bucket, out)
+        if (bucket, key) in self.valid:
+            self._read(bucket, key, out).wait()
+        else:
+            out.zero_()
+        return out
+
+    def _check(self, bucket: int, t: torch.Tensor) -> None:
+        if t.dtype != self.dtype or t.numel() != self.numels[bucket]:
+            raise ValueError(f"bucket {bucket} holds {self.numels[bucket]} x {self.dtype}; got "
+                             f"{t.numel()} x {t.dtype}")
+
+    def _track(self, name: str, transfer: Transfer) -> None:
+        self._writes = [w for w in self._writes if not w.done()] + [transfer]
+        self._last_write[name] = transfer
+
+    def _read(self, bucket: int, key: str, out: torch.Tensor) -> Transfer:
+        name = self.name(bucket, key)
+        self._wait_write(name)  # threads give no ordering: the bytes must land before the read
+        return self.store.read(name, out)
+
+    def flush(self) -> None:
+        """Wait for every write behind; re-raises the first I/O error."""
+        writes, self._writes = self._writes, []
+        self._last_write.clear()
+        for w in writes:
+            w.wait()
+
+    def close(self) -> None:
+        self.flush()
+
+    # ------------------------------------------------------------------ streaming
+    def _start(self, bucket: int, keys: tuple[str, ...]):
+        bufs, reads = {}, []
+        for k in keys:
+            bufs[k] = buf = self.pool.acquire()
+            if (bucket, k) in self.valid:
+                reads.append(self._read(bucket, k, buf))
+            else:
+                typed(buf, self.dtype, self.numels[bucket]).zero_()
+        return bucket, bufs, reads
+
+    def _write_back(self, bucket: int, bufs: dict, write: set[str]) -> None:
+        for k, buf in bufs.items():
+            if k not in write:
+                self.pool.release(buf)
+                continue
+            self.valid.add((bucket, k))
+            name = self.name(bucket, k)
+            self._wait_write(name)
+            transfer = self.store.write(name, buf)
+            transfer.add_done_callback(lambda _t, b=buf: self.pool.release(b))
+            self._track(name, transfer)
+
+    def stream(self, order: Iterable[int], keys: Iterable[str] | None = None,
+               write: Iterable[str] | None = None) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """Yield ``(bucket, {key: fp32 tensor})`` for each bucket of ``order``; changes the
+        caller makes to the ``write`` keys (default: all) are written back after it resumes."""
+        keys = self.keys if keys is None else tuple(keys)
+        write = set(keys if write is None else write)
+        order, inflight, nxt = list(order), deque(), 0
+        try:
+            while nxt < len(order) and len(inflight) <= self.ahead:
+                inflight.append(self._start(order[nxt], keys))
+                nxt += 1
+            while inflight:
+                bucket, bufs, reads = inflight[0]
+                for r in reads:
+                    r.wait()
+                inflight[0] = (bucket, bufs, [])  # read done; still ours to release on early exit
+                yield bucket, {k: typed(b, self.dtype, self.numels[bucket]) for k, b in bufs.items()}
+                inflight.popleft()
+                self._write_back(bucket, bufs, write)
+                if nxt < len(order):
+                    inflight.append(self._start(order[nxt], keys))
+                    nxt += 1
+        finally:  # the caller stopped early or failed: return what is still out
+            for _, bufs, reads in inflight:
+                for r in reads:
+                    r.wait()
+                for buf in bufs.values():
+                    self.pool.release(buf)

@@ -1,0 +1,199 @@
+"""``Offload``: what ``tetrad.zero.build_data_parallel`` asks of ``strategy.offload``.
+
+The ZeRO code stays in charge of layout and communication; this object only decides where
+bytes rest between uses. Its life cycle, in the order build_data_parallel drives it:
+
+1. ``Offload.build(cfg, stage, dtype)`` - None when both tiers are ``none``; validates the
+   combination and opens the NVMe store (an unwritable ``nvme_dir`` fails here);
+2. ``plan(groups, builder, options)`` - lays out the files for every flat group (a full
+   disk fails here, before a single step);
+3. ``adopt(g)`` per group, as soon as its shard and master exist - writes them to their tier
+   and drops the resident copies (so construction never holds the whole model's state);
+4. ``master(dp, ...)`` - the ``OffloadedMaster`` that steps bucket by bucket and publishes;
+5. ``attach(dp)`` - stages 2/3: each reduced gradient shard goes to the tier during backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tetrad.config.errors import ConfigError
+from tetrad.offload.host import HostState
+from tetrad.offload.optimizer import OffloadedMaster, state_keys
+from tetrad.offload.params import ParamStore
+from tetrad.offload.pool import BufferPool, typed
+from tetrad.offload.store import NvmeStore
+from tetrad.offload.swapper import StateSwapper
+from tetrad.zero.comm import all_gather
+
+
+def check_offload(cfg, stage: int) -> None:
+    """ConfigError for combinations offload does not support, naming key, value, valid."""
+    if cfg.optimizer != "none" and stage == 0:
+        raise ConfigError(f"strategy.offload.optimizer={cfg.optimizer!r} needs strategy.zero 1, 2 or 3 "
+                          f"(got 0): offload moves the ZeRO master shards")
+    if cfg.params != "none" and stage != 3:
+        raise ConfigError(f"strategy.offload.params={cfg.params!r} needs strategy.zero=3 (got {stage}): "
+                          f"only stage 3 shards parameters; use params: none")
+    if cfg.params != "none" and cfg.optimizer == "none":
+        raise ConfigError(f"strategy.offload.params={cfg.params!r} needs strategy.offload.optimizer cpu "
+                          f"or nvme: the resident fp32 master would keep the parameters' memory anyway")
+
+
+PIECE = 4 * 2**20  # elements per streamed piece (16 MiB fp32): the unit of host buffering
+
+
+def cut_pieces(numels: list[int], piece: int | None = None) -> list[tuple[int, int, int]]:
+    """(group, lo, hi) slices of every group's shard, at most ``piece`` (default ``PIECE``)
+    elements each; a multiple of 4096, so every slice starts on a disk block."""
+    piece = piece or PIECE
+    return [(i, lo, min(lo + piece, n)) for i, n in enumerate(numels) for lo in range(0, n, piece)]
+
+
+def return_freed_memory() -> None:
+    """Make glibc serve large allocations with mmap always. By default it raises its mmap
+    threshold after the first large free, after which buffers of a few MB come from the heap
+    and stay resident after they are freed: the per-unit buffers offload cycles through
+    would then pile up instead of going back to the system."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
+
+
+def _trim() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class Offload:
+    def __init__(self, cfg, stage: int, dtype: torch.dtype):
+        return_freed_memory()
+        self.cfg, self.stage, self.dtype = cfg, stage, dtype
+        nvme = "nvme" in (cfg.optimizer, cfg.params)
+        self.store = NvmeStore(cfg.nvme_dir) if nvme else None
+        self.state = self.params = self.grad_pool = self.opt = None
+        self.keep_shard = cfg.params == "none"
+        self._spilling: dict[int, object] = {}
+        self._gathers: list = []
+
+    @classmethod
+    def build(cls, cfg, stage: int, dtype: torch.dtype) -> "Offload | None":
+        if cfg is None or (cfg.optimizer == "none" and cfg.params == "none"):
+            return None
+        check_offload(cfg, stage)
+        return cls(cfg, stage, dtype)
+
+    # ------------------------------------------------------------------ layout
+    def plan(self, groups, builder, options: list[dict]) -> None:
+        for i, g in enumerate(groups):
+            g.extra["offload_id"] = i
+        numels = [g.shard_size for g in groups]
+        self.pieces = cut_pieces(numels)
+        self.by_group: dict[int, list[int]] = {}
+        for k, (i, _, _) in enumerate(self.pieces):
+            self.by_group.setdefault(i, []).append(k)
+        self.spilled = self.stage >= 2
+        self.keys = state_keys(builder, options)
+        keys = ["master"] + self.keys + (["grad"] if self.spilled else [])
+        sizes = [hi - lo for _, lo, hi in self.pieces]
+        if self.cfg.optimizer == "nvme":
+            self.state = StateSwapper(self.store, sizes, keys)
+            self.grad_pool = BufferPool(4, max(sizes, default=1) * 4)
+        else:
+            self.state = HostState(sizes, keys)
+        if self.cfg.params == "nvme":
+            self.params = ParamStore(self.store, numels, self.dtype, piece=PIECE)
+
+    @torch.no_grad()
+    def adopt(self, g) -> None:
+        """Move a group's fresh master (and, for params nvme, its shard) into their tiers."""
+        i = g.extra["offload_id"]
+        master = g.master.float()
+        for k in self.by_group[i]:
+            _, lo, hi = self.pieces[k]
+            self.state.put(k, "master", master[lo:hi]).wait()
+        g.master = None
+        if self.params is not None:
+            self.params.adopt(i, g.shard)
+            g.shard = None
+        elif self.cfg.params == "cpu" and g.shard.device.type != "cpu":
+            g.shard = g.shard.cpu().pin_memory()  # ZeRO-Infinity's host tier for parameters
+
+    # ------------------------------------------------------------------ optimizer
+    def master(self, dp, options, builder, *, sharded: bool, dp_group, scaler) -> OffloadedMaster:
+        self.dp = dp
+        self.opt = OffloadedMaster(dp.groups, self.pieces, options, builder, sharded=sharded,
+                                   dp_group=dp_group,
+                                   scaler=scaler, tier=self.state, keys=self.keys,
+                                   spilled=self.spilled, publish=self._publish,
+                                   finish_publish=self._finish_publish)
+        return self.opt
+
+    @torch.no_grad()
+    def _publish(self, k: int, master: torch.Tensor) -> None:
+        """Piece ``k`` of a group is updated; once a group's last piece is, stages 1-2 gather it."""
+        i, lo, hi = self.pieces[k]
+        g = self.dp.groups[i]
+        if self.stage < 3:  # every rank keeps full parameters: gather the updated shards
+            if lo == 0:
+                self._src = torch.empty(g.shard_size, dtype=self.dtype, device=g.full.device)
+            self._src[lo:hi].copy_(master)
+            if hi == g.shard_size:
+                self._gathers.append((all_gather(g.full, self._src, self.dp.group), self._src))
+        elif self.params is not None:
+            self.params.update(i, master, lo)
+        else:
+            g.shard[lo:hi].copy_(master, non_blocking=True)
+
+    def _finish_publish(self) -> None:
+        for handle, _ in self._gathers:
+            handle.wait()
+        self._gathers.clear()
+
+    # ------------------------------------------------------------------ gradients
+    def attach(self, dp) -> None:
+        if self.spilled:
+            dp.grads.on_reduced = self._spill
+        _trim()  # construction freed a model's worth of small buffers: give them back now
+
+    @torch.no_grad()
+    def _spill(self, g) -> None:
+        """A group's reduced gradient shard leaves for the tier now, during backward; its
+        squared norm is kept so the step never has to read it twice."""
+        i = g.extra["offload_id"]
+        self.opt.record_squares(i, g.grad_shard.float())
+        for k in self.by_group[i]:
+            _, lo, hi = self.pieces[k]
+            if self.grad_pool is None:  # host tier: a copy (device-to-host on an accelerator)
+                self.state.put(k, "grad", g.grad_shard[lo:hi].float())
+                continue
+            buf = self.grad_pool.acquire()  # aligned, so the write can bypass the page cache
+            grad = typed(buf, torch.float32, hi - lo)
+            grad.copy_(g.grad_shard[lo:hi])
+            self.state.put(k, "grad", grad).add_done_callback(
+                lambda _t, b=buf: self.grad_pool.release(b))
+        g.grad_shard = None  # ShardedGrads allocates a fresh one at the next reduce
+
+    # ------------------------------------------------------------------ stage 3 parameters
+    def param_shard(self, g) -> torch.Tensor:
+        return g.shard if self.params is None else self.params.shard(g.extra["offload_id"])
+
+    def param_done(self, g) -> None:
+        if self.params is not None:
+            self.params.release(g.extra["offload_id"])
+
+    # ------------------------------------------------------------------ teardown
+    def close(self) -> None:
+        """Finish outstanding I/O and delete the files (also done at exit if never called)."""
+        for part in (self.params, self.state):
+            if part is not None:
+                part.flush()
+        if self.store is not None:
+            self.store.close()
