@@ -16,8 +16,8 @@ import torch
 from harness import run_distributed
 
 P, M, LAYERS = 4, 8, 8
-T = 0.02  # seconds per layer for each of F, B and W (the ZB paper's T_F = T_B = T_W)
-STEPS = 3
+T = 0.03  # seconds per layer for each of F, B and W (the ZB paper's T_F = T_B = T_W)
+STEPS = 4
 SCHEDULES = [("1f1b", 1), ("interleaved", 2), ("zero_bubble", 1)]
 
 
