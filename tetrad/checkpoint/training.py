@@ -19,7 +19,6 @@ from tetrad.checkpoint.fileio import CheckpointError
 from tetrad.checkpoint.manager import CheckpointManager
 from tetrad.checkpoint.reader import CheckpointReader
 from tetrad.checkpoint.writer import step_dirname
-from tetrad.config import ConfigError
 
 
 def layout_of(engine) -> dict:
@@ -39,25 +38,12 @@ class TrainingCheckpoints:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.manager = None
         if self.section.every > 0:
-            self._check_offload(f"checkpoint.every={self.section.every}")
             self.manager = CheckpointManager(
                 self.root, rank=self.rank, world_size=self.world, keep=self.section.keep,
                 async_save=self.section.async_save, layout=layout_of(engine), run_id=self._run_id(),
                 commit_timeout=float(os.environ.get("TETRAD_CKPT_COMMIT_TIMEOUT", 600)))
             if self.section.async_save:
                 self._hook_optimizer_step()
-
-    def _check_offload(self, what: str) -> None:
-        """Fail at start, not at the first save, when the offload tier cannot give its state
-        as pieces yet (its masters and optimizer state live in host/NVMe buffers of its own)."""
-        if getattr(getattr(self.engine, "grads", None), "offload", None) is None:
-            return
-        try:
-            self.engine.state_pieces()  # views only: nothing is copied
-        except NotImplementedError as e:
-            off = self.engine.strategy.offload
-            raise ConfigError(f"{what} with strategy.offload (optimizer={off.optimizer!r}, "
-                              f"params={off.params!r}) is not supported yet: {e}") from e
 
     def _run_id(self) -> str:
         """One random id shared by every rank, so done markers from older attempts never count."""
@@ -81,7 +67,6 @@ class TrainingCheckpoints:
         path = self._agree_on_path()
         if path is None:
             return 0
-        self._check_offload(f"resuming from {path}")
         reader = CheckpointReader(path)
         if hasattr(self.engine, "load_state_pieces"):
             self.engine.load_state_pieces(reader)

@@ -47,6 +47,7 @@ class OffloadedMaster:
         self.groups, self.sharded, self.dp_group, self.scaler = groups, sharded, dp_group, scaler
         self.pieces, self.tier, self.keys, self.spilled = pieces, tier, keys, spilled
         self.publish, self.finish_publish = publish, finish_publish
+        self._builder, self._options = builder, (options[0] if options else {})
         self.slots = [torch.empty(0) for _ in pieces]
         self.squares: list[torch.Tensor | None] = [None] * len(groups)
         self._grads: list[torch.Tensor] | None = None
@@ -135,11 +136,111 @@ class OffloadedMaster:
         slot.grad = None
         slot.set_()
 
-    # ------------------------------------------------------------------ unsupported
-    def ensure_state(self) -> None:
-        raise NotImplementedError("checkpoint load with strategy.offload.optimizer != 'none' is not "
-                                  "implemented yet; train without offload to resume a checkpoint")
+    # ------------------------------------------------------------------ checkpoints
+    def state_pieces(self) -> list:
+        """This rank's masters and optimizer state as checkpoint pieces, read from the tier.
 
-    def state_pieces(self):
-        raise NotImplementedError("checkpoints with strategy.offload.optimizer != 'none' are not "
-                                  "implemented yet; set checkpoint.every=0 or offload.optimizer=none")
+        Names and flat ranges are exactly those of the resident ZeRO pieces
+        (``tetrad.zero.state``: ``model/<param>``, ``optim/<key>/<param>``, ``optim/step``),
+        so a checkpoint reshards freely between offloaded and resident layouts.
+
+        Correctness first: this *materialises one rank's whole shard* of fp32 masters and
+        optimizer state (for Adam 3 x 4 bytes per shard element) in fresh host tensors for the
+        duration of a save (the checkpoint writer then snapshots them once more). They are
+        copies, not views, so the next optimizer step may run while an async save is still
+        writing. A streaming version would hand the writer lazy pieces (a name, a flat range
+        and a callback that reads that range from the tier into the writer's own bounded
+        buffer), written in the tier's bucket order while the next step waits for the last
+        read; host memory would then be bounded by a few buckets, not by the shard.
+        """
+        from tetrad.checkpoint.pieces import Piece
+
+        stepped = self._step_value()
+        keys = ["master"] + (self.keys if stepped is not None else [])  # as resident: no
+        host = self._read_tier(keys)                                    # state before a step
+        pieces = self._pieces(host, write=True)
+        step = torch.tensor(stepped or 0.0, dtype=torch.float32)
+        return pieces + [Piece("optim/step", step, (), write=self._rank() == 0)]
+
+    def load_state_pieces(self, fill) -> None:
+        """``fill(pieces)`` fills host tensors with this rank's masters and optimizer state
+        (the resident pieces' names and ranges, from any layout's checkpoint); they are written
+        back into the tier and the compute parameters refreshed from the masters (collective
+        at stages 1-2: the updated shards are all-gathered, as after a step)."""
+        from tetrad.checkpoint.pieces import Piece
+
+        keys = ["master"] + self.keys
+        host = {k: [torch.zeros(g.shard_size, dtype=torch.float32) for g in self.groups] for k in keys}
+        step = torch.zeros((), dtype=torch.float32)
+        fill(self._pieces(host, write=True) + [Piece("optim/step", step, (), write=self._rank() == 0)])
+        for k, (gi, lo, hi) in enumerate(self.pieces):
+            for key in keys:
+                self.tier.put(k, key, host[key][gi][lo:hi]).wait()  # host[] outlives the write
+        self.tier.flush()
+        self._set_step(float(step))
+        for k, (gi, lo, hi) in enumerate(self.pieces):
+            self.publish(k, host["master"][gi][lo:hi])
+        if self.finish_publish is not None:
+            self.finish_publish()
+
+    def ensure_state(self) -> None:
+        """Nothing to build: ``load_state_pieces`` creates the slots' state (see ``_set_step``)."""
+
+    def _read_tier(self, keys: list[str]) -> dict[str, list[torch.Tensor]]:
+        """{key: [group shard in host fp32]} read piece by piece from the tier (read only)."""
+        host = {k: [torch.empty(g.shard_size, dtype=torch.float32) for g in self.groups] for k in keys}
+        for k, views in self.tier.stream(range(len(self.pieces)), keys=keys, write=[]):
+            gi, lo, hi = self.pieces[k]
+            for key in keys:
+                host[key][gi][lo:hi].copy_(views[key])
+        return host
+
+    def _pieces(self, host: dict[str, list[torch.Tensor]], write: bool) -> list:
+        from tetrad.zero.state import _piece  # the resident pieces' naming and tp boxes
+
+        out = []
+        for gi, g in enumerate(self.groups):
+            for name, p, start, sl in g.overlaps():
+                for key, shards in host.items():
+                    label = "model" if key == "master" else f"optim/{key}"
+                    out.append(_piece(f"{label}/{name}", shards[gi][sl], p, start, write))
+        return out
+
+    def _step_value(self) -> float | None:
+        """The optimizer's step count (all slots step together); None before the first step."""
+        for slot in self.slots:
+            step = self.optimizer.state.get(slot, {}).get("step")
+            if step is not None:
+                return float(step)
+        return None
+
+    def _set_step(self, step: float) -> None:
+        """Give every slot state with this step count; the per-element tensors stay empty
+        placeholders that ``_step_bucket`` points at the tier's buffers (so the optimizer
+        never re-initialises them to zeros). The step's type (a float32 tensor for torch's
+        Adam) comes from one step of a throwaway instance."""
+        proto = self._probe_state()
+        for slot in self.slots:
+            state = self.optimizer.state[slot]
+            old = state.get("step")
+            if torch.is_tensor(old):
+                old.fill_(step)
+            elif old is not None:
+                state["step"] = type(old)(step)
+            else:
+                ref = proto.get("step")
+                state["step"] = ref.clone().fill_(step) if torch.is_tensor(ref) else type(ref)(step)
+            for k in self.keys:
+                if k not in state:
+                    state[k] = torch.empty(0, dtype=proto[k].dtype)
+
+    def _probe_state(self) -> dict:
+        probe = torch.zeros(4)
+        opt = self._builder([{**self._options, "lr": 0.0, "params": [probe]}])
+        probe.grad = torch.zeros(4)
+        opt.step()
+        return opt.state[probe]
+
+    def _rank(self) -> int:
+        from tetrad.zero.comm import group_rank
+        return group_rank(self.dp_group)

@@ -107,7 +107,8 @@ class ParamStore:
     def update(self, i: int, master: torch.Tensor, lo: int = 0) -> None:
         """Store updated elements [lo, lo + len) of shard ``i`` (cast to the compute dtype),
         written behind from a buffer of the small output pool."""
-        self.recording = False  # the first optimizer step ends the traced iteration
+        if self.trace:  # the first optimizer step ends the traced iteration (a checkpoint
+            self.recording = False  # load before any forward leaves the trace to record)
         self._drop(i)           # a prefetch of the old values is stale now
         buf = self.out.acquire()
         part = typed(buf, self.dtype, master.numel())

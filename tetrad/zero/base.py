@@ -74,8 +74,8 @@ class DataParallel:
             self.offload.close()
 
     def state_pieces(self) -> list:
-        if self.offload is not None:
-            return self.master.state_pieces()  # not supported yet: raises, naming the key
+        if self.offload is not None:  # read from the host/NVMe tier (same names and ranges)
+            return self.master.state_pieces()
         return state_pieces(self.groups, self.optimizer, replicated=not self.sharded,
                             rank=self._dp_rank())
 
@@ -83,6 +83,9 @@ class DataParallel:
         """``fill(pieces)`` (or an object with a ``fill`` method, e.g. a checkpoint reader)
         fills this rank's pieces in place; the compute parameters are then refreshed."""
         fill = getattr(fill, "fill", fill)
+        if self.offload is not None:  # filled on the host, written back to the tier, published
+            self.master.load_state_pieces(fill)
+            return
         self.master.ensure_state()
         load_pieces(self.groups, self.optimizer, fill, replicated=not self.sharded,
                     rank=self._dp_rank())
