@@ -1,15 +1,22 @@
 """Strategy selection accuracy on this machine: predicted vs measured step time per layout.
 
-    python bench/strategy.py [--world 4] [--steps 5] [--max-layouts 40] [--profile PATH] [--force]
+    python bench/strategy.py [--world 4] [--steps 6] [--rounds 2] [--max-layouts 40] [--profile PATH] [--force]
 
 A small Llama-style model at world 4. Profiles the machine (reused when it matches), prices
 every candidate, then runs, in one spawned world, the layouts the engine accepts: every
 (tp, pp, sp, zero, micro-batch) combination with recompute none and the default schedule, plus
 the 5 best predictions (whatever their recompute / Megatron-SP / schedule). One JSON line per
-layout (predicted and measured seconds per step, the slowest rank's median of steps 2..N),
-then a summary line: MAPE, the selected layout's measured throughput against the measured
+layout (predicted and measured seconds per step), then a summary line: MAPE, the selected layout's measured throughput against the measured
 best, and the best of the DeepSpeed-autotuner-like subset (ZeRO stage x micro-batch size only,
 tp = pp = sp = 1).
+
+Measured seconds per step: each layout runs ``--rounds`` times, the rounds going round-robin
+over all layouts (so a burst of other work on the machine, or the first layout's process
+warm-up, hits one round of a layout rather than all of them); a round's value is the
+slowest rank's median of steps 2..N, and the layout's value is the lowest round. Other
+processes on the machine only ever add time, so the lowest round is the one closest to the
+machine the profile measured (the profile is taken right before, and its 1-minute load
+average is reported with the summary).
 """
 
 from __future__ import annotations
@@ -44,21 +51,24 @@ def _pick(plan, limit: int) -> list:
     return chosen[:limit]
 
 
-def _run_all(cfg_dict: dict, strategies: list[dict], steps: int) -> list:
-    """In one world: measured seconds per strategy (None + reason where the engine refuses)."""
+def _run_all(cfg_dict: dict, strategies: list[dict], steps: int, rounds: int = 1) -> list:
+    """In one world: measured seconds per strategy and round (None + reason where the engine refuses)."""
     from tetrad.config import ConfigError, load_config
     from tetrad.config.schema import StrategyConfig
     from tetrad.config.fields import build
     from tetrad.strategy.verify import measure_steps
 
     cfg = load_config(cfg_dict)
-    out = []
-    for raw in strategies:
-        s = build(StrategyConfig, raw, "strategy")
-        try:
-            out.append((measure_steps(cfg, s, steps), ""))
-        except ConfigError as err:
-            out.append((None, str(err)))
+    out = [([], "") for _ in strategies]
+    for _ in range(max(1, rounds)):
+        for i, raw in enumerate(strategies):
+            if out[i][1]:
+                continue
+            s = build(StrategyConfig, raw, "strategy")
+            try:
+                out[i][0].append(measure_steps(cfg, s, steps))
+            except ConfigError as err:
+                out[i] = ([], str(err))
     return out
 
 
@@ -66,7 +76,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--world", type=int, default=4)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--max-layouts", type=int, default=40)
     p.add_argument("--profile", default="/tmp/tetrad-bench-profile.json")
     p.add_argument("--force", action="store_true")
@@ -84,15 +95,19 @@ def main(argv=None) -> int:
     margs = ModelArgs.from_config(cfg.model)
     profile, reused = load_or_profile(margs, "fp32", args.world, path=args.profile, force=args.force,
                                       opts=ProfileOptions(mbs=[1, 2, 4], reps=5))
-    print(json.dumps({"profile_s": profile["seconds"], "reused": reused}), flush=True)
+    print(json.dumps({"profile_s": profile["seconds"], "reused": reused, "load_average": os.getloadavg()[0],
+                      "contention": profile.get("contention")}), flush=True)
     plan = search(cfg, args.world, MeasuredCosts(profile, margs, "fp32"), available=unavailable_reason)
     picked = _pick(plan, args.max_layouts)
     raws = [dataclasses.replace(e.strategy, dp="auto").to_dict(full=True) for e in picked]
-    measured = run_local(_run_all, args.world, cfg.to_dict(), raws, args.steps, timeout=1800)
+    measured = run_local(_run_all, args.world, cfg.to_dict(), raws, args.steps, args.rounds, timeout=1800)
     rows = []
-    for e, (secs, why) in zip(picked, measured):
+    for e, (runs, why) in zip(picked, measured):
+        secs = min(runs) if runs else None
         row = {"layout": layout(e.strategy, args.world), "predicted_s": e.step_s, "measured_s": secs,
-               "error": None if secs is None else (e.step_s - secs) / secs, "refused": why or None}
+               "rounds_s": runs, "error": None if secs is None else (e.step_s - secs) / secs,
+               "refused": why or None,
+               "parts_s": {k: round(v, 5) for k, v in e.time.items() if k != "total"}}
         rows.append((e, row))
         print(json.dumps(row), flush=True)
     print(json.dumps(_summary(rows, plan, args.world)), flush=True)

@@ -66,3 +66,15 @@ def test_gpt_1_7b_on_8_gpus():
     s = plan.chosen.strategy
     assert s.tp * s.pp * s.sp <= 2  # 1.7B fits a GPU: data parallelism wins (Megatron ran it at tp=pp=1)
     assert 0.30 <= plan.mfu(plan.chosen) <= 0.75
+
+
+def test_ranks_sharing_cores_run_faster_when_fewer_compute():
+    from tetrad.strategy.measured import MeasuredCosts
+
+    costs = MeasuredCosts.__new__(MeasuredCosts)
+    costs.slowdown, costs.node_ranks = 2.0, 4      # 4 ranks, 2 cores' worth of full speed
+    assert costs.busy_factor(1.0) == 1.0            # all busy: the profile's own condition
+    assert costs.busy_factor(0.5) == 0.5            # 2 of 4 busy: each at full speed
+    assert costs.busy_factor(0.25) == 0.5           # one alone is no faster than full speed
+    costs.slowdown = 1.0                            # an accelerator, or enough cores
+    assert costs.busy_factor(0.5) == 1.0

@@ -80,16 +80,37 @@ def _ping_pong(members: list[int], buf: torch.Tensor):
     return run
 
 
+MIN_SAMPLE_S = 0.04
+MAX_REPEAT = 64
+
+
 def _time(fn, reps: int, device) -> float:
+    """Median over ``reps`` samples of the mean time of one call, each sample ``k`` back-to-back
+    calls started together at a barrier, after one warm-up call.
+
+    ``k`` is the same on every rank (a collective must be called equally often everywhere):
+    enough calls for a sample of about MIN_SAMPLE_S by the slowest rank's warm-up call. On
+    cores shared by more ranks than they hold, one call's time is mostly whether a peer had
+    its scheduler slice when the data arrived; the mean over a sample measures the rate a
+    step sees. Back-to-back calls are still synchronous, so the latency (alpha) stays in.
+    """
+    dist.barrier()
+    t0 = time.perf_counter()
+    fn()
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
+    first = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+    dist.all_reduce(first, op=dist.ReduceOp.MAX)
+    k = int(min(MAX_REPEAT, max(1, MIN_SAMPLE_S // max(float(first), 1e-6))))
     times = []
-    for i in range(reps + 1):
+    for _ in range(max(1, reps)):
         dist.barrier()
         t0 = time.perf_counter()
-        fn()
+        for _ in range(k):
+            fn()
         if device.type != "cpu":
             torch.accelerator.synchronize(device)
-        if i:
-            times.append(time.perf_counter() - t0)
+        times.append((time.perf_counter() - t0) / k)
     return statistics.median(times)
 
 
@@ -105,18 +126,49 @@ def fit(points: list[tuple[int, float]]) -> tuple[float, float]:
     return alpha, beta
 
 
+def _busy_kernel(device):
+    """The compute a rank does between two collectives of a step, for the measurement: one
+    projection pair of a small layer (512 tokens x 128 -> 512 -> 128, ~1-2 ms on one core)."""
+    x = torch.randn(512, 128, device=device)
+    w1, w2 = torch.randn(128, 512, device=device), torch.randn(512, 128, device=device)
+    return lambda: (x @ w1) @ w2
+
+
+def _worst(seconds: float) -> float:
+    worst = torch.tensor([seconds], dtype=torch.float64)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    return float(worst)
+
+
 def measure_partition(kind: str, g: int, stride: int, sizes: list[int], reps: int, device) -> dict:
-    """Fit one collective on one partition; the time is the slowest rank's median."""
+    """Fit one collective on one partition; the time is the slowest rank's median.
+
+    On a CPU a collective is timed between computations, as a step runs it: each call follows
+    a fixed compute kernel (``_busy_kernel``) and the kernel's own time (measured the same way)
+    is subtracted. When ranks time-share cores, a rank that reaches the collective waits for
+    peers that the scheduler has paused in the middle of their compute, and the collective's
+    copies and reductions compete with the other ranks' compute: neither shows when the
+    collective runs back to back on idle ranks (kept as ``idle_points``). On an accelerator the
+    collective runs on its own engines and is timed alone.
+    """
     world = dist.get_world_size()
     group, members = make_groups(world, g, stride)
-    points = []
+    points, idle = [], []
+    busy = _busy_kernel(device) if device.type == "cpu" else None
+    base = _worst(_time(busy, reps, device)) if busy is not None else 0.0
     for nbytes in sizes:
-        seconds = _time(_op(kind, group, members, nbytes, device), reps, device)
-        worst = torch.tensor([seconds], dtype=torch.float64)
-        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-        points.append((nbytes, float(worst)))
+        op = _op(kind, group, members, nbytes, device)
+        alone = _worst(_time(op, reps, device))
+        idle.append((nbytes, alone))
+        if busy is not None:
+
+            def both(op=op):
+                busy()
+                op()
+            alone = max(alone, _worst(_time(both, reps, device)) - base)
+        points.append((nbytes, alone))
     alpha, beta = fit(points)
-    return {"alpha_s": alpha, "beta_s_per_byte": beta, "points": points}
+    return {"alpha_s": alpha, "beta_s_per_byte": beta, "points": points, "idle_points": idle}
 
 
 def measure_overlap(device, nbytes: int = 1 << 22, reps: int = 3) -> float:

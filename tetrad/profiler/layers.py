@@ -57,22 +57,68 @@ def _sync(device: torch.device) -> None:
         torch.accelerator.synchronize(device)
 
 
-def time_fwd_bwd(fn, make_input, device: torch.device, reps: int) -> tuple[float, float]:
-    """Median forward and backward seconds of ``fn(make_input())`` over ``reps`` runs (+1 warm-up)."""
+# Each timing sample repeats the pass until at least this long has elapsed and reports the mean.
+# On a CPU whose cores are shared by more ranks than it has (4 single-thread ranks on 2 cores),
+# the kernel scheduler hands out slices of a few milliseconds: a single millisecond-long pass
+# either runs at full speed or waits a whole slice, so one pass says nothing about the rate a
+# rank gets over a training step. Averaging over tens of milliseconds measures that rate.
+MIN_SAMPLE_S = 0.03
+
+
+def _together() -> None:
+    """Start every rank's sample at the same moment (a no-op outside a process group), so the
+    number of ranks computing at once during a sample is the world size, as in a training step."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def time_fwd_bwd(fn, make_input, device: torch.device, reps: int,
+                 min_sample_s: float = MIN_SAMPLE_S) -> tuple[float, float]:
+    """Forward and backward seconds of ``fn(make_input())``: the median over ``reps`` samples of
+    the mean pass in a sample, after one warm-up pass.
+
+    Assumptions, each one a property of how a training step runs here:
+
+    * Concurrency: every rank of the world times the same shape at the same time (the profile
+      runs on all ranks, and each sample starts at a barrier), so ranks that share cores share
+      them during the measurement exactly as the ranks of a step whose every rank computes do
+      (data, tensor and sequence parallel ranks all compute the same layers at once). Phases
+      where only some ranks compute (pipeline warm-up and drain) are the cost model's business,
+      via the profile's measured ``contention``.
+    * Warm-up: the first pass of a shape pays for allocator growth and lazy kernel selection
+      once per process; training pays it in its first step, which the measurement of a step
+      (steps 2..N) also excludes. One untimed pass per measurement keeps it out here.
+    * Averaging: a sample is at least ``min_sample_s`` long (see MIN_SAMPLE_S); forward and
+      backward of each pass are timed separately and summed over the sample.
+    """
+    _warm = make_input()
+    out = fn(*_warm)
+    out.backward(torch.ones_like(out))
     fwd, bwd = [], []
-    for i in range(reps + 1):
-        inputs = make_input()
-        _sync(device)
-        t0 = time.perf_counter()
-        out = fn(*inputs)
-        _sync(device)
-        t1 = time.perf_counter()
-        out.backward(torch.ones_like(out))
-        _sync(device)
-        t2 = time.perf_counter()
-        if i:  # the first run pays for allocator warm-up and lazy init
-            fwd.append(t1 - t0)
-            bwd.append(t2 - t1)
+    for _ in range(max(1, reps)):
+        _together()
+        f_sum = b_sum = 0.0
+        k = 0
+        start = time.perf_counter()
+        while True:
+            inputs = make_input()
+            _sync(device)
+            t0 = time.perf_counter()
+            out = fn(*inputs)
+            _sync(device)
+            t1 = time.perf_counter()
+            out.backward(torch.ones_like(out))
+            _sync(device)
+            t2 = time.perf_counter()
+            f_sum += t1 - t0
+            b_sum += t2 - t1
+            k += 1
+            if t2 - start >= min_sample_s:
+                break
+        fwd.append(f_sum / k)
+        bwd.append(b_sum / k)
     return statistics.median(fwd), statistics.median(bwd)
 
 
@@ -182,16 +228,77 @@ def measure_activations(args: ModelArgs, tp: int, sp: int, b: int, dtype, device
 
 
 def measure_optimizer(dtype_name: str, device: torch.device, numel: int = 1 << 20, reps: int = 3) -> float:
-    """Seconds per parameter of one fp32 AdamW step (the optimizer work of every layout)."""
+    """Seconds per parameter of one optimizer step as the engine takes it: AdamW (fused where the
+    device has it, as tetrad.trainer.optim builds it) over flat fp32 buffers, plus the global
+    gradient norm and clipping pass over the same gradients (tetrad.zero computes both every
+    step). Timed on every rank at once (``_together``), like the layers; AdamW is memory-bound,
+    so the cost is linear in the parameters of a rank (ZeRO flattens them into a few buffers,
+    so no per-tensor cost is modelled)."""
     p = torch.zeros(numel, device=device, requires_grad=True)
     p.grad = torch.randn(numel, device=device)
-    opt = torch.optim.AdamW([p], lr=1e-3)
-    times = []
-    for i in range(reps + 1):
-        _sync(device)
-        t0 = time.perf_counter()
+    try:
+        opt = torch.optim.AdamW([p], lr=1e-3, fused=True)
+    except (RuntimeError, ValueError):
+        opt = torch.optim.AdamW([p], lr=1e-3, foreach=True)
+
+    def one():
+        norm = torch.linalg.vector_norm(p.grad)
+        p.grad.mul_(torch.clamp(1.0 / (norm + 1e-6), max=1.0))
         opt.step()
-        _sync(device)
-        if i:
-            times.append(time.perf_counter() - t0)
+    one()  # warm-up: the optimizer state is allocated on the first step
+    times = []
+    for _ in range(max(1, reps)):
+        _together()
+        k, t0 = 0, time.perf_counter()
+        while True:
+            one()
+            _sync(device)
+            k += 1
+            if time.perf_counter() - t0 >= MIN_SAMPLE_S:
+                break
+        times.append((time.perf_counter() - t0) / k)
     return statistics.median(times) / numel
+
+
+def measure_contention(device: torch.device, reps: int = 3) -> dict:
+    """How much slower a rank computes when every rank of the node computes at once than when
+    it computes alone: ``slowdown`` = t(all ranks) / t(rank 0 alone) for a fixed matmul kernel.
+
+    On a CPU whose cores are fewer than ranks x threads, ranks time-share the cores: the
+    profile's layer times are taken with all ranks busy (see ``time_fwd_bwd``), and the cost
+    model uses ``slowdown`` to price phases where only some ranks compute (pipeline warm-up and
+    drain): with k of n ranks busy a rank runs max(1, k / cores_eff) times slower than alone,
+    where cores_eff = n / slowdown is the number of ranks the node runs at full speed.
+    Every rank must call this (it synchronises). Accelerators do not share: slowdown 1.
+    """
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if device.type != "cpu" or world == 1:
+        return {"slowdown": 1.0, "ranks": world}
+    a = torch.randn(192, 192, device=device)
+
+    def kernel():
+        for _ in range(4):
+            a @ a
+
+    def sample() -> float:
+        kernel()
+        k, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < MIN_SAMPLE_S:
+            kernel()
+            k += 1
+        return (time.perf_counter() - t0) / k
+
+    alone, together = [], []
+    for _ in range(max(1, reps)):
+        dist.barrier()
+        if dist.get_rank() == 0:
+            alone.append(sample())
+        dist.barrier()
+        together.append(sample())
+    t = torch.tensor([statistics.median(alone) if alone else 0.0, statistics.median(together)],
+                     dtype=torch.float64)
+    dist.all_reduce(t)  # rank 0 alone contributes the only "alone"; "together" is averaged
+    slowdown = float(t[1] / world) / float(t[0])
+    return {"slowdown": max(1.0, slowdown), "ranks": world}

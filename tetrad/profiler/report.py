@@ -42,4 +42,7 @@ def summary(profile: dict, args: ModelArgs, precision: str) -> str:
                                     if hd else "none (no accelerator)"))
     lines.append(f"communication hidden behind compute: {100 * profile['overlap']:.0f}%; "
                  f"AdamW {1e9 * profile['adam_s_per_param']:.2f} ns/parameter")
+    contention = profile.get("contention") or {}
+    lines.append(f"ranks sharing cores: all {contention.get('ranks', 1)} busy run "
+                 f"{contention.get('slowdown', 1.0):.2f}x slower than one alone")
     return "\n".join(lines)

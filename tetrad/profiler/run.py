@@ -104,10 +104,12 @@ def profile_world(args: ModelArgs, precision: str, opts: ProfileOptions) -> dict
         overlap = collectives.measure_overlap(device) if world > 1 else 1.0
         split["collectives_s"] = time.perf_counter() - start - split["layers_s"]
         adam = _mean_over_ranks([layers.measure_optimizer(precision, device)])[0]
+        contention = layers.measure_contention(device)
     if not dist.is_initialized() or dist.get_rank() == 0:
         profile = {
             "version": store.VERSION, "key": full_key(args, precision, world, local_world, opts),
             **measured, "collectives": comm, "overlap": overlap, "adam_s_per_param": adam,
+            "contention": contention,
             "memory": machine.memory(), "host_device": machine.host_device_bandwidth(),
             "disk": machine.disk_bandwidth(opts.disk_dir, opts.disk_bytes),
             "options": asdict(opts), "seconds": time.perf_counter() - start, "split": split,

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from tetrad.models.args import ModelArgs
 
-VERSION = 1
+# 2: samples averaged over >= 30 ms with every rank measuring at once; "contention" added.
+VERSION = 2
 
 # The shape fields that change per-layer cost; n_layers does not (layers are profiled singly).
 SHAPE_FIELDS = ("arch", "vocab_size", "d_model", "n_heads", "n_kv_heads", "d_ff", "seq_len", "dropout")

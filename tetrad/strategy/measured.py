@@ -13,6 +13,13 @@ Assumptions:
   rescaled by the ring formula's (g-1)/g volume factor.
 * On a machine without an accelerator, device memory and host memory are one pool, split
   evenly over the ranks of the node; 90% of what is available is usable.
+* Ranks sharing cores: the layer, head and optimizer times were measured with every rank of
+  the node computing at once (tetrad.profiler.layers.time_fwd_bwd), which is what a step
+  does when every rank computes. When only some ranks compute (pipeline fill and drain),
+  they share the cores with fewer peers: with k of n ranks busy a rank runs
+  max(1, k / c) times slower than alone, c = n / slowdown the ranks the node runs at full
+  speed, slowdown the profile's measured t(all ranks) / t(one rank) (``contention``);
+  ``busy_factor`` is that time relative to the all-busy time the profile holds.
 """
 
 from __future__ import annotations
@@ -68,6 +75,17 @@ class MeasuredCosts:
         self.disk_write_Bps = profile["disk"]["write_Bps"]
         self.overlap = profile.get("overlap", 1.0)
         self.peak_flops = None
+        contention = profile.get("contention") or {}
+        self.slowdown = float(contention.get("slowdown", 1.0))
+        self.node_ranks = int(contention.get("ranks", local))
+
+    def busy_factor(self, fraction: float) -> float:
+        """Compute time with ``fraction`` of the node's ranks busy over the all-busy time (<= 1)."""
+        if self.slowdown <= 1.0:
+            return 1.0
+        full_speed = self.node_ranks / self.slowdown
+        busy = max(1.0, fraction * self.node_ranks)
+        return max(1.0, busy / full_speed) / self.slowdown
 
     @staticmethod
     def _fits(rows: list[dict], keys: tuple[str, ...]) -> dict:

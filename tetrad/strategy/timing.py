@@ -14,12 +14,20 @@ What the model assumes (Narayanan et al., Korthikanti et al., Qi et al., Rajbhan
   (p-1)(T_F + T_B - T_W) with T_W the weight-gradient share of backward (24h / (48h + 8s) of a
   no-recompute backward); every micro-batch sends activations forward and gradients back
   (b*s*h elements; /t with Megatron-SP), v times as often when interleaved, exposed.
+  The bubble is the time the busiest rank waits while other stages fill and drain the
+  pipeline; in those phases on average half the stages compute (1 of p up to p-1 of p), so
+  where ranks share cores the busy ones run faster than in the all-busy steady state: the
+  bubble is scaled by the costs' ``busy_factor(1/2)`` (1 on accelerators, which never share).
 * Data parallelism syncs gradients once per step, during the last micro-batch's backward:
   all of it but the last bucket can hide behind that backward, as far as the machine lets
   communication overlap compute (the profile's measured overlap fraction; 1 on GPUs).
   Stage 0 all-reduces; stages 1-2 reduce-scatter then all-gather updated parameters after the
   step (exposed); stage 3 all-gathers each layer before its forward and its backward in every
   micro-batch (hidden behind the previous layer's compute as far as overlap allows).
+* Per-step synchronisation (tetrad.trainer.engine): the loss is all-reduced over the gradient
+  group (dp x sp), the gradient norm's squares over the dp group (ZeRO >= 1), the tp group and
+  the pp group, and the last stage broadcasts the loss to its pp group: one small-message
+  latency (the alpha of the fit) each, exposed (each waits for the slowest rank).
 * Optimizer: AdamW over the rank's shard (on the host when offloaded); offload moves
   gradients down and parameters up over host-device bandwidth, and NVMe reads and writes the
   optimizer state at the measured disk bandwidth, exposed (no delayed parameter update).
@@ -74,7 +82,7 @@ def micro_batch_times(a: ModelArgs, s: StrategyConfig, costs, elem: int) -> dict
             "bwd_layers": layers * b_l}
 
 
-def pipeline_time(s: StrategyConfig, mb: dict[str, float], m: int) -> tuple[float, float]:
+def pipeline_time(s: StrategyConfig, mb: dict[str, float], m: int, costs=None) -> tuple[float, float]:
     """(compute time of the step, bubble part of it) for the schedule."""
     t_mb = mb["T_F"] + mb["T_B"]
     p = s.pp
@@ -83,7 +91,20 @@ def pipeline_time(s: StrategyConfig, mb: dict[str, float], m: int) -> tuple[floa
     bubble = {"gpipe": (p - 1) * t_mb, "1f1b": (p - 1) * t_mb,
               "interleaved": (p - 1) * t_mb / s.virtual_stages,
               "zero_bubble": (p - 1) * max(0.0, t_mb - mb["T_W"])}[s.pipeline_schedule]
+    busy = getattr(costs, "busy_factor", None)
+    if busy is not None:
+        bubble *= busy(0.5)
     return m * t_mb + bubble, bubble
+
+
+def sync_time(s: StrategyConfig, costs, world: int) -> float:
+    """The step's small synchronising collectives (loss and gradient-norm reductions)."""
+    t = costs.coll("all_reduce", shard_group(s, world), s.tp, 8)
+    if s.zero:
+        t += costs.coll("all_reduce", dp_degree(s, world), s.tp * s.sp, 8)
+    t += costs.coll("all_reduce", s.tp, 1, 8)
+    t += 2 * costs.coll("all_reduce", s.pp, s.tp * s.sp * dp_degree(s, world), 8)
+    return t
 
 
 def _p2p(a: ModelArgs, s: StrategyConfig, costs, world: int, m: int, elem: int) -> float:
@@ -145,10 +166,11 @@ def step_time(a: ModelArgs, s: StrategyConfig, costs, world: int, global_batch: 
     elem = 4 if precision == "fp32" else 2
     m = micro_batches(global_batch, s, world)
     mb = micro_batch_times(a, s, costs, elem)
-    compute, bubble = pipeline_time(s, mb, m)
+    compute, bubble = pipeline_time(s, mb, m, costs)
     parts = {"compute": compute - bubble - m * mb["comm"], "tp_sp_comm": m * mb["comm"], "bubble": bubble,
              "pp_comm": _p2p(a, s, costs, world, m, elem),
              "dp_comm": dp_time(a, s, costs, world, m, mb, elem),
+             "sync": sync_time(s, costs, world),
              "optimizer": optimizer_time(a, s, costs, world, precision, m)}
     parts["total"] = sum(parts.values())
     return parts
