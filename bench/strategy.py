@@ -1,6 +1,11 @@
 """Strategy selection accuracy on this machine: predicted vs measured step time per layout.
 
     python bench/strategy.py [--world 4] [--steps 6] [--rounds 2] [--max-layouts 40] [--profile PATH] [--force]
+    python bench/strategy.py --reprice RUN.jsonl [--profile PATH]
+
+``--reprice`` measures nothing: it prices the layouts of an earlier run's output (its JSON
+lines) again from the profile that run saved, with the cost model as it is now, against the
+step times that run measured (for checking a cost-model change on the same measurements).
 
 A small Llama-style model at world 4. Profiles the machine (reused when it matches), prices
 every candidate, then runs, in one spawned world, the layouts the engine accepts: every
@@ -81,7 +86,10 @@ def main(argv=None) -> int:
     p.add_argument("--max-layouts", type=int, default=40)
     p.add_argument("--profile", default="/tmp/tetrad-bench-profile.json")
     p.add_argument("--force", action="store_true")
+    p.add_argument("--reprice", metavar="RUN_JSONL")
     args = p.parse_args(argv)
+    if args.reprice:
+        return _reprice(args)
 
     from tetrad.models.args import ModelArgs
     from tetrad.profiler import ProfileOptions, load_or_profile
@@ -111,6 +119,38 @@ def main(argv=None) -> int:
         rows.append((e, row))
         print(json.dumps(row), flush=True)
     print(json.dumps(_summary(rows, plan, args.world)), flush=True)
+    return 0
+
+
+def _reprice(args) -> int:
+    from tetrad.models.args import ModelArgs
+    from tetrad.profiler import store
+    from tetrad.strategy.available import unavailable_reason
+    from tetrad.strategy.measured import MeasuredCosts
+    from tetrad.strategy.report import layout
+    from tetrad.strategy.search import search
+
+    cfg = _config(args.batch)
+    margs = ModelArgs.from_config(cfg.model)
+    profile = store.load(args.profile)
+    if profile is None:
+        raise SystemExit(f"{args.profile}: no profile of this version to reprice from")
+    plan = search(cfg, args.world, MeasuredCosts(profile, margs, "fp32"), available=unavailable_reason)
+    by_layout = {layout(e.strategy, args.world): e for e in plan.ranked}
+    rows = []
+    with open(args.reprice) as f:
+        for line in f:
+            old = json.loads(line)
+            e = by_layout.get(old.get("layout"))
+            if e is None or not old.get("measured_s"):
+                continue
+            secs = old["measured_s"]
+            row = {"layout": old["layout"], "predicted_s": e.step_s, "measured_s": secs,
+                   "error": (e.step_s - secs) / secs, "was_predicted_s": old["predicted_s"],
+                   "parts_s": {k: round(v, 5) for k, v in e.time.items() if k != "total"}}
+            rows.append((e, row))
+            print(json.dumps(row), flush=True)
+    print(json.dumps({"repriced": args.reprice, **_summary(rows, plan, args.world)}), flush=True)
     return 0
 
 

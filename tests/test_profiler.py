@@ -37,6 +37,8 @@ def test_a_profile_is_reused_only_when_it_matches(tmp_path):
     opts = ProfileOptions(mbs=[1], reps=1, disk_bytes=1 << 20)
     first, reused = load_or_profile(TINY, "fp32", 1, path=path, opts=opts)
     assert not reused and first["version"] == store.VERSION and first["layers"]
+    assert [r["mbs"] for r in first["micro_batch"]] == [1]  # the whole model, per micro-batch size
+    assert all(r["fwd_s"] > 0 and r["bwd_s"] > 0 for r in first["micro_batch"])
     again, reused = load_or_profile(TINY, "fp32", 1, path=path, opts=opts)
     assert reused and again["key"] == first["key"]
     wider = ModelArgs(arch="llama", vocab_size=64, d_model=64, n_layers=2, n_heads=4, seq_len=32)

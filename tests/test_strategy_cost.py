@@ -78,3 +78,66 @@ def test_ranks_sharing_cores_run_faster_when_fewer_compute():
     assert costs.busy_factor(0.25) == 0.5           # one alone is no faster than full speed
     costs.slowdown = 1.0                            # an accelerator, or enough cores
     assert costs.busy_factor(0.5) == 1.0
+
+
+class _Count:
+    """Costs whose every collective takes 1 s: a step's parts then count collectives."""
+
+    overlap = 0.0
+
+    def coll(self, kind, g, stride, nbytes):
+        return 0.0 if g <= 1 else 1.0
+
+
+def _strategy(**kw):
+    from tetrad.config.schema import StrategyConfig
+
+    return StrategyConfig(**{"micro_batch_size": 1, **kw})
+
+
+def test_tensor_parallel_collectives_are_counted_as_tetrad_issues_them():
+    from tetrad.strategy.timing import _tp_comm
+
+    a = ModelArgs(arch="llama", vocab_size=64, d_model=32, n_layers=4, n_heads=4, seq_len=16)
+    # Plain tp: 2 all-reduces per layer each way, embedding and head, 2 in the vocab-parallel loss.
+    assert _tp_comm(a, _strategy(tp=2), _Count(), 1.0, 4) == (2 * 4 + 1 + 2, 2 * 4 + 1)
+    # Megatron-SP: AG + RS pairs each way; backward re-gathers q, k, v, gate, up per layer and
+    # the head's input, and all-reduces the 2 norms per layer and the final norm's gradients.
+    fwd, bwd = _tp_comm(a, _strategy(tp=2, megatron_sp=True), _Count(), 1.0, 4)
+    assert (fwd, bwd) == (2 * (2 * 4 + 1) + 2, 2 * (2 * 4 + 1) + (5 * 4 + 1) + (2 * 4 + 1))
+
+
+def test_ulysses_exchanges_four_tensors_each_way_per_layer():
+    from tetrad.strategy.timing import _sp_comm
+
+    a = ModelArgs(arch="llama", vocab_size=64, d_model=32, n_layers=4, n_heads=4, seq_len=16)
+    assert _sp_comm(a, _strategy(sp=2), _Count(), 4) == (4 * 4, 4 * 4)
+
+
+def test_zero3_gathers_every_unit_twice_per_micro_batch():
+    from tetrad.strategy.timing import dp_time
+
+    a = ModelArgs(arch="llama", vocab_size=64, d_model=32, n_layers=4, n_heads=4, seq_len=16)
+    mb = {"bwd_layers": 0.0, "T_F": 0.0, "T_B": 0.0}
+    units = 4 + 3  # blocks, embedding, final norm, head
+    # One reduce-scatter per unit on the last micro-batch, 2 gathers per unit per micro-batch;
+    # with no overlap nothing hides.
+    assert dp_time(a, _strategy(zero=3), _Count(), 4, 2, mb, 4) == units + 2 * 2 * units
+    assert dp_time(a, _strategy(zero=0), _Count(), 4, 2, mb, 4) == 1  # one bucket
+
+
+def test_per_micro_batch_overhead_is_the_whole_model_minus_its_parts():
+    from tetrad.strategy.measured import MeasuredCosts
+
+    costs = MeasuredCosts.__new__(MeasuredCosts)
+    costs._layer = {(1, 1, "none"): ((0.0, 1.0), (0.0, 2.0))}  # fwd b s, bwd 2b s per layer
+    costs._head = {(1, 1): ((0.0, 0.5), (0.0, 0.5))}
+    rows = [{"mbs": b, "fwd_s": 4 * b + 0.5 * b + 3 + b, "bwd_s": 8 * b + 0.5 * b + 5} for b in (1, 2, 4)]
+    costs._over = costs._overhead_fits(rows, 4)
+    assert costs.micro_batch_overhead(1, 1, 2, 1.0) == pytest.approx((3 + 2, 5))
+    # a tp2 x sp2 rank does a quarter of the per-sample part; half the layers, half of it all
+    assert costs.micro_batch_overhead(2, 2, 4, 0.5) == pytest.approx((0.5 * (3 + 1), 0.5 * 5))
+    # a whole model faster than its parts timed alone (per-call costs counted once per layer)
+    rows = [{"mbs": b, "fwd_s": 4 * b + 0.5 * b, "bwd_s": 8 * b + 0.5 * b - 2} for b in (1, 2, 4)]
+    costs._over = costs._overhead_fits(rows, 4)
+    assert costs.micro_batch_overhead(1, 1, 3, 1.0) == pytest.approx((0.0, -2.0))

@@ -302,3 +302,50 @@ def measure_contention(device: torch.device, reps: int = 3) -> dict:
     dist.all_reduce(t)  # rank 0 alone contributes the only "alone"; "together" is averaged
     slowdown = float(t[1] / world) / float(t[0])
     return {"slowdown": max(1.0, slowdown), "ranks": world}
+
+
+def build_engine_model(args: ModelArgs, precision: str, device: torch.device):
+    """The whole tp1/sp1/pp1 model as the engine holds it: a tetrad ``Transformer`` whose
+    parameters ZeRO stage 0 (``tetrad.zero.build_data_parallel``, no process group: nothing
+    is communicated) has taken over, so its gradient hooks, flat parameter views and
+    compute-dtype casts are the engine's own."""
+    from tetrad.models.transformer import Transformer
+    from tetrad.zero import build_data_parallel  # edge: the engine's gradient owner
+
+    with torch.device(device):
+        model = Transformer(args).train()
+    grads = build_data_parallel(model, stage=0, group=None, precision=precision, device=device)
+    return model, grads
+
+
+def measure_micro_batch(args: ModelArgs, b: int, precision: str, device, reps: int,
+                        built=None) -> dict:
+    """Forward (model + loss) and backward seconds of one whole micro-batch as
+    ``tetrad.trainer.Engine.train_step`` runs one that does not synchronise gradients: the
+    model's forward on [b, s] token ids, the next-token cross-entropy, the loss divided by the
+    accumulation count, ``begin_backward(sync=False)`` and the backward with the engine's
+    gradient hooks attached.
+
+    What it is for: the cost model prices a micro-batch as the sum of its layers and its
+    embedding/head (``measure_layer``, ``measure_head``, each timed alone); the whole model
+    also pays for what lies between them (module and autograd-graph Python overhead of a deep
+    graph, gradient accumulation into every parameter's ``.grad``, the hooks, the loss glue,
+    a working set larger than one layer's). ``tetrad.strategy.measured`` takes the difference
+    (this - layers - head) as the per-micro-batch overhead. Timed like the layers: every rank
+    at once, samples of >= MIN_SAMPLE_S, after a warm-up pass.
+    """
+    from tetrad.models.loss import cross_entropy
+
+    model, grads = built or build_engine_model(args, precision, device)
+
+    def fn(ids):
+        loss = cross_entropy(model(ids), ids) / 2  # labels: any ids of the right shape
+        grads.begin_backward(sync=False)
+        return grads.scale_loss(loss)
+
+    def make():
+        return (torch.randint(0, args.vocab_size, (b, args.seq_len), device=device),)
+    fwd, bwd = time_fwd_bwd(fn, make, device, reps)
+    for p in model.parameters():
+        p.grad = None
+    return {"mbs": b, "fwd_s": fwd, "bwd_s": bwd}

@@ -67,7 +67,8 @@ def _mean_over_ranks(values: list[float]) -> list[float]:
 
 def measure_layers(args: ModelArgs, precision: str, world: int, opts: ProfileOptions, device) -> dict:
     """Per (tp, sp, micro-batch, policy): block forward/backward seconds; per (tp, sp, mbs):
-    head seconds and activation bytes. Times are averaged over the ranks that ran them at once."""
+    head seconds and activation bytes; per mbs: a whole tp1/sp1 micro-batch through the
+    engine's gradient owner (``micro_batch``). Times are averaged over the ranks that ran them at once."""
     dtype = layers.DTYPES[precision]
     rows, heads, acts = [], [], []
     # A process's first passes run slowly (lazy kernel selection, allocator growth, autograd
@@ -83,10 +84,16 @@ def measure_layers(args: ModelArgs, precision: str, world: int, opts: ProfileOpt
                 rows.append(layers.measure_layer(args, tp, sp, b, policy, dtype, device, opts.reps, block))
             heads.append(layers.measure_head(args, tp, sp, b, dtype, device, opts.reps))
             acts.append(layers.measure_activations(args, tp, sp, b, dtype, device))
-    flat = _mean_over_ranks([r[k] for r in rows + heads for k in ("fwd_s", "bwd_s")])
-    for i, r in enumerate(rows + heads):
+    # The whole model through the engine's gradient owner, once per micro-batch size: what a
+    # micro-batch costs beyond its layers and head (see layers.measure_micro_batch).
+    built = layers.build_engine_model(args, precision, device)
+    layers.measure_micro_batch(args, max(opts.mbs), precision, device, 1, built)  # warm-up
+    micro = [layers.measure_micro_batch(args, b, precision, device, opts.reps, built) for b in opts.mbs]
+    timed = rows + heads + micro
+    flat = _mean_over_ranks([r[k] for r in timed for k in ("fwd_s", "bwd_s")])
+    for i, r in enumerate(timed):
         r["fwd_s"], r["bwd_s"] = flat[2 * i], flat[2 * i + 1]
-    return {"layers": rows, "head": heads, "activations": acts}
+    return {"layers": rows, "head": heads, "activations": acts, "micro_batch": micro}
 
 
 def profile_world(args: ModelArgs, precision: str, opts: ProfileOptions) -> dict:

@@ -14,10 +14,13 @@ from pathlib import Path
 from tetrad.models.args import ModelArgs
 
 # 2: samples averaged over >= 30 ms with every rank measuring at once; "contention" added.
-VERSION = 2
+# 3: "micro_batch" (a whole micro-batch through the engine's gradient owner) added.
+VERSION = 3
 
-# The shape fields that change per-layer cost; n_layers does not (layers are profiled singly).
-SHAPE_FIELDS = ("arch", "vocab_size", "d_model", "n_heads", "n_kv_heads", "d_ff", "seq_len", "dropout")
+# The shape fields that change the measured costs: per-layer ones, and n_layers, since the
+# whole-model micro-batch (the per-micro-batch overhead) is timed at the model's depth.
+SHAPE_FIELDS = ("arch", "vocab_size", "d_model", "n_heads", "n_kv_heads", "d_ff", "seq_len", "dropout",
+                "n_layers")
 
 
 def model_key(args: ModelArgs, precision: str) -> dict:

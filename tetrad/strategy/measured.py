@@ -42,6 +42,17 @@ def korthikanti(s: float, b: int, h: int, a: int, t: int, policy: str, megatron_
     return sbh * (10 + 24 / t + 5 * a * s / (h * t))
 
 
+def _lstsq(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """Unclamped least-squares (intercept, slope); a single point is all intercept."""
+    if len(points) == 1:
+        return points[0][1], 0.0
+    xs, ys = [float(x) for x, _ in points], [float(y) for _, y in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else 0.0
+    return my - slope * mx, slope
+
+
 def _linear(points: list[tuple[int, float]]) -> tuple[float, float]:
     if len(points) == 1:
         return 0.0, points[0][1] / points[0][0]
@@ -78,6 +89,42 @@ class MeasuredCosts:
         contention = profile.get("contention") or {}
         self.slowdown = float(contention.get("slowdown", 1.0))
         self.node_ranks = int(contention.get("ranks", local))
+        self._over = self._overhead_fits(profile.get("micro_batch") or [], args.n_layers)
+
+    def _overhead_fits(self, rows: list[dict], n_layers: int):
+        """(fwd, bwd) least-squares lines in b of the whole micro-batch minus its parts:
+        measured whole-model seconds - n_layers x layer(tp1, sp1, none) - head(tp1, sp1).
+        Not clamped: the difference may be negative (see ``micro_batch_overhead``)."""
+        if not rows or (1, 1, "none") not in self._layer or (1, 1) not in self._head:
+            return None
+        f, b = [], []
+        for r in rows:
+            lf, lb = self.layer(1, 1, r["mbs"], "none")
+            hf, hb = self.head(1, 1, r["mbs"])
+            f.append((r["mbs"], r["fwd_s"] - n_layers * lf - hf))
+            b.append((r["mbs"], r["bwd_s"] - n_layers * lb - hb))
+        return _lstsq(f), _lstsq(b)
+
+    def micro_batch_overhead(self, tp: int, sp: int, b: int, stage_share: float) -> tuple[float, float]:
+        """(fwd, bwd) seconds a micro-batch through the engine costs beyond the sum of its
+        separately timed layers and head.
+
+        Measured at tp1/sp1 on the whole model (tetrad.profiler.layers.measure_micro_batch),
+        fitted as a + c*b. The difference has two signs of cause: what lies between the layers
+        (module and autograd-graph Python overhead, gradient accumulation and hooks, the loss
+        glue) adds time; what a layer timed alone pays per call and a layer inside the model
+        does not (the autograd engine's start and finish of a backward call, a fresh input's
+        first touch) is counted once per layer in the sum, and the difference takes it back
+        out. Assumptions: the fixed part a does not depend on the shard shape; the per-sample
+        part c*b is work on activations and gradients, of which a tp x sp rank does 1/(tp*sp);
+        both are spread over the model's layers, so a pipeline stage holding ``stage_share`` of
+        them pays that share. The caller keeps the micro-batch's total non-negative.
+        """
+        if self._over is None:
+            return 0.0, 0.0
+        (af, cf), (ab, cb) = self._over
+        k = b / (tp * sp)
+        return stage_share * (af + cf * k), stage_share * (ab + cb * k)
 
     def busy_factor(self, fraction: float) -> float:
         """Compute time with ``fraction`` of the node's ranks busy over the all-busy time (<= 1)."""

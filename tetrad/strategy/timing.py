@@ -6,8 +6,10 @@ What the model assumes (Narayanan et al., Korthikanti et al., Qi et al., Rajbhan
   head (the head is on the last stage; pricing it on the busiest one is conservative).
 * Tensor parallelism: per layer 2 all-reduces of the b*s*h activations in forward and 2 in
   backward, 2 more when full recompute re-runs the forward; Megatron-SP replaces each by an
-  all-gather + reduce-scatter pair of the same volume; the vocab-parallel embedding and head add
-  2 more. All exposed (each sits between two dependent matmuls).
+  all-gather + reduce-scatter pair of the same volume, and its backward re-gathers each
+  column-parallel projection's input (3 + 2 per Llama layer) and all-reduces each norm's
+  weight gradient; the vocab-parallel embedding and head add 2 more, the vocab-parallel loss
+  2 small ones. All exposed (each sits between two dependent matmuls). See ``_tp_comm``.
 * Ulysses: per layer all-to-alls of q, k, v and the output in forward, the same in backward and
   again under full recompute (selective recompute keeps the core's inputs); exposed.
 * Pipeline: GPipe and 1F1B add (p-1) micro-batch times of bubble, interleaved (p-1)/v, ZB-H1
@@ -18,12 +20,19 @@ What the model assumes (Narayanan et al., Korthikanti et al., Qi et al., Rajbhan
   pipeline; in those phases on average half the stages compute (1 of p up to p-1 of p), so
   where ranks share cores the busy ones run faster than in the all-busy steady state: the
   bubble is scaled by the costs' ``busy_factor(1/2)`` (1 on accelerators, which never share).
-* Data parallelism syncs gradients once per step, during the last micro-batch's backward:
-  all of it but the last bucket can hide behind that backward, as far as the machine lets
-  communication overlap compute (the profile's measured overlap fraction; 1 on GPUs).
-  Stage 0 all-reduces; stages 1-2 reduce-scatter then all-gather updated parameters after the
-  step (exposed); stage 3 all-gathers each layer before its forward and its backward in every
-  micro-batch (hidden behind the previous layer's compute as far as overlap allows).
+* Data parallelism syncs gradients once per step, during the last micro-batch's backward,
+  one collective per flat bucket (stage 3: per unit), each paying its alpha: all of it but
+  the last bucket can hide behind that backward, as far as the machine lets communication
+  overlap compute (the profile's measured overlap fraction; 1 on GPUs). Stage 0 all-reduces;
+  stages 1-2 reduce-scatter then all-gather updated parameters after the step (exposed);
+  stage 3 all-gathers each unit (each block, the embedding, the final norm, the head) before
+  its forward and its backward in every micro-batch, prefetching one ahead: the first gather
+  of each pass waits, the rest hide behind compute as far as overlap allows (``dp_time``).
+* Per micro-batch the engine also pays for what lies between the layers (module and autograd
+  Python overhead, gradient accumulation and hooks, loss glue): the profile's whole-model
+  micro-batch minus its layers and head (``costs.micro_batch_overhead``; 0 for cluster specs,
+  whose kernels are priced from FLOPs and whose host overhead hides behind asynchronous
+  launches).
 * Per-step synchronisation (tetrad.trainer.engine): the loss is all-reduced over the gradient
   group (dp x sp), the gradient norm's squares over the dp group (ZeRO >= 1), the tp group and
   the pp group, and the last stage broadcasts the loss to its pp group: one small-message
@@ -40,23 +49,48 @@ from tetrad.models.args import ModelArgs
 from tetrad.strategy.shapes import dp_degree, layers_per_stage, micro_batches, param_counts, rank_params, shard_group
 
 
-def _tp_comm(a: ModelArgs, s: StrategyConfig, costs, n_act: float) -> tuple[float, float]:
-    """(forward, backward) exposed tensor-parallel seconds per micro-batch on one rank."""
+def _tp_comm(a: ModelArgs, s: StrategyConfig, costs, n_act: float, elem: int) -> tuple[float, float]:
+    """(forward, backward) exposed tensor-parallel seconds per micro-batch on one rank.
+
+    Counted from what tetrad.parallel issues (tensor.py, comm.py, sequence.py), one collective
+    at a time, each paying its fit's alpha:
+
+    * plain tp: per layer the attention and the MLP each all-reduce their output in forward
+      (``reduce_from_region``) and their input gradient in backward (``copy_to_region``); the
+      vocab-parallel embedding all-reduces in forward and the head's input copy in backward;
+    * Megatron-SP: each all-reduce becomes an all-gather (region entry) + reduce-scatter
+      (exit) of the full-sequence activation, in forward and again in backward; in backward
+      each column-parallel projection re-gathers its input from the saved sequence shard
+      (``_ShardSavingLinear``): q, k, v (3) and the MLP's input projections (gate and up: 2;
+      1 for a plain MLP) per layer, and the head's projection once; and every replicated norm
+      (2 per layer, the final one) all-reduces its weight gradient over tp in backward
+      (``SequenceParallelReplicated``: d elements each);
+    * the vocab-parallel cross-entropy all-reduces twice in forward (the max, then the
+      sum-exp and target logit together), nothing in backward.
+    """
     if s.tp == 1:
         return 0.0, 0.0
-    if s.megatron_sp:
-        one = costs.coll("all_gather", s.tp, 1, n_act) + costs.coll("reduce_scatter", s.tp, 1, n_act)
-    else:
-        one = costs.coll("all_reduce", s.tp, 1, n_act)
     layers = layers_per_stage(a, s)
+    re_forward = 2 * layers if s.recompute == "full" else 0
+    if s.megatron_sp:
+        ag, rs = costs.coll("all_gather", s.tp, 1, n_act), costs.coll("reduce_scatter", s.tp, 1, n_act)
+        one = ag + rs
+        in_projs = 3 + (2 if a.arch == "llama" else 1)
+        extra_bwd = (in_projs * layers + 1) * ag + (2 * layers + 1) * costs.coll("all_reduce", s.tp, 1,
+                                                                                   a.d_model * elem)
+    else:
+        one, extra_bwd = costs.coll("all_reduce", s.tp, 1, n_act), 0.0
     fwd = (2 * layers + 1) * one
-    bwd = (2 * layers + 1 + (2 * layers if s.recompute == "full" else 0)) * one
+    bwd = (2 * layers + 1 + re_forward) * one + extra_bwd
     tokens = s.micro_batch_size * a.seq_len / s.sp
-    ce = 3 * costs.coll("all_reduce", s.tp, 1, 4 * tokens)  # max, sum-exp, target logit
+    ce = 2 * costs.coll("all_reduce", s.tp, 1, 4 * tokens)  # max; sum-exp with the target logit
     return fwd + ce, bwd
 
 
 def _sp_comm(a: ModelArgs, s: StrategyConfig, costs, elem: int) -> tuple[float, float]:
+    """Ulysses (tetrad.parallel.sequence.UlyssesAttention): per layer 4 all-to-alls in forward
+    (q, k, v to head shards, the output back to sequence shards) and the reverse 4 in
+    backward; a full-recompute backward re-runs the forward's 4."""
     if s.sp == 1:
         return 0.0, 0.0
     tokens = s.micro_batch_size * a.seq_len / s.sp
@@ -73,13 +107,17 @@ def micro_batch_times(a: ModelArgs, s: StrategyConfig, costs, elem: int) -> dict
     f_l, b_l = costs.layer(s.tp, s.sp, b, s.recompute)
     f_h, b_h = costs.head(s.tp, s.sp, b)
     n_act = b * a.seq_len / s.sp * a.d_model * elem
-    tp_f, tp_b = _tp_comm(a, s, costs, n_act)
+    tp_f, tp_b = _tp_comm(a, s, costs, n_act, elem)
     sp_f, sp_b = _sp_comm(a, s, costs, elem)
     f_none = costs.layer(s.tp, s.sp, b, "none")[0]
     w_share = 24 * a.d_model / (48 * a.d_model + 8 * a.seq_len)
-    return {"T_F": layers * f_l + f_h + tp_f + sp_f, "T_B": layers * b_l + b_h + tp_b + sp_b,
+    over = getattr(costs, "micro_batch_overhead", None)
+    o_f, o_b = over(s.tp, s.sp, b, layers / a.n_layers) if over else (0.0, 0.0)
+    o_f = max(o_f, -(layers * f_l + f_h))  # a correction never makes compute negative
+    o_b = max(o_b, -(layers * b_l + b_h))
+    return {"T_F": layers * f_l + f_h + tp_f + sp_f + o_f, "T_B": layers * b_l + b_h + tp_b + sp_b + o_b,
             "T_W": w_share * 2 * f_none * layers, "comm": tp_f + tp_b + sp_f + sp_b,
-            "bwd_layers": layers * b_l}
+            "overhead": o_f + o_b, "bwd_layers": layers * b_l}
 
 
 def pipeline_time(s: StrategyConfig, mb: dict[str, float], m: int, costs=None) -> tuple[float, float]:
@@ -119,23 +157,59 @@ def _hidden(comm: float, window: float, overlap: float) -> float:
     return comm - overlap * min(comm, window)
 
 
+def _stage_units(a: ModelArgs, s: StrategyConfig) -> list[tuple[float, int]]:
+    """(parameters, count) of the ZeRO-3 units on the busiest rank (tetrad.zero.units.find_units):
+    one per transformer block, and each parameter-holding module outside the blocks its own
+    unit (token embedding, final norm, output projection when untied); the busiest pipeline
+    rank is charged the larger edge (the embedding's or the head's side). The first entry is
+    the first unit of forward, the last the first of backward."""
+    c = param_counts(a)
+    norm = c.head - (0 if a.tie_embeddings else a.vocab_size * a.d_model)
+    head_units = [norm] + ([] if a.tie_embeddings else [a.vocab_size * a.d_model])
+    if s.pp == 1:
+        first, last = [c.embed], head_units
+    elif c.embed >= sum(head_units):
+        first, last = [c.embed], []
+    else:
+        first, last = [], head_units
+    units = [(n / s.tp, 1) for n in first] + [(c.layer / s.tp, layers_per_stage(a, s))]
+    return units + [(n / s.tp, 1) for n in last]
+
+
 def dp_time(a: ModelArgs, s: StrategyConfig, costs, world: int, m: int, mb: dict, elem: int) -> float:
-    """Exposed data-parallel (ZeRO) communication per step."""
+    """Exposed data-parallel (ZeRO) communication per step.
+
+    Gradients are reduced on the step's last micro-batch only (``begin_backward(sync=...)``),
+    one collective per flat group (stages 0-2: buckets of ``bucket_mb``; stage 3: one per
+    unit), each paying its alpha; all but the last hide behind that backward as far as the
+    machine overlaps (the last waits). Stages 1-2 all-gather the updated parameters after the
+    optimizer (exposed). Stage 3 (tetrad.zero.stage3) gathers every unit before its forward
+    and again before its backward in every micro-batch, prefetching one unit ahead: the first
+    unit of forward and the first of backward wait in full, the rest hide behind the
+    neighbouring units' compute as far as the machine overlaps.
+    """
     n = shard_group(s, world)
     if n == 1:
         return 0.0
-    psi = rank_params(a, s)
-    grads, bucket = psi * elem, min(psi * elem, s.bucket_mb * 2**20)
-    stride, window = s.tp, mb["bwd_layers"]
+    stride = s.tp
     reduce = "all_reduce" if s.zero == 0 else "reduce_scatter"
-    total = costs.coll(reduce, n, stride, grads)
-    exposed = max(costs.coll(reduce, n, stride, bucket), _hidden(total, window, costs.overlap))
-    if s.zero in (1, 2):
-        exposed += costs.coll("all_gather", n, stride, psi * elem)
     if s.zero == 3:
-        layer = param_counts(a).layer / s.tp * elem
-        gathers = 2 * layers_per_stage(a, s) * costs.coll("all_gather", n, stride, layer)
-        exposed += m * _hidden(gathers, mb["T_F"] + mb["T_B"], costs.overlap)
+        sizes = [(u * elem, k) for u, k in _stage_units(a, s)]
+    else:
+        grads = rank_params(a, s) * elem
+        bucket = min(grads, s.bucket_mb * 2**20)
+        full, rest = divmod(grads, bucket)
+        sizes = [(bucket, int(full))] + ([(rest, 1)] if rest else [])
+    total = sum(k * costs.coll(reduce, n, stride, x) for x, k in sizes)
+    last = costs.coll(reduce, n, stride, sizes[-1][0])
+    exposed = max(last, _hidden(total, mb["bwd_layers"], costs.overlap))
+    if s.zero in (1, 2):
+        exposed += costs.coll("all_gather", n, stride, rank_params(a, s) * elem)
+    if s.zero == 3:
+        gathers = [(costs.coll("all_gather", n, stride, x), k) for x, k in sizes]
+        first = gathers[0][0] + gathers[-1][0]  # forward starts at the first unit, backward at the last
+        rest = 2 * sum(t * k for t, k in gathers) - first
+        exposed += m * (first + _hidden(rest, mb["T_F"] + mb["T_B"], costs.overlap))
     return exposed
 
 
@@ -167,7 +241,8 @@ def step_time(a: ModelArgs, s: StrategyConfig, costs, world: int, global_batch: 
     m = micro_batches(global_batch, s, world)
     mb = micro_batch_times(a, s, costs, elem)
     compute, bubble = pipeline_time(s, mb, m, costs)
-    parts = {"compute": compute - bubble - m * mb["comm"], "tp_sp_comm": m * mb["comm"], "bubble": bubble,
+    parts = {"compute": compute - bubble - m * (mb["comm"] + mb["overhead"]), "tp_sp_comm": m * mb["comm"],
+             "micro_batch_overhead": m * mb["overhead"], "bubble": bubble,
              "pp_comm": _p2p(a, s, costs, world, m, elem),
              "dp_comm": dp_time(a, s, costs, world, m, mb, elem),
              "sync": sync_time(s, costs, world),
