@@ -20,9 +20,21 @@ def _train(args: argparse.Namespace) -> int:
     except TrainingFault as err:  # a dead peer or a diverged run: the message says which
         print(f"tetrad: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
         return 1
+    _shutdown_process_group()
     if history and history[-1].get("step"):
         return 0
     return 1
+
+
+def _shutdown_process_group() -> None:
+    """Tear the process group down before the interpreter exits: left to process exit, the
+    backend's threads can be destroyed while joinable and abort the process (seen under
+    mpiexec as "terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()  # no rank tears down while a peer still talks to it
+        dist.destroy_process_group()
 
 
 def _data(args: argparse.Namespace) -> int:
