@@ -10,22 +10,18 @@ import numpy as np
 import pytest
 
 from harness import run_distributed
+from test_dp_parity import tiny_config as dp_config
 
 STEPS = 10
 SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("zero_bubble", 1)]
 
 
 def tiny_config(output_dir: str, **strategy) -> dict:
-    return {
-        "run": {"output_dir": output_dir, "seed": 7, "steps": STEPS, "global_batch_size": 8,
-                "precision": "fp32"},
-        "model": {"arch": "llama", "d_model": 32, "n_layers": 8, "n_heads": 4, "n_kv_heads": 2,
-                  "seq_len": 16, "dropout": 0.0},
-        "data": {"source": "builtin", "builtin_tokens": 20000},
-        "optimizer": {"lr": 1e-2, "warmup_steps": 2, "grad_clip": 1.0},
-        "strategy": strategy,
-        "logging": {"tensorboard": False, "progress": False},
-    }
+    """The data-parallel parity config with 8 layers (enough for pp=4 x 2 virtual stages)."""
+    config = dp_config(output_dir, **strategy)
+    config["model"].update(n_layers=8, seq_len=16)
+    config["optimizer"]["grad_clip"] = 1.0
+    return config
 
 
 def _fit_all(rank: int, world: int, out: str, layouts: list[dict]) -> list[list[float]]:
