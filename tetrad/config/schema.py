@@ -147,6 +147,10 @@ class OffloadConfig(Section):
     params: Literal["none", "cpu", "nvme"] = setting("none", "where sharded parameters rest between uses; zero 3")
     nvme_dir: Optional[str] = setting(None, "directory for nvme-tier files; required by either nvme tier",
                                       check=_nonempty)
+    overlap_step: bool = setting(False, "step each gradient bucket on the host as backward reduces it; "
+                                        "zero 2/3, needs optimizer.grad_clip 0 and no fp16")
+    delayed_update: bool = setting(False, "ZeRO-Offload's one-step delayed parameter update: the host "
+                                          "step of step t runs during step t+1's forward/backward")
 
 
 @dataclasses.dataclass

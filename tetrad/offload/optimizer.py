@@ -14,10 +14,33 @@ the host buffers the size of a piece however large a group is. Each piece has a 
 empty *slot* tensor that the optimizer knows as its parameter (with its own step counter, all
 equal); for the step the slot and its state are pointed (``set_``) at the piece's buffers,
 then pointed back at nothing.
+
+Three ways to run the step (``mode``), all with the same per-bucket arithmetic:
+
+* ``sync``: after backward, stream every piece through the optimizer (clipping applies the
+  global norm, known by then);
+* ``overlap`` (``strategy.offload.overlap_step``): each group is stepped on the optimizer
+  thread as soon as backward has reduced its gradient, while backward goes on with the other
+  groups; the gradient never goes to the tier (no grad file, no grad I/O). Its price is that
+  a bucket is applied before the global norm exists, hence no clipping and no fp16 loss
+  scale (checked before training); a bucket whose gradient is not finite is not stepped
+  (the NaN never reaches the state) and the step is reported as skipped, but buckets stepped
+  before it stay stepped: a partial update, where the sync mode would have skipped whole.
+* ``delayed`` (``strategy.offload.delayed_update``, ZeRO-Offload's DPU): the step of step t
+  runs on the optimizer thread during step t+1's forward and backward, whose parameters are
+  therefore one update behind; the updated parameters are published when step t+1 reaches
+  its optimizer step (``settle``). Gradients go to the tier under two alternating names, so
+  the next backward's never overwrite the ones being stepped. Saving or loading a checkpoint
+  settles first (the checkpoint holds the updated masters and the parameters follow them).
+
+Collectives never run on the optimizer thread (gloo and NCCL need every rank to issue them
+in the same order from one thread): publishing there only stages values, and the gathers or
+copies that make them the compute parameters run in ``finish_publish`` on the main thread.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
 import torch
@@ -43,8 +66,15 @@ class OffloadedMaster:
 
     def __init__(self, groups, pieces: list[Piece], options: list[dict], builder, *, sharded: bool,
                  dp_group, scaler, tier, keys: list[str], spilled: bool, publish: Publish,
-                 finish_publish=None):
+                 finish_publish=None, mode: str = "sync", after_group=None):
         self.groups, self.sharded, self.dp_group, self.scaler = groups, sharded, dp_group, scaler
+        self.mode, self.after_group = mode, after_group
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="tetrad-optim") if mode != "sync" else None
+        self._running: list[Future] = []  # overlap: group steps in flight; delayed: the step
+        self._parity = 0                  # delayed: which of the two gradient names is filled
+        self.by_group: dict[int, list[int]] = {}
+        for k, (gi, _, _) in enumerate(pieces):
+            self.by_group.setdefault(gi, []).append(k)
         self.pieces, self.tier, self.keys, self.spilled = pieces, tier, keys, spilled
         self.publish, self.finish_publish = publish, finish_publish
         self._builder, self._options = builder, (options[0] if options else {})
@@ -66,7 +96,9 @@ class OffloadedMaster:
 
     def _norm(self, norm_groups) -> torch.Tensor:
         if not self.spilled:  # resident gradients: exactly MasterOptimizer's arithmetic
-            self._grads = grads = [g.grad_shard.float() for g in self.groups]
+            # (a copy when delayed: the next backward accumulates into the shard meanwhile)
+            copy = self.mode == "delayed"
+            self._grads = grads = [g.grad_shard.to(torch.float32, copy=copy) for g in self.groups]
             if self.scaler is not None:
                 torch._foreach_mul_(grads, 1.0 / self.scaler.scale)
             return global_grad_norm(self.groups, grads, sharded=self.sharded,
@@ -78,44 +110,112 @@ class OffloadedMaster:
         norm = reduce_squares(sq, sharded=self.sharded, dp_group=self.dp_group, norm_groups=norm_groups)
         return norm / self.scaler.scale if self.scaler is not None else norm
 
-    # ------------------------------------------------------------------ step
-    def step(self, lr: float | None, grad_clip: float, norm_groups: dict | None) -> tuple[float, bool]:
-        """Update every bucket's master in the tier; returns (global grad norm, skipped)."""
-        norm = self._norm(norm_groups)
-        if not torch.isfinite(norm):  # as MasterOptimizer: every rank skips together
-            if self.scaler is not None:
-                self.scaler.update(overflow=True)
-            self.squares = [None] * len(self.groups)
-            return float(norm), True
-        coef = grad_clip / (float(norm) + 1e-6) if grad_clip > 0 else 1.0
+    @property
+    def grad_key(self) -> str:
+        """The tier name the gradients of the backward now running go to."""
+        return "grad" if self._parity == 0 else "grad1"
+
+    def _set_lr(self, lr: float | None) -> None:
         if lr is not None:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-        keys = ["master"] + self.keys + (["grad"] if self.spilled else [])
-        write = ["master"] + self.keys
-        for i, views in self.tier.stream(range(len(self.pieces)), keys=keys, write=write):
-            self._step_bucket(i, views, coef)
-            self.publish(i, views["master"])
-        self._grads = None
+
+    # ------------------------------------------------------------------ step
+    def step(self, lr: float | None, grad_clip: float, norm_groups: dict | None) -> tuple[float, bool]:
+        """Update every bucket's master in the tier; returns (global grad norm, skipped)."""
+        if self.mode == "overlap":
+            return self._finish_overlap(norm_groups)
+        self.settle()  # delayed: the previous step's update becomes the parameters now
+        norm = self._norm(norm_groups)
         self.squares = [None] * len(self.groups)
-        if self.finish_publish is not None:
-            self.finish_publish()
+        if not torch.isfinite(norm):  # as MasterOptimizer: every rank skips together
+            if self.scaler is not None:
+                self.scaler.update(overflow=True)
+            self._grads = None
+            return float(norm), True
+        coef = grad_clip / (float(norm) + 1e-6) if grad_clip > 0 else 1.0
+        self._set_lr(lr)
+        if self.mode == "delayed":
+            key, self._parity = self.grad_key, 1 - self._parity
+            self._running = [self._thread.submit(self._step_all, coef, key)]
+        else:
+            self._step_all(coef, self.grad_key)
+            self._finish()
         if self.scaler is not None:
             self.scaler.update(overflow=False)
         return float(norm), False
 
-    def _grad(self, i: int, views: dict) -> torch.Tensor:
+    def _step_all(self, coef: float, grad_key: str) -> None:
+        keys = ["master"] + self.keys + ([grad_key] if self.spilled else [])
+        write = ["master"] + self.keys
+        for i, views in self.tier.stream(range(len(self.pieces)), keys=keys, write=write):
+            self._step_bucket(i, views, self._grad(i, views, grad_key), coef)
+            self.publish(i, views["master"])
+        self._grads = None
+
+    def _finish(self) -> None:
+        if self.finish_publish is not None:
+            self.finish_publish()
+
+    def settle(self) -> None:
+        """Wait for a step running on the optimizer thread and publish its parameters
+        (re-raising its error, if any); nothing to do when none is running."""
+        running, self._running = self._running, []
+        for f in running:
+            f.result()
+        if running:
+            self._finish()
+
+    # ------------------------------------------------------------------ overlap mode
+    def prepare(self, lr: float | None) -> None:
+        """Overlap mode, before the synchronising backward: the step's learning rate (the
+        buckets are stepped before ``step`` is called)."""
+        self._set_lr(lr)
+
+    def submit_group(self, gi: int, grad: torch.Tensor) -> None:
+        """Overlap mode: group ``gi``'s reduced fp32 gradient shard is ready; step its pieces
+        on the optimizer thread. At most two groups wait, so gradients held for the thread
+        stay bounded (backward pauses for the disk instead)."""
+        self.record_squares(gi, grad)
+        while len(self._running) >= 2:
+            self._running.pop(0).result()
+        self._running.append(self._thread.submit(self._step_group, gi, grad))
+
+    @torch.no_grad()
+    def _step_group(self, gi: int, grad: torch.Tensor) -> None:
+        if not torch.isfinite(grad).all():
+            return  # never let it into the state; step() reports the step as skipped
+        keys = ["master"] + self.keys
+        for k, views in self.tier.stream(self.by_group[gi], keys=keys, write=keys):
+            _, lo, hi = self.pieces[k]
+            self._step_bucket(k, views, grad[lo:hi], 1.0)
+            self.publish(k, views["master"])
+        if self.after_group is not None:  # the master writes are submitted now
+            self.after_group(gi)
+
+    def _finish_overlap(self, norm_groups) -> tuple[float, bool]:
+        self.settle()
+        norm = self._norm(norm_groups)  # from the squares recorded as groups arrived
+        self.squares = [None] * len(self.groups)
+        return float(norm), not bool(torch.isfinite(norm))
+
+    def close(self) -> None:
+        """Finish a step still running on the optimizer thread and stop the thread."""
+        if self._thread is not None:
+            self.settle()
+            self._thread.shutdown(wait=True)
+
+    def _grad(self, i: int, views: dict, grad_key: str) -> torch.Tensor:
         if not self.spilled:  # already unscaled by _norm; to the host if it is not there
             gi, lo, hi = self.pieces[i]
             return self._grads[gi][lo:hi].to(views["master"].device)
-        grad = views["grad"]
+        grad = views[grad_key]
         if self.scaler is not None:
             grad.mul_(1.0 / self.scaler.scale)
         return grad
 
     @torch.no_grad()
-    def _step_bucket(self, i: int, views: dict, coef: float) -> None:
-        grad = self._grad(i, views)
+    def _step_bucket(self, i: int, views: dict, grad: torch.Tensor, coef: float) -> None:
         if coef < 1.0:
             grad.mul_(coef)  # the same elementwise product as torch's clip_grad_norm_
         slot = self.slots[i]
@@ -155,6 +255,7 @@ class OffloadedMaster:
         """
         from tetrad.checkpoint.pieces import Piece
 
+        self.settle()  # a delayed step lands first: the checkpoint holds its update
         stepped = self._step_value()
         keys = ["master"] + (self.keys if stepped is not None else [])  # as resident: no
         host = self._read_tier(keys)                                    # state before a step
@@ -169,6 +270,7 @@ class OffloadedMaster:
         at stages 1-2: the updated shards are all-gathered, as after a step)."""
         from tetrad.checkpoint.pieces import Piece
 
+        self.settle()
         keys = ["master"] + self.keys
         host = {k: [torch.zeros(g.shard_size, dtype=torch.float32) for g in self.groups] for k in keys}
         step = torch.zeros((), dtype=torch.float32)

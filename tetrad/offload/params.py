@@ -7,9 +7,20 @@ first iteration (forward then backward) is recorded as the trace, as DeepSpeed's
 ZeRO-Infinity does; from then on every ``shard`` call starts reads for the next ``ahead``
 groups of the trace, so the disk works while the current unit computes. A read whose group is
 updated before it is used is dropped, and a read of a file waits for its last write.
+
+In fp32 training the compute parameters *are* the fp32 masters, so a second file per group
+would only cost disk (4 bytes/param) and write bandwidth: with ``masters`` given (the
+optimizer tier's ``StateSwapper`` and each group's pieces in it) a shard is read straight
+from the pieces' ``master`` files, ``update`` writes nothing, and ``invalidate(i)`` (called
+once the optimizer has *submitted* a group's master writes) drops stale prefetches.
+
+A lock guards the bookkeeping: with ``strategy.offload.overlap_step`` the optimizer thread
+updates groups while the main thread's backward reads others.
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 
@@ -20,15 +31,20 @@ from tetrad.offload.store import NvmeStore
 
 class ParamStore:
     def __init__(self, store: NvmeStore, numels: list[int], dtype: torch.dtype, ahead: int = 2,
-                 piece: int = 4 * 2**20):
+                 piece: int = 4 * 2**20, masters=None):
         self.store, self.numels, self.dtype, self.ahead = store, list(numels), dtype, ahead
         size = torch.empty((), dtype=dtype).element_size()
-        store.check_space(sum(numels) * size)
+        self.masters = masters  # (StateSwapper, {group: [(piece, lo, hi)]}) when shared
+        if masters is not None and dtype != torch.float32:
+            raise ValueError("parameters can share the master files only in fp32 training")
         biggest = max(numels, default=1) * size
         self.pool = BufferPool(ahead + 6, biggest)   # prefetched + held by in-flight gathers
         self.out = BufferPool(3, min(biggest, piece * size))  # write-behind of updated pieces
-        for i, n in enumerate(numels):
-            store.create(self.name(i), n * size)
+        self._lock = threading.RLock()
+        if masters is None:
+            store.check_space(sum(numels) * size)
+            for i, n in enumerate(numels):
+                store.create(self.name(i), n * size)
         self.ready: dict[int, tuple[torch.Tensor, Transfer]] = {}
         self.held: dict[int, torch.Tensor] = {}
         self.writes: dict[int, list[Transfer]] = {}
@@ -39,8 +55,10 @@ class ParamStore:
         return f"param{i}"
 
     def adopt(self, i: int, shard: torch.Tensor) -> None:
-        """Write the initial shard (the caller frees its copy afterwards)."""
-        self.store.write(self.name(i), shard.contiguous()).wait()
+        """Write the initial shard (the caller frees its copy afterwards); shared files hold
+        it already, as the group's master."""
+        if self.masters is None:
+            self.store.write(self.name(i), shard.contiguous()).wait()
 
     # ------------------------------------------------------------------ reads
     def _wait_writes(self, i: int) -> None:
@@ -50,23 +68,33 @@ class ParamStore:
     def _start(self, i: int) -> tuple[torch.Tensor, Transfer]:
         self._wait_writes(i)
         buf = self.pool.acquire()
-        return buf, self.store.read(self.name(i), buf)
+        if self.masters is None:
+            return buf, self.store.read(self.name(i), buf)
+        swapper, pieces = self.masters
+        size = torch.empty((), dtype=self.dtype).element_size()
+        # Each piece starts on a block (pieces are multiples of 4096 elements), and the view
+        # runs to the buffer's end, so every read can bypass the page cache.
+        parts = [swapper.read(k, "master", buf[lo * size:]) for k, lo, _ in pieces[i]]
+        return buf, Transfer([f for t in parts for f in t._futures])
 
     def shard(self, i: int) -> torch.Tensor:
         """Group ``i``'s shard in host memory (read now unless prefetched); prefetches ahead."""
-        if self.recording:
-            self.trace.append(i)
-        else:
-            self._advance(i)
-        buf, transfer = self.ready.pop(i, None) or self._start(i)
+        with self._lock:
+            if self.recording:
+                self.trace.append(i)
+            else:
+                self._advance(i)
+            buf, transfer = self.ready.pop(i, None) or self._start(i)
         transfer.wait()
-        self.held[i] = buf
-        if not self.recording:
-            self._prefetch()
+        with self._lock:
+            self.held[i] = buf
+            if not self.recording:
+                self._prefetch()
         return typed(buf, self.dtype, self.numels[i])
 
     def release(self, i: int) -> None:
-        buf = self.held.pop(i, None)
+        with self._lock:
+            buf = self.held.pop(i, None)
         if buf is not None:
             self.pool.release(buf)
 
@@ -109,16 +137,28 @@ class ParamStore:
         written behind from a buffer of the small output pool."""
         if self.trace:  # the first optimizer step ends the traced iteration (a checkpoint
             self.recording = False  # load before any forward leaves the trace to record)
-        self._drop(i)           # a prefetch of the old values is stale now
+        if self.masters is not None:  # the optimizer writes the master file: see invalidate
+            return
+        with self._lock:
+            self._drop(i)           # a prefetch of the old values is stale now
         buf = self.out.acquire()
         part = typed(buf, self.dtype, master.numel())
         part.copy_(master)
         transfer = self.store.write(self.name(i), part, offset=lo * part.element_size())
         transfer.add_done_callback(lambda _t, b=buf: self.out.release(b))
-        self.writes.setdefault(i, []).append(transfer)
+        with self._lock:
+            self.writes.setdefault(i, []).append(transfer)
+
+    def invalidate(self, i: int) -> None:
+        """Shared files: group ``i``'s master writes are submitted, so a prefetch started
+        before them is stale (a read started from now on waits for them)."""
+        if self.masters is not None:
+            with self._lock:
+                self._drop(i)
 
     def flush(self) -> None:
-        for i in list(self.ready):
-            self._drop(i)
-        for i in list(self.writes):
-            self._wait_writes(i)
+        with self._lock:
+            for i in list(self.ready):
+                self._drop(i)
+            for i in list(self.writes):
+                self._wait_writes(i)

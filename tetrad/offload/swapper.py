@@ -14,6 +14,7 @@ has to be written at start-up.
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from typing import Iterable, Iterator
 
@@ -35,6 +36,9 @@ class StateSwapper:
         self.valid: set[tuple[int, str]] = set()
         self._writes: list[Transfer] = []
         self._last_write: dict[str, Transfer] = {}  # a read of a file waits for its last write
+        # The bookkeeping above is shared by the main thread (gradients spilled during
+        # backward, parameter reads) and the optimizer thread (overlapped or delayed steps).
+        self._lock = threading.Lock()
         for b, n in enumerate(self.numels):
             for k in self.keys:
                 store.create(self.name(b, k), n * size)
@@ -47,7 +51,8 @@ class StateSwapper:
         """Start writing ``t`` as ``key`` of ``bucket`` (e.g. a gradient shard as it arrives);
         keep ``t`` alive and unchanged until the returned transfer is done."""
         self._check(bucket, t)
-        self.valid.add((bucket, key))
+        with self._lock:
+            self.valid.add((bucket, key))
         name = self.name(bucket, key)
         self._wait_write(name)
         transfer = self.store.write(name, t)
@@ -55,7 +60,9 @@ class StateSwapper:
         return transfer
 
     def _wait_write(self, name: str) -> None:
-        last = self._last_write.pop(name, None)
+        """Wait until the last write of ``name`` has landed (threads give no ordering)."""
+        with self._lock:
+            last = self._last_write.pop(name, None)
         if last is not None:
             last.wait()
 
@@ -74,8 +81,17 @@ class StateSwapper:
                              f"{t.numel()} x {t.dtype}")
 
     def _track(self, name: str, transfer: Transfer) -> None:
-        self._writes = [w for w in self._writes if not w.done()] + [transfer]
-        self._last_write[name] = transfer
+        with self._lock:
+            self._writes = [w for w in self._writes if not w.done()] + [transfer]
+            self._last_write[name] = transfer
+
+    def read(self, bucket: int, key: str, out: torch.Tensor) -> Transfer:
+        """Start reading ``key`` of ``bucket`` (written before) into ``out``: a tensor of the
+        bucket's dtype and size, or a uint8 view at least the file's block-rounded size (then
+        the transfer can bypass the page cache); waits for the file's last write first."""
+        if (bucket, key) not in self.valid:
+            raise KeyError(f"{self.name(bucket, key)} was never written")
+        return self._read(bucket, key, out)
 
     def _read(self, bucket: int, key: str, out: torch.Tensor) -> Transfer:
         name = self.name(bucket, key)
@@ -84,8 +100,9 @@ class StateSwapper:
 
     def flush(self) -> None:
         """Wait for every write behind; re-raises the first I/O error."""
-        writes, self._writes = self._writes, []
-        self._last_write.clear()
+        with self._lock:
+            writes, self._writes = self._writes, []
+            self._last_write.clear()
         for w in writes:
             w.wait()
 
@@ -108,7 +125,8 @@ class StateSwapper:
             if k not in write:
                 self.pool.release(buf)
                 continue
-            self.valid.add((bucket, k))
+            with self._lock:
+                self.valid.add((bucket, k))
             name = self.name(bucket, k)
             self._wait_write(name)
             transfer = self.store.write(name, buf)

@@ -38,6 +38,25 @@ def check_offload(cfg, stage: int) -> None:
     if cfg.params != "none" and cfg.optimizer == "none":
         raise ConfigError(f"strategy.offload.params={cfg.params!r} needs strategy.offload.optimizer cpu "
                           f"or nvme: the resident fp32 master would keep the parameters' memory anyway")
+    if (cfg.overlap_step or cfg.delayed_update) and cfg.optimizer == "none":
+        key = "overlap_step" if cfg.overlap_step else "delayed_update"
+        raise ConfigError(f"strategy.offload.{key}=true needs strategy.offload.optimizer cpu or nvme "
+                          f"(got 'none'): it changes when the offloaded step runs")
+    if cfg.overlap_step and cfg.delayed_update:
+        raise ConfigError("strategy.offload.overlap_step and strategy.offload.delayed_update are both "
+                          "true; choose one: the delayed update already hides the whole step")
+    if cfg.overlap_step and stage < 2:
+        raise ConfigError(f"strategy.offload.overlap_step=true needs strategy.zero 2 or 3 (got {stage}): "
+                          f"buckets are stepped as their reduced gradient shards arrive")
+    if cfg.delayed_update and cfg.params == "nvme":
+        raise ConfigError("strategy.offload.delayed_update=true needs strategy.offload.params none or cpu "
+                          "(got 'nvme'): the delayed step would rewrite parameter files the running "
+                          "forward reads")
+
+
+def step_mode(cfg) -> str:
+    """``sync``, ``overlap`` or ``delayed``: see ``tetrad.offload.optimizer``."""
+    return "overlap" if cfg.overlap_step else "delayed" if cfg.delayed_update else "sync"
 
 
 PIECE = 4 * 2**20  # elements per streamed piece (16 MiB fp32): the unit of host buffering
@@ -80,12 +99,15 @@ class Offload:
         self.store = NvmeStore(cfg.nvme_dir) if nvme else None
         self.state = self.params = self.grad_pool = self.opt = None
         self.keep_shard = cfg.params == "none"
-        self._spilling: dict[int, object] = {}
+        self.mode = step_mode(cfg)
         self._gathers: list = []
+        self._staged: dict[int, torch.Tensor] = {}  # async modes: published values, per group
+        self._done_groups: list[int] = []
 
     @classmethod
     def build(cls, cfg, stage: int, dtype: torch.dtype) -> "Offload | None":
-        if cfg is None or (cfg.optimizer == "none" and cfg.params == "none"):
+        modes = cfg is not None and (cfg.overlap_step or cfg.delayed_update)
+        if cfg is None or (cfg.optimizer == "none" and cfg.params == "none" and not modes):
             return None
         check_offload(cfg, stage)
         return cls(cfg, stage, dtype)
@@ -101,7 +123,8 @@ class Offload:
             self.by_group.setdefault(i, []).append(k)
         self.spilled = self.stage >= 2
         self.keys = state_keys(builder, options)
-        keys = ["master"] + self.keys + (["grad"] if self.spilled else [])
+        grads = {"sync": ["grad"], "delayed": ["grad", "grad1"], "overlap": []}[self.mode]
+        keys = ["master"] + self.keys + (grads if self.spilled else [])
         sizes = [hi - lo for _, lo, hi in self.pieces]
         if self.cfg.optimizer == "nvme":
             self.state = StateSwapper(self.store, sizes, keys)
@@ -109,7 +132,12 @@ class Offload:
         else:
             self.state = HostState(sizes, keys)
         if self.cfg.params == "nvme":
-            self.params = ParamStore(self.store, numels, self.dtype, piece=PIECE)
+            # fp32: the compute parameters are the masters, so they are read from the master
+            # files (4 bytes/param less disk, no parameter writes)
+            shared = self.dtype == torch.float32 and self.cfg.optimizer == "nvme"
+            masters = (self.state, {i: [(k, self.pieces[k][1], self.pieces[k][2]) for k in ks]
+                                    for i, ks in self.by_group.items()}) if shared else None
+            self.params = ParamStore(self.store, numels, self.dtype, piece=PIECE, masters=masters)
 
     @torch.no_grad()
     def adopt(self, g) -> None:
@@ -133,29 +161,51 @@ class Offload:
                                    dp_group=dp_group,
                                    scaler=scaler, tier=self.state, keys=self.keys,
                                    spilled=self.spilled, publish=self._publish,
-                                   finish_publish=self._finish_publish)
+                                   finish_publish=self._finish_publish, mode=self.mode,
+                                   after_group=self._after_group)
         return self.opt
 
     @torch.no_grad()
     def _publish(self, k: int, master: torch.Tensor) -> None:
-        """Piece ``k`` of a group is updated; once a group's last piece is, stages 1-2 gather it."""
+        """Piece ``k`` of a group is updated: make it the compute parameters' value. On the
+        optimizer thread (async modes) it is only staged; ``_finish_publish`` then runs the
+        collectives and copies on the main thread."""
         i, lo, hi = self.pieces[k]
         g = self.dp.groups[i]
-        if self.stage < 3:  # every rank keeps full parameters: gather the updated shards
-            if lo == 0:
-                self._src = torch.empty(g.shard_size, dtype=self.dtype, device=g.full.device)
-            self._src[lo:hi].copy_(master)
-            if hi == g.shard_size:
-                self._gathers.append((all_gather(g.full, self._src, self.dp.group), self._src))
-        elif self.params is not None:
+        if self.params is not None:  # stage 3, parameters in files: written behind
             self.params.update(i, master, lo)
-        else:
-            g.shard[lo:hi].copy_(master, non_blocking=True)
+            return
+        if self.stage == 3 and self.mode != "delayed":  # nothing reads this shard until the
+            g.shard[lo:hi].copy_(master, non_blocking=True)  # next forward: update in place
+            return
+        staged = self._staged.get(i)
+        if staged is None:  # stages 1-2: the gather's source; delayed stage 3: the new shard
+            device = g.full.device if self.stage < 3 else g.shard.device
+            staged = self._staged[i] = torch.empty(g.shard_size, dtype=self.dtype, device=device)
+        staged[lo:hi].copy_(master)
+        if hi == g.shard_size and self.mode == "sync" and self.stage < 3:  # gather at once
+            src = self._staged.pop(i)  # (kept alive with the handle until the gather is done)
+            self._gathers.append((all_gather(g.full, src, self.dp.group), src))
+
+    def _after_group(self, i: int) -> None:
+        if self.params is not None:
+            self.params.invalidate(i)
 
     def _finish_publish(self) -> None:
+        """Main thread, once every piece is updated: gather (stages 1-2) or copy (delayed
+        stage 3) what was staged, and wait for the gathers."""
+        for i in sorted(self._staged):
+            g, src = self.dp.groups[i], self._staged.pop(i)
+            if self.stage < 3:
+                self._gathers.append((all_gather(g.full, src, self.dp.group), src))
+            else:
+                g.shard.copy_(src)
         for handle, _ in self._gathers:
             handle.wait()
         self._gathers.clear()
+        if self.params is not None:
+            for i in range(len(self.dp.groups)):
+                self.params.invalidate(i)
 
     # ------------------------------------------------------------------ gradients
     def attach(self, dp) -> None:
@@ -168,16 +218,21 @@ class Offload:
         """A group's reduced gradient shard leaves for the tier now, during backward; its
         squared norm is kept so the step never has to read it twice."""
         i = g.extra["offload_id"]
+        if self.mode == "overlap":  # stepped now, on the optimizer thread; never stored
+            self.opt.submit_group(i, g.grad_shard.float())
+            g.grad_shard = None
+            return
         self.opt.record_squares(i, g.grad_shard.float())
+        key = self.opt.grad_key
         for k in self.by_group[i]:
             _, lo, hi = self.pieces[k]
             if self.grad_pool is None:  # host tier: a copy (device-to-host on an accelerator)
-                self.state.put(k, "grad", g.grad_shard[lo:hi].float())
+                self.state.put(k, key, g.grad_shard[lo:hi].float())
                 continue
             buf = self.grad_pool.acquire()  # aligned, so the write can bypass the page cache
             grad = typed(buf, torch.float32, hi - lo)
             grad.copy_(g.grad_shard[lo:hi])
-            self.state.put(k, "grad", grad).add_done_callback(
+            self.state.put(k, key, grad).add_done_callback(
                 lambda _t, b=buf: self.grad_pool.release(b))
         g.grad_shard = None  # ShardedGrads allocates a fresh one at the next reduce
 
@@ -192,6 +247,8 @@ class Offload:
     # ------------------------------------------------------------------ teardown
     def close(self) -> None:
         """Finish outstanding I/O and delete the files (also done at exit if never called)."""
+        if self.opt is not None:
+            self.opt.close()
         for part in (self.params, self.state):
             if part is not None:
                 part.flush()

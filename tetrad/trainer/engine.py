@@ -36,14 +36,20 @@ from tetrad.zero import build_data_parallel
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _check_supported(strategy: StrategyConfig) -> None:
-    """Fail clearly for strategy keys whose implementation has not landed in this build."""
-    unsupported: dict[str, bool] = {}  # offload landed with tetrad.offload
-    bad = [k for k, v in unsupported.items() if v]
+def _check_offload_step(strategy: StrategyConfig, optim_cfg, precision: str) -> None:
+    """``offload.overlap_step`` applies each bucket before the global gradient norm exists:
+    fail before training where the step needs that norm (clipping, the fp16 loss scale) or
+    where the schedule owns the backward (pipeline)."""
+    if not strategy.offload.overlap_step:
+        return
+    clip = optim_cfg.grad_clip if optim_cfg is not None else 0.0
+    why = {f"optimizer.grad_clip={clip}": clip > 0, f"run.precision={precision!r}": precision == "fp16",
+           f"strategy.pp={strategy.pp}": strategy.pp > 1}
+    bad = [k for k, v in why.items() if v]
     if bad:
-        raise ConfigError(f"strategy.{bad[0]}={getattr(strategy, bad[0])!r} is not available in this "
-                          f"build yet (only data parallelism with zero: 0 is); set "
-                          f"strategy.{bad[0]} back to its default")
+        raise ConfigError(f"strategy.offload.overlap_step=true cannot run with {bad[0]}: each bucket is "
+                          f"stepped during backward, before the global norm is known; use grad_clip 0, "
+                          f"fp32 or bf16 and pp 1, or set overlap_step false")
 
 
 def _budget_bytes(strategy: StrategyConfig) -> int | None:
@@ -74,7 +80,7 @@ class Engine:
         if precision not in _DTYPES:
             raise ConfigError(f"run.precision={precision!r} is not valid; use one of {sorted(_DTYPES)}")
         self.strategy = load_strategy(strategy if strategy is not None else {})
-        _check_supported(self.strategy)
+        _check_offload_step(self.strategy, optim_cfg, precision)
         self.launch, self.device = init_distributed()
         world = dist.get_world_size()
         self.dims = ParallelDims(world, pp=self.strategy.pp, dp=self.strategy.resolve_dp(world),
@@ -184,7 +190,10 @@ class Engine:
     def backward(self, loss: torch.Tensor, *, accum_steps: int | None = None) -> None:
         """Backward of one micro-batch's loss, scaled by 1/accumulation steps."""
         accum = accum_steps or self.grad_accum
-        self.grads.begin_backward(sync=(self.micro_step + 1) % accum == 0)
+        sync = (self.micro_step + 1) % accum == 0
+        self.grads.begin_backward(sync=sync)
+        if sync:  # offload.overlap_step steps buckets during this backward: it needs the lr now
+            self.grads.prepare_step(self._lr())
         self.grads.scale_loss(loss / accum).backward()
 
     def step(self, *, accum_steps: int | None = None) -> bool:
@@ -267,11 +276,14 @@ class Engine:
     def _optimizer_step(self) -> None:
         self.grads.finish()
         clip = self.optim_cfg.grad_clip if self.optim_cfg is not None else 0.0
-        lr = lr_at(self.step_count, self.optim_cfg, self.total_steps or 1) if self.optim_cfg else None
-        norm, skipped = self.grads.step(lr, clip, self.norm_groups)
+        norm, skipped = self.grads.step(self._lr(), clip, self.norm_groups)
         self.grads.zero_grad()
         self.step_count += 1
         self.last.update(grad_norm=norm, skipped=skipped, lr=self.optimizer.param_groups[0]["lr"])
+
+    def _lr(self) -> float | None:
+        """The learning rate of the coming optimizer step (None: the optimizer's own)."""
+        return lr_at(self.step_count, self.optim_cfg, self.total_steps or 1) if self.optim_cfg else None
 
     def close(self) -> None:
         """Finish offload I/O and delete its files (they are also removed at process exit)."""

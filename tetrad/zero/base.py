@@ -43,6 +43,12 @@ class DataParallel:
     def begin_backward(self, sync: bool) -> None:
         self.grads.begin_backward(sync)
 
+    def prepare_step(self, lr: float | None) -> None:
+        """Before the synchronising backward: an offloaded step that runs during backward
+        (``strategy.offload.overlap_step``) takes its learning rate here."""
+        if self.offload is not None and self.offload.mode == "overlap":
+            self.master.prepare(lr)
+
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         return loss if self.scaler is None else self.scaler.scale_loss(loss)
 
