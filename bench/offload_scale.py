@@ -4,18 +4,24 @@ and optimizer state in files), and how close its I/O comes to the disk.
     python bench/offload_scale.py --nvme-dir /tmp/tetrad-nvme [--sizes 0.5,1,2,4] [--steps 2]
     python bench/offload_scale.py --nvme-dir DIR --io-only      # disk bandwidth only
     python bench/offload_scale.py --nvme-dir DIR --aio          # FileIO vs DeepSpeed's libaio op
+    python bench/offload_scale.py --nvme-dir DIR --stream       # the optimizer phase alone
+    python bench/offload_scale.py --nvme-dir DIR --mode overlap # buckets stepped during backward
 
 First the disk's sequential bandwidth is measured in this run (O_DIRECT, 64 MiB requests,
 one thread: what ``dd oflag=direct bs=64M`` does, and the same through tetrad's FileIO with 4
 threads). Then each size of the ladder, smallest first, runs in a fresh process (so peak RSS
 is its own): deferred init, ``--steps`` optimizer steps of micro-batch 1 x ``--seq`` tokens in
-fp32. A size whose files (20 bytes/param: param, master, grad, exp_avg, exp_avg_sq) would not
-fit in the free disk, less 10% headroom, is skipped and said so; the ladder stops at the first
-size that fails. One JSON line per result.
+fp32. A size whose files (16 bytes/param: master = compute parameter, grad, exp_avg,
+exp_avg_sq; 12 with ``--mode overlap``, which never stores gradients) would not fit in the
+free disk, less 10% headroom, is skipped and said so; the ladder stops at the first size that
+fails. One JSON line per result.
 
 Reported per size: params, peak RSS, disk bytes, s/step (each step), bytes read and written
 per step, their rate over the step, and ``io_bound_s``: the time the step's bytes need at the
-measured disk bandwidth -- ``io_bound_s / step_s`` is the fraction of the disk the step used.
+measured disk bandwidth -- ``io_bound_s / step_s`` is the fraction of the disk the step used
+-- and the same for the optimizer phase alone (``opt_phase_disk_fraction``: how close the
+swapper streams to the disk where nothing but the optimizer runs). ``--stream`` measures that
+phase without a model.
 """
 
 from __future__ import annotations
@@ -23,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -32,7 +37,9 @@ import time
 SIZES = {  # billions -> (d_model, n_layers); vocab 32000, heads of 128, SwiGLU 8h/3
     0.1: (768, 12), 0.5: (1536, 16), 1: (2048, 20), 2: (2560, 24), 4: (3072, 34),
 }
-DISK_BYTES_PER_PARAM = 20
+# fp32 files per parameter: master (which is also the compute parameter), exp_avg and
+# exp_avg_sq, plus the reduced gradient unless it is stepped as it arrives (overlap)
+DISK_BYTES_PER_PARAM = {"sync": 16, "overlap": 12}
 
 
 def model_cfg(size: float, seq: int) -> dict:
@@ -95,37 +102,98 @@ def compare_aio(nvme_dir: str, nbytes: int = 2**30, reps: int = 3) -> dict:
     return {name: {"write_MBps": w, "read_MBps": r} for name, (w, r) in best.items()}
 
 
-def child(size: float, nvme_dir: str, steps: int, seq: int) -> dict:
+def stream_bandwidth(nvme_dir: str, gib: float = 2.0, ahead: int = 1, threads: int = 4) -> dict:
+    """The optimizer phase alone: ``StateSwapper.stream`` over ``gib`` GiB per key of fp32
+    pieces (master, grad, exp_avg, exp_avg_sq read; all but grad written back), with torch's
+    fused AdamW stepping each piece as ``OffloadedMaster`` does. Reported as the share of the
+    disk's time the phase kept busy at the bandwidths measured in the same run."""
+    import torch
+
+    from tetrad.offload.store import NvmeStore
+    from tetrad.offload.swapper import StateSwapper
+    from tetrad.offload.tiers import PIECE
+
+    keys = ["master", "exp_avg", "exp_avg_sq", "grad"]
+    n = max(1, int(gib * 2**30 / 4 / PIECE))
+    store = NvmeStore(nvme_dir, threads=threads)
+    swapper = StateSwapper(store, [PIECE] * n, keys, ahead=ahead)
+    fill = torch.full((PIECE,), 0.5)
+    for b in range(n):
+        for k in keys:
+            swapper.put(b, k, fill).wait()
+    swapper.flush()
+    os.sync()
+    slot = torch.zeros(PIECE)
+    opt = torch.optim.AdamW([slot], lr=1e-4, fused=True)
+    r0, w0, t = store.io.bytes_read, store.io.bytes_written, time.perf_counter()
+    for _, views in swapper.stream(range(n), keys=keys, write=keys[:3]):
+        slot.set_(views["master"])
+        slot.grad = views["grad"]
+        st = opt.state[slot]
+        if st:
+            st["exp_avg"].set_(views["exp_avg"])
+            st["exp_avg_sq"].set_(views["exp_avg_sq"])
+        opt.step()
+    swapper.flush()
+    seconds = time.perf_counter() - t
+    out = {"ahead": ahead, "threads": threads, "pieces": n, "seconds": seconds,
+           "read_bytes": store.io.bytes_read - r0, "written_bytes": store.io.bytes_written - w0}
+    store.close()
+    return out
+
+
+def _timed_optimizer_phase(engine, io, phases: list) -> None:
+    """Record (seconds, bytes read, bytes written) of every call of the engine's optimizer
+    step: in ``sync`` mode the whole offloaded step; in ``overlap`` mode only the wait for
+    the groups still being stepped when backward ends."""
+    inner = engine.grads.step
+
+    def step(*args, **kwargs):
+        r0, w0, t = io.bytes_read, io.bytes_written, time.perf_counter()
+        out = inner(*args, **kwargs)
+        phases.append((time.perf_counter() - t, io.bytes_read - r0, io.bytes_written - w0))
+        return out
+
+    engine.grads.step = step
+
+
+def child(size: float, nvme_dir: str, steps: int, seq: int, mode: str = "sync") -> dict:
     import torch
 
     from tetrad.offload.deferred import deferred_transformer
     from tetrad.trainer.engine import Engine
+    from tetrad.trainer.metrics import peak_rss_mb
 
     torch.manual_seed(0)
     model, param_init = deferred_transformer(model_cfg(size, seq), seed=0)
     n_params = sum(p.numel() for p in model.parameters())
     strategy = {"zero": 3, "micro_batch_size": 1,
-                "offload": {"optimizer": "nvme", "params": "nvme", "nvme_dir": nvme_dir}}
+                "offload": {"optimizer": "nvme", "params": "nvme", "nvme_dir": nvme_dir,
+                            "overlap_step": mode == "overlap"}}
     t0 = time.perf_counter()
     engine = Engine(model, strategy=strategy, global_batch_size=1, param_init=param_init)
     init_s = time.perf_counter() - t0
     io = engine.grads.offload.store.io
+    phases: list = []
+    _timed_optimizer_phase(engine, io, phases)
     tokens = torch.randint(0, 32000, (1, seq + 1), generator=torch.Generator().manual_seed(0))
     rows = []
     for _ in range(steps):
         r0, w0, t = io.bytes_read, io.bytes_written, time.perf_counter()
         loss = engine.train_step((tokens[:, :-1], tokens[:, 1:]))
+        opt_s, opt_r, opt_w = phases[-1]
         rows.append({"loss": loss, "step_s": time.perf_counter() - t,
-                     "read_bytes": io.bytes_read - r0, "written_bytes": io.bytes_written - w0})
+                     "read_bytes": io.bytes_read - r0, "written_bytes": io.bytes_written - w0,
+                     "opt_s": opt_s, "opt_read_bytes": opt_r, "opt_written_bytes": opt_w})
     disk = engine.grads.offload.store.disk_bytes
     engine.close()
     return {"params": n_params, "init_s": init_s, "steps": rows, "disk_bytes": disk,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def run_size(size: float, args, bw: dict) -> dict | None:
     cmd = [sys.executable, __file__, "--child", str(size), "--nvme-dir", args.nvme_dir,
-           "--steps", str(args.steps), "--seq", str(args.seq)]
+           "--steps", str(args.steps), "--seq", str(args.seq), "--mode", args.mode]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     if proc.returncode != 0:
         print(json.dumps({"size_b": size, "failed": proc.stderr.strip().splitlines()[-1:]}), flush=True)
@@ -134,12 +202,15 @@ def run_size(size: float, args, bw: dict) -> dict | None:
     last = got["steps"][-1]
     read_bw, write_bw = bw["dd_read_MBps"] * 1e6, bw["dd_write_MBps"] * 1e6
     io_bound = last["read_bytes"] / read_bw + last["written_bytes"] / write_bw
-    row = {"size_b": size, **{k: got[k] for k in ("params", "peak_rss_mb", "disk_bytes", "init_s")},
+    opt_bound = last["opt_read_bytes"] / read_bw + last["opt_written_bytes"] / write_bw
+    row = {"size_b": size, "mode": args.mode,
+           **{k: got[k] for k in ("params", "peak_rss_mb", "disk_bytes", "init_s")},
            "step_s": [round(s["step_s"], 2) for s in got["steps"]],
            "read_GB_per_step": last["read_bytes"] / 1e9, "written_GB_per_step": last["written_bytes"] / 1e9,
            "read_MBps": last["read_bytes"] / last["step_s"] / 1e6,
            "write_MBps": last["written_bytes"] / last["step_s"] / 1e6,
            "io_bound_s": io_bound, "disk_fraction": io_bound / last["step_s"],
+           "opt_phase_s": last["opt_s"], "opt_phase_disk_fraction": opt_bound / max(last["opt_s"], 1e-9),
            "losses": [s["loss"] for s in got["steps"]]}
     print(json.dumps(row), flush=True)
     return row
@@ -154,11 +225,15 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=3600)
     ap.add_argument("--io-only", action="store_true")
     ap.add_argument("--aio", action="store_true", help="compare with DeepSpeed's libaio op, then stop")
+    ap.add_argument("--mode", choices=["sync", "overlap"], default="sync",
+                    help="overlap: strategy.offload.overlap_step (buckets stepped during backward)")
+    ap.add_argument("--stream", action="store_true",
+                    help="the optimizer phase alone (StateSwapper + fused AdamW), then stop")
     ap.add_argument("--child", type=float)
     args = ap.parse_args()
     os.makedirs(args.nvme_dir, exist_ok=True)
     if args.child is not None:
-        print(json.dumps(child(args.child, args.nvme_dir, args.steps, args.seq)))
+        print(json.dumps(child(args.child, args.nvme_dir, args.steps, args.seq, args.mode)))
         return
     if args.aio:
         print(json.dumps({"aio": compare_aio(args.nvme_dir)}), flush=True)
@@ -167,9 +242,15 @@ def main() -> None:
     print(json.dumps({"disk": bw}), flush=True)
     if args.io_only:
         return
+    if args.stream:
+        for ahead in (1, 2):
+            r = stream_bandwidth(args.nvme_dir, ahead=ahead)
+            bound = r["read_bytes"] / (bw["dd_read_MBps"] * 1e6) + r["written_bytes"] / (bw["dd_write_MBps"] * 1e6)
+            print(json.dumps({"stream": r, "disk_fraction": bound / r["seconds"]}), flush=True)
+        return
     for size in [float(s) for s in args.sizes.split(",")]:
         free = shutil.disk_usage(args.nvme_dir).free
-        need = DISK_BYTES_PER_PARAM * size * 1e9 * 1.1
+        need = DISK_BYTES_PER_PARAM[args.mode] * size * 1e9 * 1.1
         if need > free:
             print(json.dumps({"size_b": size, "skipped": f"needs ~{need / 1e9:.0f} GB of disk, "
                               f"{free / 1e9:.0f} GB free"}), flush=True)

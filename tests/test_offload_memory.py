@@ -2,7 +2,7 @@
 
 A child process trains a ~151M-parameter Llama-style model (fp32 model states 16 B/param =
 2.3 GB) with ZeRO-3, parameters and optimizer state on NVMe, deferred init, for two steps;
-its peak RSS (ru_maxrss, which includes importing torch) must stay under a cap several times
+its peak RSS (VmHWM, which includes importing torch) must stay under a cap several times
 smaller than its model states. The child reports the measured numbers as one JSON line.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ def _child(nvme_dir: str) -> None:
     import tetrad.offload.tiers as tiers
     from tetrad.offload.deferred import deferred_transformer
     from tetrad.trainer.engine import Engine
+    from tetrad.trainer.metrics import peak_rss_mb
 
     torch.set_num_threads(1)
     tiers.PIECE = 2**20  # 4 MiB pieces: the optimizer's host buffers are 12 of these
@@ -41,7 +41,7 @@ def _child(nvme_dir: str) -> None:
     disk = engine.grads.offload.store.disk_bytes
     engine.close()
     print(json.dumps({"params": n_params, "losses": losses, "step_s": step_s, "disk_bytes": disk,
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "peak_rss_mb": peak_rss_mb()}))
 
 
 def test_peak_rss_stays_under_cap(tmp_path):

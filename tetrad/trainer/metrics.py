@@ -13,7 +13,20 @@ import torch
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set size (Linux reports ru_maxrss in KiB)."""
+    """This process's peak resident set size, MiB.
+
+    Linux's ``VmHWM`` (the high-water mark of this address space) where it exists: getrusage's
+    ``ru_maxrss`` survives ``exec``, so a process started by a large parent (a benchmark
+    driver, a test runner) would report the parent's peak as its own. ``ru_maxrss`` (KiB on
+    Linux) elsewhere.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
