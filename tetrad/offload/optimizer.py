@@ -187,8 +187,8 @@ class OffloadedMaster:
             return  # never let it into the state; step() reports the step as skipped
         keys = ["master"] + self.keys
         for k, views in self.tier.stream(self.by_group[gi], keys=keys, write=keys):
-            _, lo, hi = self.pieces[k]
-            self._step_bucket(k, views, grad[lo:hi], 1.0)
+            _, lo, hi = self.pieces[k]  # (to the host, on an accelerator: the tier is there)
+            self._step_bucket(k, views, grad[lo:hi].to(views["master"].device), 1.0)
             self.publish(k, views["master"])
         if self.after_group is not None:  # the master writes are submitted now
             self.after_group(gi)
