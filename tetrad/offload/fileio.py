@@ -50,6 +50,11 @@ class Transfer:
         for cb in run:
             cb(self)
 
+    @classmethod
+    def combine(cls, transfers: list["Transfer"]) -> "Transfer":
+        """One handle for several transfers (e.g. the pieces of one buffer)."""
+        return cls([f for t in transfers for f in t._futures] or [_done_future()])
+
     def add_done_callback(self, cb) -> None:
         with self._lock:
             if self._left:

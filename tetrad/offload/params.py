@@ -75,7 +75,7 @@ class ParamStore:
         # Each piece starts on a block (pieces are multiples of 4096 elements), and the view
         # runs to the buffer's end, so every read can bypass the page cache.
         parts = [swapper.read(k, "master", buf[lo * size:]) for k, lo, _ in pieces[i]]
-        return buf, Transfer([f for t in parts for f in t._futures])
+        return buf, Transfer.combine(parts)
 
     def shard(self, i: int) -> torch.Tensor:
         """Group ``i``'s shard in host memory (read now unless prefetched); prefetches ahead."""
