@@ -181,3 +181,43 @@ def test_overlap_step_refuses_clipping():
     with pytest.raises(ConfigError, match=r"run.precision='fp16'"):
         _check_offload_step(strategy, _optim(0.0), "fp16")
     _check_offload_step(strategy, _optim(0.0), "bf16")  # allowed
+
+
+def test_overlap_stream_reads_ahead_in_order_and_keeps_nan_out():
+    """OverlapStream alone, over a host tier: step 1 streams group by group as gradients
+    arrive, step 2 one stream in step 1's order (gradients arriving while it reads); a
+    group with a non-finite gradient is left as it was, the others are stepped."""
+    import torch
+
+    from tetrad.offload.host import HostState
+    from tetrad.offload.overlap import OverlapStream
+    from tetrad.offload.tiers import cut_pieces
+
+    numels = [8192, 4096, 12288]
+    pieces = cut_pieces(numels, piece=4096)
+    by_group: dict[int, list[int]] = {}
+    for k, (gi, _, _) in enumerate(pieces):
+        by_group.setdefault(gi, []).append(k)
+    tier = HostState([hi - lo for _, lo, hi in pieces], ["master"])
+    after: list[int] = []
+
+    def step_piece(k, views, grad):
+        views["master"].add_(grad)
+
+    stream = OverlapStream(pieces, by_group, tier, ["master"], step_piece, after.append)
+    order = [2, 0, 1]  # the order backward hands groups over
+    for step in range(2):
+        stream.start()
+        for gi in order:
+            grad = torch.full((numels[gi],), 1.0)
+            if step == 1 and gi == 0:
+                grad[5] = float("nan")
+            stream.arrive(gi, grad)
+        stream.finish(len(numels))
+        assert sorted(after) == [0, 1, 2] and after == order  # each group once, in order
+        after.clear()
+    stream.close()
+    master = {gi: torch.cat([tier.tensors[(k, "master")] for k in ks]) for gi, ks in by_group.items()}
+    assert torch.equal(master[0], torch.full((8192,), 1.0))  # step 2 skipped: NaN kept out
+    assert torch.equal(master[1], torch.full((4096,), 2.0))
+    assert torch.equal(master[2], torch.full((12288,), 2.0))

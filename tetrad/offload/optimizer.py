@@ -21,7 +21,8 @@ Three ways to run the step (``mode``), all with the same per-bucket arithmetic:
   global norm, known by then);
 * ``overlap`` (``strategy.offload.overlap_step``): each group is stepped on the optimizer
   thread as soon as backward has reduced its gradient, while backward goes on with the other
-  groups; the gradient never goes to the tier (no grad file, no grad I/O). Its price is that
+  groups (``tetrad.offload.overlap``: the state is read ahead in last step's order); the
+  gradient never goes to the tier (no grad file, no grad I/O). Its price is that
   a bucket is applied before the global norm exists, hence no clipping and no fp16 loss
   scale (checked before training); a bucket whose gradient is not finite is not stepped
   (the NaN never reaches the state) and the step is reported as skipped, but buckets stepped
@@ -45,6 +46,7 @@ from typing import Callable
 
 import torch
 
+from tetrad.offload.overlap import OverlapStream
 from tetrad.zero.norm import global_grad_norm, reduce_squares
 
 Publish = Callable[[int, torch.Tensor], object]
@@ -69,12 +71,14 @@ class OffloadedMaster:
                  finish_publish=None, mode: str = "sync", after_group=None):
         self.groups, self.sharded, self.dp_group, self.scaler = groups, sharded, dp_group, scaler
         self.mode, self.after_group = mode, after_group
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="tetrad-optim") if mode != "sync" else None
-        self._running: list[Future] = []  # overlap: group steps in flight; delayed: the step
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="tetrad-optim") if mode == "delayed" else None
+        self._running: list[Future] = []  # delayed: the step in flight
         self._parity = 0                  # delayed: which of the two gradient names is filled
         self.by_group: dict[int, list[int]] = {}
         for k, (gi, _, _) in enumerate(pieces):
             self.by_group.setdefault(gi, []).append(k)
+        self._overlap = OverlapStream(pieces, self.by_group, tier, ["master"] + keys, self._step_piece,
+                                      after_group) if mode == "overlap" else None
         self.pieces, self.tier, self.keys, self.spilled = pieces, tier, keys, spilled
         self.publish, self.finish_publish = publish, finish_publish
         self._builder, self._options = builder, (options[0] if options else {})
@@ -169,38 +173,32 @@ class OffloadedMaster:
     # ------------------------------------------------------------------ overlap mode
     def prepare(self, lr: float | None) -> None:
         """Overlap mode, before the synchronising backward: the step's learning rate (the
-        buckets are stepped before ``step`` is called)."""
+        buckets are stepped before ``step`` is called), and the stream starts reading."""
         self._set_lr(lr)
+        self._overlap.start()
 
     def submit_group(self, gi: int, grad: torch.Tensor) -> None:
-        """Overlap mode: group ``gi``'s reduced fp32 gradient shard is ready; step its pieces
-        on the optimizer thread. At most two groups wait, so gradients held for the thread
-        stay bounded (backward pauses for the disk instead)."""
+        """Overlap mode: group ``gi``'s reduced fp32 gradient shard is ready; the optimizer
+        thread steps its pieces (see ``tetrad.offload.overlap``)."""
         self.record_squares(gi, grad)
-        while len(self._running) >= 2:
-            self._running.pop(0).result()
-        self._running.append(self._thread.submit(self._step_group, gi, grad))
+        self._overlap.arrive(gi, grad)
 
-    @torch.no_grad()
-    def _step_group(self, gi: int, grad: torch.Tensor) -> None:
-        if not torch.isfinite(grad).all():
-            return  # never let it into the state; step() reports the step as skipped
-        keys = ["master"] + self.keys
-        for k, views in self.tier.stream(self.by_group[gi], keys=keys, write=keys):
-            _, lo, hi = self.pieces[k]  # (to the host, on an accelerator: the tier is there)
-            self._step_bucket(k, views, grad[lo:hi].to(views["master"].device), 1.0)
-            self.publish(k, views["master"])
-        if self.after_group is not None:  # the master writes are submitted now
-            self.after_group(gi)
+    def _step_piece(self, k: int, views: dict, grad: torch.Tensor) -> None:
+        # (to the host, on an accelerator: the tier is there)
+        self._step_bucket(k, views, grad.to(views["master"].device), 1.0)
+        self.publish(k, views["master"])
 
     def _finish_overlap(self, norm_groups) -> tuple[float, bool]:
-        self.settle()
+        self._overlap.finish(len(self.groups))
+        self._finish()
         norm = self._norm(norm_groups)  # from the squares recorded as groups arrived
         self.squares = [None] * len(self.groups)
         return float(norm), not bool(torch.isfinite(norm))
 
     def close(self) -> None:
         """Finish a step still running on the optimizer thread and stop the thread."""
+        if self._overlap is not None:
+            self._overlap.close()
         if self._thread is not None:
             self.settle()
             self._thread.shutdown(wait=True)
