@@ -5,6 +5,7 @@ and optimizer state in files), and how close its I/O comes to the disk.
     python bench/offload_scale.py --nvme-dir DIR --io-only      # disk bandwidth only
     python bench/offload_scale.py --nvme-dir DIR --aio          # FileIO vs DeepSpeed's libaio op
     python bench/offload_scale.py --nvme-dir DIR --stream       # the optimizer phase alone
+    python bench/offload_scale.py --nvme-dir DIR --adam         # fused AdamW vs DeepSpeedCPUAdam
     python bench/offload_scale.py --nvme-dir DIR --mode overlap # buckets stepped during backward
 
 First the disk's sequential bandwidth is measured in this run (O_DIRECT, 64 MiB requests,
@@ -157,6 +158,34 @@ def _timed_optimizer_phase(engine, io, phases: list) -> None:
     engine.grads.step = step
 
 
+def compare_adam(numel: int = 4 * 2**20, reps: int = 20) -> dict:
+    """Host AdamW on one offload piece: torch's fused CPU kernel (what tetrad uses) vs
+    DeepSpeed's ``DeepSpeedCPUAdam`` (its AVX op, built on first use), interleaved, median
+    ns per element: whether the step should take the extra dependency."""
+    import statistics
+
+    import torch
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    def timed(make) -> list[float]:
+        p = torch.nn.Parameter(torch.randn(numel))
+        p.grad = torch.randn(numel)
+        opt = make([p])
+        opt.step()  # state allocated outside the timing
+        out = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            opt.step()
+            out.append((time.perf_counter() - t) / numel * 1e9)
+        return out
+
+    runs = {"torch_fused": [], "deepspeed_cpu_adam": []}
+    for _ in range(3):
+        runs["torch_fused"] += timed(lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True))
+        runs["deepspeed_cpu_adam"] += timed(lambda ps: DeepSpeedCPUAdam(ps, lr=1e-4, adamw_mode=True))
+    return {k: {"ns_per_elem_median": statistics.median(v)} for k, v in runs.items()}
+
+
 def child(size: float, nvme_dir: str, steps: int, seq: int, mode: str = "sync") -> dict:
     import torch
 
@@ -176,6 +205,8 @@ def child(size: float, nvme_dir: str, steps: int, seq: int, mode: str = "sync") 
     io = engine.grads.offload.store.io
     phases: list = []
     _timed_optimizer_phase(engine, io, phases)
+    fwd_end: list = []  # (time, bytes read) when the forward pass returns
+    engine.model.register_forward_hook(lambda *_: fwd_end.append((time.perf_counter(), io.bytes_read)))
     tokens = torch.randint(0, 32000, (1, seq + 1), generator=torch.Generator().manual_seed(0))
     rows = []
     for _ in range(steps):
@@ -183,6 +214,7 @@ def child(size: float, nvme_dir: str, steps: int, seq: int, mode: str = "sync") 
         loss = engine.train_step((tokens[:, :-1], tokens[:, 1:]))
         opt_s, opt_r, opt_w = phases[-1]
         rows.append({"loss": loss, "step_s": time.perf_counter() - t,
+                     "fwd_s": fwd_end[-1][0] - t, "fwd_read_bytes": fwd_end[-1][1] - r0,
                      "read_bytes": io.bytes_read - r0, "written_bytes": io.bytes_written - w0,
                      "opt_s": opt_s, "opt_read_bytes": opt_r, "opt_written_bytes": opt_w})
     disk = engine.grads.offload.store.disk_bytes
@@ -210,6 +242,7 @@ def run_size(size: float, args, bw: dict) -> dict | None:
            "read_MBps": last["read_bytes"] / last["step_s"] / 1e6,
            "write_MBps": last["written_bytes"] / last["step_s"] / 1e6,
            "io_bound_s": io_bound, "disk_fraction": io_bound / last["step_s"],
+           "fwd_s": last["fwd_s"], "fwd_read_MBps": last["fwd_read_bytes"] / last["fwd_s"] / 1e6,
            "opt_phase_s": last["opt_s"], "opt_phase_disk_fraction": opt_bound / max(last["opt_s"], 1e-9),
            "losses": [s["loss"] for s in got["steps"]]}
     print(json.dumps(row), flush=True)
@@ -229,6 +262,8 @@ def main() -> None:
                     help="overlap: strategy.offload.overlap_step (buckets stepped during backward)")
     ap.add_argument("--stream", action="store_true",
                     help="the optimizer phase alone (StateSwapper + fused AdamW), then stop")
+    ap.add_argument("--adam", action="store_true",
+                    help="torch fused AdamW vs DeepSpeedCPUAdam on one piece, then stop")
     ap.add_argument("--child", type=float)
     args = ap.parse_args()
     os.makedirs(args.nvme_dir, exist_ok=True)
@@ -237,6 +272,9 @@ def main() -> None:
         return
     if args.aio:
         print(json.dumps({"aio": compare_aio(args.nvme_dir)}), flush=True)
+        return
+    if args.adam:
+        print(json.dumps({"adam": compare_adam(), "threads": os.environ.get("OMP_NUM_THREADS")}), flush=True)
         return
     bw = disk_bandwidth(args.nvme_dir)
     print(json.dumps({"disk": bw}), flush=True)
