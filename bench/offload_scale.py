@@ -35,8 +35,10 @@ import subprocess
 import sys
 import time
 
-SIZES = {  # billions -> (d_model, n_layers); vocab 32000, heads of 128, SwiGLU 8h/3
-    0.1: (768, 12), 0.5: (1536, 16), 1: (2048, 20), 2: (2560, 24), 4: (3072, 34),
+SIZES = {  # nominal billions -> (d_model, n_layers); vocab 32000, heads of 128, SwiGLU 8h/3
+    0.1: (768, 12), 0.5: (1536, 16), 0.75: (1792, 18), 0.9: (2048, 16), 1: (2048, 20),
+    1.25: (2048, 24), 1.5: (2304, 22), 2: (2560, 24), 2.5: (2560, 30), 2.75: (2816, 27),
+    3: (2816, 30), 4: (3072, 34),
 }
 # fp32 files per parameter: master (which is also the compute parameter), exp_avg and
 # exp_avg_sq, plus the reduced gradient unless it is stepped as it arrives (overlap)
@@ -189,6 +191,7 @@ def compare_adam(numel: int = 4 * 2**20, reps: int = 20) -> dict:
 def child(size: float, nvme_dir: str, steps: int, seq: int, mode: str = "sync") -> dict:
     import torch
 
+    from tetrad.config.schema import OptimizerConfig
     from tetrad.offload.deferred import deferred_transformer
     from tetrad.trainer.engine import Engine
     from tetrad.trainer.metrics import peak_rss_mb
@@ -199,8 +202,12 @@ def child(size: float, nvme_dir: str, steps: int, seq: int, mode: str = "sync") 
     strategy = {"zero": 3, "micro_batch_size": 1,
                 "offload": {"optimizer": "nvme", "params": "nvme", "nvme_dir": nvme_dir,
                             "overlap_step": mode == "overlap"}}
+    # the peers' optimizer (bench/offload_peers.py); clipping needs the sync step
+    optim = OptimizerConfig(lr=1e-4, weight_decay=0.01, warmup_steps=0, schedule="constant",
+                            grad_clip=1.0 if mode == "sync" else 0.0)
     t0 = time.perf_counter()
-    engine = Engine(model, strategy=strategy, global_batch_size=1, param_init=param_init)
+    engine = Engine(model, strategy=strategy, global_batch_size=1, param_init=param_init,
+                    optim_cfg=optim, total_steps=steps)
     init_s = time.perf_counter() - t0
     io = engine.grads.offload.store.io
     phases: list = []
