@@ -212,7 +212,7 @@ def test_overlap_stream_reads_ahead_in_order_and_keeps_nan_out():
             grad = torch.full((numels[gi],), 1.0)
             if step == 1 and gi == 0:
                 grad[5] = float("nan")
-            stream.arrive(gi, grad)
+            stream.arrive(gi, grad, finite=bool(torch.isfinite(grad).all()))
         stream.finish(len(numels))
         assert sorted(after) == [0, 1, 2] and after == order  # each group once, in order
         after.clear()

@@ -47,7 +47,7 @@ from typing import Callable
 import torch
 
 from tetrad.offload.overlap import OverlapStream
-from tetrad.zero.norm import global_grad_norm, reduce_squares
+from tetrad.zero.norm import global_grad_norm, reduce_squares, squares64
 
 Publish = Callable[[int, torch.Tensor], object]
 Piece = tuple[int, int, int]  # (flat group index, lo, hi) within the group's shard
@@ -96,7 +96,7 @@ class OffloadedMaster:
     def record_squares(self, i: int, grad: torch.Tensor) -> None:
         """The squared norm of a gradient shard as it goes to the tier (the norm must not
         need a second read of what was spilled)."""
-        self.squares[i] = torch.linalg.vector_norm(grad, dtype=torch.float64) ** 2
+        self.squares[i] = squares64(grad)
 
     def _norm(self, norm_groups) -> torch.Tensor:
         if not self.spilled:  # resident gradients: exactly MasterOptimizer's arithmetic
@@ -181,7 +181,8 @@ class OffloadedMaster:
         """Overlap mode: group ``gi``'s reduced fp32 gradient shard is ready; the optimizer
         thread steps its pieces (see ``tetrad.offload.overlap``)."""
         self.record_squares(gi, grad)
-        self._overlap.arrive(gi, grad)
+        # fp64 squares of fp32 values overflow only if an element is inf or nan
+        self._overlap.arrive(gi, grad, finite=bool(torch.isfinite(self.squares[gi])))
 
     def _step_piece(self, k: int, views: dict, grad: torch.Tensor) -> None:
         # (to the host, on an accelerator: the tier is there)

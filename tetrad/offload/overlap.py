@@ -37,6 +37,7 @@ class OverlapStream:
         self._seen: list[int] = []
         self._jobs: list[Future] = []
         self._abort = False
+        self._finite: dict[int, bool] = {}
 
     def start(self) -> None:
         """The synchronising backward begins: stream in last step's order, if known."""
@@ -44,9 +45,11 @@ class OverlapStream:
         if self._order is not None:
             self._jobs.append(self._thread.submit(self._stream, self._order))
 
-    def arrive(self, gi: int, grad: torch.Tensor) -> None:
-        """Group ``gi``'s fp32 gradient shard (kept unchanged until its pieces are stepped)."""
+    def arrive(self, gi: int, grad: torch.Tensor, finite: bool = True) -> None:
+        """Group ``gi``'s fp32 gradient shard (kept unchanged until its pieces are stepped);
+        ``finite`` False: it holds an inf or nan, so its pieces are left as they are."""
         self._seen.append(gi)
+        self._finite[gi] = finite
         if self._order is None:  # first step: one stream per group, at most 2 queued
             while len(self._jobs) >= MAX_WAITING:
                 self._jobs.pop(0).result()
@@ -108,15 +111,12 @@ class OverlapStream:
     @torch.no_grad()
     def _stream(self, order: list[int], given: dict | None = None) -> None:
         order_pieces = [k for gi in order for k in self.by_group[gi]]
-        finite: dict[int, bool] = {}
         done: list[int] = []  # groups whose last piece was stepped
         for k, views in self.tier.stream(order_pieces, keys=self.keys, write=self.keys):
             self._after(done)  # resumed: the previous piece's writes are submitted now
             gi, lo, hi = self.pieces[k]
             grad = self._take(gi, given)
-            if gi not in finite:  # a non-finite gradient never reaches the state
-                finite[gi] = bool(torch.isfinite(grad).all())
-            if finite[gi]:
+            if self._finite[gi]:  # a non-finite gradient never reaches the state
                 self.step_piece(k, views, grad[lo:hi])
             if k == self.by_group[gi][-1]:
                 self._release(gi)
