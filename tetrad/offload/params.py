@@ -135,8 +135,6 @@ class ParamStore:
     def update(self, i: int, master: torch.Tensor, lo: int = 0) -> None:
         """Store updated elements [lo, lo + len) of shard ``i`` (cast to the compute dtype),
         written behind from a buffer of the small output pool."""
-        if self.trace:  # the first optimizer step ends the traced iteration (a checkpoint
-            self.recording = False  # load before any forward leaves the trace to record)
         if self.masters is not None:  # the optimizer writes the master file: see invalidate
             return
         with self._lock:
@@ -148,6 +146,15 @@ class ParamStore:
         transfer.add_done_callback(lambda _t, b=buf: self.out.release(b))
         with self._lock:
             self.writes.setdefault(i, []).append(transfer)
+
+    def end_trace(self) -> None:
+        """The first optimizer step is over: forward and backward are traced. Called on the
+        main thread after the step, not from ``update`` (an overlapped step updates groups
+        during the first backward, which would cut the trace short). A checkpoint load before
+        any forward leaves the trace empty, still to be recorded."""
+        with self._lock:
+            if self.trace:
+                self.recording = False
 
     def invalidate(self, i: int) -> None:
         """Shared files: group ``i``'s master writes are submitted, so a prefetch started

@@ -210,6 +210,7 @@ class Offload:
         if self.params is not None:
             for i in range(len(self.dp.groups)):
                 self.params.invalidate(i)
+            self.params.end_trace()
 
     # ------------------------------------------------------------------ gradients
     def attach(self, dp) -> None:
