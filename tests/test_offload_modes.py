@@ -190,14 +190,12 @@ def test_overlap_stream_reads_ahead_in_order_and_keeps_nan_out():
     import torch
 
     from tetrad.offload.host import HostState
-    from tetrad.offload.overlap import OverlapStream
+    from tetrad.offload.overlap import OverlapStream, pieces_by_group
     from tetrad.offload.tiers import cut_pieces
 
     numels = [8192, 4096, 12288]
     pieces = cut_pieces(numels, piece=4096)
-    by_group: dict[int, list[int]] = {}
-    for k, (gi, _, _) in enumerate(pieces):
-        by_group.setdefault(gi, []).append(k)
+    by_group = pieces_by_group(pieces)
     tier = HostState([hi - lo for _, lo, hi in pieces], ["master"])
     after: list[int] = []
 

@@ -46,7 +46,7 @@ from typing import Callable
 
 import torch
 
-from tetrad.offload.overlap import OverlapStream
+from tetrad.offload.overlap import OverlapStream, pieces_by_group
 from tetrad.zero.norm import global_grad_norm, reduce_squares, squares64
 
 Publish = Callable[[int, torch.Tensor], object]
@@ -74,9 +74,7 @@ class OffloadedMaster:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="tetrad-optim") if mode == "delayed" else None
         self._running: list[Future] = []  # delayed: the step in flight
         self._parity = 0                  # delayed: which of the two gradient names is filled
-        self.by_group: dict[int, list[int]] = {}
-        for k, (gi, _, _) in enumerate(pieces):
-            self.by_group.setdefault(gi, []).append(k)
+        self.by_group = pieces_by_group(pieces)
         self._overlap = OverlapStream(pieces, self.by_group, tier, ["master"] + keys, self._step_piece,
                                       after_group) if mode == "overlap" else None
         self.pieces, self.tier, self.keys, self.spilled = pieces, tier, keys, spilled
@@ -281,8 +279,7 @@ class OffloadedMaster:
         self._set_step(float(step))
         for k, (gi, lo, hi) in enumerate(self.pieces):
             self.publish(k, host["master"][gi][lo:hi])
-        if self.finish_publish is not None:
-            self.finish_publish()
+        self._finish()
 
     def ensure_state(self) -> None:
         """Nothing to build: ``load_state_pieces`` creates the slots' state (see ``_set_step``)."""

@@ -24,6 +24,14 @@ import torch
 MAX_WAITING = 2  # gradients handed over but not yet consumed before backward pauses
 
 
+def pieces_by_group(pieces: list[tuple[int, int, int]]) -> dict[int, list[int]]:
+    """{group: [indices of its pieces, in order]} for (group, lo, hi) pieces."""
+    out: dict[int, list[int]] = {}
+    for k, (gi, _, _) in enumerate(pieces):
+        out.setdefault(gi, []).append(k)
+    return out
+
+
 class OverlapStream:
     def __init__(self, pieces, by_group: dict[int, list[int]], tier, keys: list[str],
                  step_piece: Callable, after_group: Callable | None):

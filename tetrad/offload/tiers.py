@@ -20,6 +20,7 @@ import torch
 from tetrad.config.errors import ConfigError
 from tetrad.offload.host import HostState
 from tetrad.offload.optimizer import OffloadedMaster, state_keys
+from tetrad.offload.overlap import pieces_by_group
 from tetrad.offload.params import ParamStore
 from tetrad.offload.pool import BufferPool, typed
 from tetrad.offload.store import NvmeStore
@@ -119,9 +120,7 @@ class Offload:
             g.extra["offload_id"] = i
         numels = [g.shard_size for g in groups]
         self.pieces = cut_pieces(numels)
-        self.by_group: dict[int, list[int]] = {}
-        for k, (i, _, _) in enumerate(self.pieces):
-            self.by_group.setdefault(i, []).append(k)
+        self.by_group = pieces_by_group(self.pieces)
         self.spilled = self.stage >= 2
         self.keys = state_keys(builder, options)
         grads = {"sync": ["grad"], "delayed": ["grad", "grad1"], "overlap": []}[self.mode]
