@@ -64,8 +64,12 @@ def write_rank(tmp: Path, rank: int, step: int, run_id: str, pieces: list[Piece]
     stats = write_safetensors(tmp / f"{stem}.safetensors", tensors, step)
     write_json(tmp / f"{stem}.index.json", {"rank": rank, "step": step, "run_id": run_id,
                                             "file": stem + ".safetensors", **stats, "pieces": index})
-    write_json(tmp / f"{stem}.done", {"rank": rank, "step": step, "run_id": run_id})
+    # The directory is synced *before* the done marker: once the marker exists rank 0 may
+    # commit (rename ``tmp``) at any moment, and a sync after it failed with ENOENT when it
+    # did. The marker's own entry is made durable by rank 0, which syncs ``tmp`` before the
+    # rename.
     fsync_dir(tmp)
+    write_json(tmp / f"{stem}.done", {"rank": rank, "step": step, "run_id": run_id})
 
 
 def wait_for_ranks(tmp: Path, world: int, run_id: str, timeout: float) -> list[dict]:
