@@ -42,7 +42,7 @@ def _disk_bandwidth(root: Path, mb: int = 256) -> float:
 def _build(args):
     from tetrad.config.schema import OptimizerConfig
     from tetrad.models import ModelArgs, Transformer
-    from tetrad.trainer.engine import Engine
+    from tetrad.engine import Engine
 
     model = Transformer(ModelArgs(arch="llama", d_model=args.d_model, n_layers=args.layers, n_heads=12,
                                   vocab_size=256, seq_len=args.seq), seed=0)
@@ -57,10 +57,9 @@ def _batch(args):
 
 def _state_bytes(engine) -> int:
     """Bytes of the training state one checkpoint holds (what tetrad writes)."""
-    from tetrad.checkpoint.engine_state import engine_state_pieces
     from tetrad.checkpoint.writer import total_bytes
 
-    pieces = engine.state_pieces() if hasattr(engine, "state_pieces") else engine_state_pieces(engine)
+    pieces = engine.state_pieces()
     return total_bytes([p for p in pieces if p.write])
 
 
@@ -80,10 +79,9 @@ def _loop(engine, args, save=None, finish=None) -> tuple[float, list[float]]:
 
 
 def _tetrad(engine, root: Path, async_save: bool):
-    from tetrad.checkpoint.engine_state import engine_state_pieces
     from tetrad.checkpoint.manager import CheckpointManager
 
-    pieces_of = getattr(engine, "state_pieces", None) or (lambda: engine_state_pieces(engine))
+    pieces_of = engine.state_pieces
 
     mgr = CheckpointManager(root, async_save=async_save, keep=1, run_id="bench")
     hook = engine.optimizer.register_step_pre_hook(lambda *_: mgr.wait_for_snapshot())

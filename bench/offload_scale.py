@@ -114,7 +114,7 @@ def stream_bandwidth(nvme_dir: str, gib: float = 2.0, ahead: int = 1, threads: i
 
     from tetrad.offload.store import NvmeStore
     from tetrad.offload.swapper import StateSwapper
-    from tetrad.offload.tiers import PIECE
+    from tetrad.offload.tier import PIECE
 
     keys = ["master", "exp_avg", "exp_avg_sq", "grad"]
     n = max(1, int(gib * 2**30 / 4 / PIECE))
@@ -149,7 +149,7 @@ def _timed_optimizer_phase(engine, io, phases: list) -> None:
     """Record (seconds, bytes read, bytes written) of every call of the engine's optimizer
     step: in ``sync`` mode the whole offloaded step; in ``overlap`` mode only the wait for
     the groups still being stepped when backward ends."""
-    inner = engine.grads.step
+    inner = engine.data_parallel.step
 
     def step(*args, **kwargs):
         r0, w0, t = io.bytes_read, io.bytes_written, time.perf_counter()
@@ -157,7 +157,7 @@ def _timed_optimizer_phase(engine, io, phases: list) -> None:
         phases.append((time.perf_counter() - t, io.bytes_read - r0, io.bytes_written - w0))
         return out
 
-    engine.grads.step = step
+    engine.data_parallel.step = step
 
 
 def compare_adam(numel: int = 4 * 2**20, reps: int = 20) -> dict:
@@ -193,7 +193,7 @@ def child(size: float, nvme_dir: str, steps: int, seq: int, mode: str = "sync") 
 
     from tetrad.config.schema import OptimizerConfig
     from tetrad.offload.deferred import deferred_transformer
-    from tetrad.trainer.engine import Engine
+    from tetrad.engine import Engine
     from tetrad.trainer.metrics import peak_rss_mb
 
     torch.manual_seed(0)
@@ -201,7 +201,7 @@ def child(size: float, nvme_dir: str, steps: int, seq: int, mode: str = "sync") 
     n_params = sum(p.numel() for p in model.parameters())
     strategy = {"zero": 3, "micro_batch_size": 1,
                 "offload": {"optimizer": "nvme", "params": "nvme", "nvme_dir": nvme_dir,
-                            "overlap_step": mode == "overlap"}}
+                            "step": mode}}
     # the peers' optimizer (bench/offload_peers.py); clipping needs the sync step
     optim = OptimizerConfig(lr=1e-4, weight_decay=0.01, warmup_steps=0, schedule="constant",
                             grad_clip=1.0 if mode == "sync" else 0.0)
@@ -209,7 +209,7 @@ def child(size: float, nvme_dir: str, steps: int, seq: int, mode: str = "sync") 
     engine = Engine(model, strategy=strategy, global_batch_size=1, param_init=param_init,
                     optim_cfg=optim, total_steps=steps)
     init_s = time.perf_counter() - t0
-    io = engine.grads.offload.store.io
+    io = engine.tier.store.io
     phases: list = []
     _timed_optimizer_phase(engine, io, phases)
     fwd_end: list = []  # (time, bytes read) when the forward pass returns
@@ -224,7 +224,7 @@ def child(size: float, nvme_dir: str, steps: int, seq: int, mode: str = "sync") 
                      "fwd_s": fwd_end[-1][0] - t, "fwd_read_bytes": fwd_end[-1][1] - r0,
                      "read_bytes": io.bytes_read - r0, "written_bytes": io.bytes_written - w0,
                      "opt_s": opt_s, "opt_read_bytes": opt_r, "opt_written_bytes": opt_w})
-    disk = engine.grads.offload.store.disk_bytes
+    disk = engine.tier.store.disk_bytes
     engine.close()
     return {"params": n_params, "init_s": init_s, "steps": rows, "disk_bytes": disk,
             "peak_rss_mb": peak_rss_mb()}
@@ -266,7 +266,7 @@ def main() -> None:
     ap.add_argument("--io-only", action="store_true")
     ap.add_argument("--aio", action="store_true", help="compare with DeepSpeed's libaio op, then stop")
     ap.add_argument("--mode", choices=["sync", "overlap"], default="sync",
-                    help="overlap: strategy.offload.overlap_step (buckets stepped during backward)")
+                    help="overlap: strategy.offload.step overlap (buckets stepped during backward)")
     ap.add_argument("--stream", action="store_true",
                     help="the optimizer phase alone (StateSwapper + fused AdamW), then stop")
     ap.add_argument("--adam", action="store_true",

@@ -3,7 +3,7 @@
     python bench/recompute.py [--reps 5] [--layers 2] [--shapes 128,2,64,4 256,1,128,8]
 
 One JSON line per (arch, dropout, shape, policy): `measured_bytes` (what one block's autograd
-graph keeps alive, tetrad.recompute.measure), `paper_bytes` (the paper's formula scaled to fp32),
+graph keeps alive, tetrad.recompute.measure), `activation_bytes` (tetrad.models.counts: the paper's formula scaled to fp32),
 and `time_ratio` = forward+backward time of a stack of `--layers` blocks under the policy over
 the same under `none` (minimum of `--reps` interleaved runs, measured in this run), beside
 `flop_ratio`, the ratio the paper's FLOP count predicts (backward = 2 forwards).
@@ -24,7 +24,8 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from tetrad.models.args import ModelArgs
 from tetrad.models.transformer import Block
-from tetrad.recompute import apply_block_policy, attention_core_share, paper_bytes
+from tetrad.models.counts import activation_bytes
+from tetrad.recompute import apply_block_policy, attention_core_share
 from tetrad.recompute.measure import graph_bytes, measure_layer_activation_bytes
 
 _ATEN = torch.ops.aten
@@ -97,7 +98,7 @@ def run_shape(arch: str, dropout: float, shape: tuple[int, ...], reps: int, laye
     share = attention_core_share(s, h)
     flop = {"none": 1.0, "full": 4 / 3, "selective": 1 + share / 3, "selective_sac": 1 + share / 3}
     for policy, measured in mem.items():
-        formula = paper_bytes(s, b, h, a, policy.replace("_sac", ""), 4)
+        formula = activation_bytes(s, b, h, a, policy=policy.replace("_sac", ""), bytes_per_element=4)
         yield {"bench": "recompute", "arch": arch, "dropout": dropout, "s": s, "b": b, "h": h,
                "a": a, "policy": policy, "measured_bytes": measured, "paper_bytes": int(formula),
                "measured_over_paper": round(measured / formula, 3),

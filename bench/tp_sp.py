@@ -7,7 +7,7 @@ Prints one JSON line per layout (rank 0). tetrad layouts run ``Engine.train_step
 backward, optimizer step); the DTensor peer runs the same model under
 ``parallelize_module`` with ColwiseParallel / RowwiseParallel (+ SequenceParallel for the
 norms) and a plain fwd / bwd / AdamW step. Gradient clipping is off for both. Activation
-memory is the bytes autograd saves for one block's forward (``saved_activation_bytes``), with
+memory is the bytes one block's autograd graph keeps alive (``tetrad.recompute.measure.graph_bytes``), with
 Korthikanti et al.'s formula beside it (fp32 = 2x the 16-bit bytes, no s x s term: the CPU
 attention kernel saves none at dropout 0).
 """
@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from tetrad.config import load_strategy
 from tetrad.config.schema import OptimizerConfig
 from tetrad.models import ModelArgs, Transformer
-from tetrad.parallel.activations import korthikanti_bytes, saved_activation_bytes
-from tetrad.trainer.engine import Engine
+from tetrad.models.counts import activation_bytes
+from tetrad.recompute.measure import graph_bytes
+from tetrad.engine import Engine
 
 LAYOUTS = [{"dp": 4}, {"tp": 4}, {"tp": 4, "megatron_sp": True}, {"tp": 2}, {"tp": 2, "megatron_sp": True},
            {"sp": 4}, {"tp": 2, "sp": 2, "megatron_sp": True}]
@@ -64,12 +65,12 @@ def run_tetrad(a, strategy: dict) -> dict:
     s = load_strategy({**strategy, "micro_batch_size": a.batch // dp})  # one micro-batch per step
     engine = Engine(Transformer(model_args(a), seed=0), strategy=s, optim_cfg=OptimizerConfig(grad_clip=0.0),
                     global_batch_size=a.batch, total_steps=100)
-    ids, labels = batch(a, a.batch // engine.dims.dp)
+    ids, labels = batch(a, a.batch // engine.layout.dp)
     seconds = timed(lambda: engine.train_step((ids, labels)), a.steps)
     x = block_input(a, a.batch // dp, s.tp, s.sp, s.megatron_sp)
-    mem = saved_activation_bytes(engine.model.layers[0], x)
-    formula = 2 * korthikanti_bytes(a.seq_len // s.sp, a.batch // dp, a.d_model, 8, s.tp,
-                                    s.megatron_sp, attention_core=False)
+    mem = graph_bytes(engine.model.layers[0], x)
+    formula = 2 * activation_bytes(a.seq_len // s.sp, a.batch // dp, a.d_model, 8, t=s.tp,
+                                   policy="selective", megatron_sp=s.megatron_sp)
     return {"impl": "tetrad", "layout": strategy, "seconds": seconds, "activation_bytes": mem,
             "formula_bytes": formula}
 
@@ -116,11 +117,11 @@ def run_dtensor(a, sequence: bool) -> dict:
         opt.zero_grad()
 
     seconds = timed(step, a.steps)
-    mem = saved_activation_bytes(model.layers[0], block_input(a, a.batch, 4, 1, sequence))
+    mem = graph_bytes(model.layers[0], block_input(a, a.batch, 4, 1, sequence))
     return {"impl": "dtensor", "layout": {"tp": 4, "megatron_sp": sequence}, "seconds": seconds,
             "activation_bytes": mem,
-            "formula_bytes": 2 * korthikanti_bytes(a.seq_len, a.batch, a.d_model, 8, 4, sequence,
-                                                   attention_core=False)}
+            "formula_bytes": 2 * activation_bytes(a.seq_len, a.batch, a.d_model, 8, t=4,
+                                                  policy="selective", megatron_sp=sequence)}
 
 
 def main() -> None:

@@ -84,7 +84,7 @@ def _build(name: str, world: int):
 
 def _tetrad(model, stage: int, world: int):
     from tetrad.config.schema import OptimizerConfig
-    from tetrad.trainer.engine import Engine
+    from tetrad.engine import Engine
 
     engine = Engine(model, strategy={"zero": stage, "micro_batch_size": MBS}, precision="bf16",
                     global_batch_size=MBS * world,

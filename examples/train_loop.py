@@ -27,7 +27,7 @@ dataset = TokenDataset(builtin_tokens(200_000, seed=0), seq_len=64)
 sampler = GlobalBatchSampler(len(dataset), GLOBAL_BATCH, seed=0)
 for step in range(STEPS):
     # This rank's share of the global batch, fed micro-batch by micro-batch.
-    local = shard_indices(sampler.next_indices(), engine.dp_rank, engine.dims.dp)
+    local = shard_indices(sampler.next_indices(), engine.dp_rank, engine.layout.dp)
     inputs, labels = dataset.get_batch(local)
     for x, y in zip(inputs.split(MICRO_BATCH), labels.split(MICRO_BATCH)):
         loss = cross_entropy(engine(x), y)

@@ -43,7 +43,7 @@ def runs(tmp_path_factory):
 
     z2 = {"zero": 2, "offload": off("nvme")}
     z3 = {"zero": 3, "offload": off("nvme", "nvme")}
-    dpu = {"zero": 2, "offload": {**off("cpu"), "delayed_update": True}}
+    dpu = {"zero": 2, "offload": {**off("cpu"), "step": "delayed"}}
     ck = {k: f"{root / k}/checkpoints/step_00000005" for k in ("z2", "z3", "z1", "dpu")}
     jobs = {
         "z2": {"out": str(root / "z2"), "strategy": z2},
@@ -77,7 +77,7 @@ def test_offloaded_resume_is_bitwise(runs):
 
 
 def test_delayed_update_resume_is_bitwise(runs):
-    """delayed_update: a save settles the step in flight (the checkpoint holds its update and
+    """step delayed: a save settles the step in flight (the checkpoint holds its update and
     the parameters follow it), so the resumed run continues the uninterrupted one bitwise."""
     _same_curve(runs["dpu->dpu"], runs["dpu"], exact=True)
     assert runs["dpu"] != runs["z2"]  # the delay really changed the curve

@@ -104,12 +104,12 @@ def test_real_ranks_save_load_into_other_split(tmp_path):
     assert torch.equal(rep.tensor, torch.full((3,), 2.0))
 
 
-def test_fallback_engine_state_round_trip(tmp_path):
-    """engine_state_pieces / load_engine_state (for engines without state_pieces) restore a
+def test_plain_loop_state_round_trip(tmp_path):
+    """plain_state_pieces / load_plain_state (a loop without tetrad's Engine) restore a
     torch AdamW exactly: the next step from the loaded state equals the next step from the live one."""
     from types import SimpleNamespace
 
-    from tetrad.checkpoint.engine_state import engine_state_pieces, load_engine_state
+    from tetrad.checkpoint.plain import load_plain_state, plain_state_pieces
     from tetrad.checkpoint.manager import CheckpointManager
     from tetrad.checkpoint.reader import CheckpointReader
 
@@ -127,8 +127,8 @@ def test_fallback_engine_state_round_trip(tmp_path):
 
     live, fresh = make(), make()
     train(live, 3)
-    CheckpointManager(tmp_path, async_save=False).save(3, engine_state_pieces(live))
-    load_engine_state(fresh, CheckpointReader(tmp_path / "step_00000003"))
+    CheckpointManager(tmp_path, async_save=False).save(3, plain_state_pieces(live))
+    load_plain_state(fresh, CheckpointReader(tmp_path / "step_00000003"))
     assert fresh.step_count == 3
     train(live, 1)
     train(fresh, 1)

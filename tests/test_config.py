@@ -63,7 +63,7 @@ def test_full_yaml_round_trip(tmp_path):
 def test_overrides_convert_types():
     cfg = load_config({}, [
         "run.steps=50", "optimizer.lr=1e-3", "optimizer.weight_decay=0", "logging.progress=false",
-        "strategy.offload.optimizer=cpu", "optimizer.betas=[0.8, 0.9]", "strategy.dp=4", "checkpoint.async=no",
+        "strategy.offload.optimizer=cpu", "strategy.zero=1", "optimizer.betas=[0.8, 0.9]", "strategy.dp=4", "checkpoint.async=no",
     ])
     assert cfg.run.steps == 50 and cfg.optimizer.lr == 1e-3
     assert cfg.optimizer.weight_decay == 0.0 and isinstance(cfg.optimizer.weight_decay, float)

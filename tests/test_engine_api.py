@@ -37,7 +37,7 @@ def _loop(rank, world, api: str):
                                 global_batch_size=8)
     losses = []
     for inputs, labels in _batches():
-        local = shard_indices(np.arange(8), engine.dp_rank, engine.dims.dp)
+        local = shard_indices(np.arange(8), engine.dp_rank, engine.layout.dp)
         x, y = inputs[local], labels[local]
         if api == "train_step":
             losses.append(engine.train_step((x, y)))

@@ -22,13 +22,13 @@ MODEL = {"arch": "llama", "vocab_size": 256, "d_model": 512, "n_layers": 48, "n_
 def _child(nvme_dir: str) -> None:
     import torch
 
-    import tetrad.offload.tiers as tiers
+    import tetrad.offload.tier as tier
     from tetrad.offload.deferred import deferred_transformer
-    from tetrad.trainer.engine import Engine
+    from tetrad.engine import Engine
     from tetrad.trainer.metrics import peak_rss_mb
 
     torch.set_num_threads(1)
-    tiers.PIECE = 2**20  # 4 MiB pieces: the optimizer's host buffers are 12 of these
+    tier.PIECE = 2**20  # 4 MiB pieces: the optimizer's host buffers are 12 of these
     model, param_init = deferred_transformer(MODEL, seed=0)
     n_params = sum(p.numel() for p in model.parameters())
     strategy = {"zero": 3, "micro_batch_size": 1,
@@ -38,7 +38,7 @@ def _child(nvme_dir: str) -> None:
     start = time.perf_counter()
     losses = [engine.train_step((tokens[:, :-1], tokens[:, 1:])) for _ in range(2)]
     step_s = (time.perf_counter() - start) / 2
-    disk = engine.grads.offload.store.disk_bytes
+    disk = engine.tier.store.disk_bytes
     engine.close()
     print(json.dumps({"params": n_params, "losses": losses, "step_s": step_s, "disk_bytes": disk,
                       "peak_rss_mb": peak_rss_mb()}))

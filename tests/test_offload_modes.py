@@ -1,8 +1,8 @@
 """The two ways an offloaded step can leave the critical path, checked against exact references.
 
-* ``overlap_step`` (buckets stepped during backward, clipping off) must reproduce the resident
+* ``step: overlap`` (buckets stepped during backward, clipping off) must reproduce the resident
   run of the same layout: fp32 losses and grad norms to rtol 1e-6.
-* ``delayed_update`` (ZeRO-Offload's DPU) must reproduce a plain-torch loop with the same
+* ``step: delayed`` (ZeRO-Offload's DPU) must reproduce a plain-torch loop with the same
   one-step delay: at step t the forward uses the masters of step t-2, i.e.
   ``loss_t = f(M_{t-2}; batch_t)`` and ``M_t = AdamW(M_{t-1}, clip(grad_t))``. The same loop
   without the delay differs from it by far more than the tolerance, so the check has teeth.
@@ -49,14 +49,14 @@ def _optim(clip: float):
 
 def _train(world: int, rank: int, zero: int, offload: dict, clip: float) -> dict:
     from tetrad.models import build_model
-    from tetrad.trainer.engine import Engine
+    from tetrad.engine import Engine
 
     share = BATCH // world
     engine = Engine(build_model(MODEL, seed=SEED), strategy={"zero": zero, "micro_batch_size": share,
                                                               "offload": offload},
                     optim_cfg=_optim(clip), global_batch_size=BATCH, total_steps=STEPS)
-    off = engine.grads.offload
-    files = sorted(off.store.entries) if off is not None and off.store is not None else []
+    tier = engine.tier
+    files = sorted(tier.store.entries) if tier is not None and tier.store is not None else []
     losses, norms = [], []
     for x, y in _batches():
         losses.append(engine.train_step((x[rank * share:(rank + 1) * share],
@@ -70,10 +70,10 @@ def _all_modes(rank: int, world: int, nvme: str) -> dict:
     os.makedirs(nvme, exist_ok=True)
     out = {f"ref_z{z}": _train(world, rank, z, {}, 0.0) for z in (2, 3)}
     for name, (zero, opt, params) in OVERLAP.items():
-        off = {"optimizer": opt, "params": params, "nvme_dir": nvme, "overlap_step": True}
+        off = {"optimizer": opt, "params": params, "nvme_dir": nvme, "step": "overlap"}
         out[f"overlap_{name}"] = _train(world, rank, zero, off, 0.0)
     for name, (zero, opt, params) in DELAYED.items():
-        off = {"optimizer": opt, "params": params, "nvme_dir": nvme, "delayed_update": True}
+        off = {"optimizer": opt, "params": params, "nvme_dir": nvme, "step": "delayed"}
         out[f"delayed_{name}"] = _train(world, rank, zero, off, 0.5)
     return out
 
@@ -85,7 +85,7 @@ def _reference(delay: bool, clip: float = 0.5) -> list[float]:
 
     from tetrad.models import build_model
     from tetrad.models.loss import cross_entropy
-    from tetrad.trainer.optim import build_adamw, lr_at, param_groups
+    from tetrad.zero.optim import build_adamw, lr_at, param_groups
 
     cfg = _optim(clip)
     model, master = build_model(MODEL, seed=SEED), build_model(MODEL, seed=SEED)
@@ -157,30 +157,45 @@ def test_delayed_update_alternates_two_gradient_files(runs):
 
 
 def test_mode_combinations_fail_before_training(tmp_path):
-    from tetrad.config import ConfigError
-    from tetrad.config.schema import OffloadConfig
-    from tetrad.offload.tiers import Offload
+    from tetrad.config import ConfigError, load_strategy
 
-    bad = [({"optimizer": "cpu", "overlap_step": True}, 1, r"overlap_step=true needs strategy.zero 2 or 3"),
-           ({"optimizer": "cpu", "overlap_step": True, "delayed_update": True}, 2, "choose one"),
-           ({"optimizer": "nvme", "params": "nvme", "nvme_dir": str(tmp_path), "delayed_update": True},
-            3, r"delayed_update=true needs strategy.offload.params none or cpu"),
-           ({"delayed_update": True}, 2, r"needs strategy.offload.optimizer cpu or nvme")]
+    bad = [({"optimizer": "cpu", "step": "overlap"}, 1, r"step='overlap' needs strategy.zero 2 or 3"),
+           ({"optimizer": "nvme", "params": "nvme", "nvme_dir": str(tmp_path), "step": "delayed"},
+            3, r"step='delayed' needs strategy.offload.params none or cpu"),
+           ({"step": "delayed"}, 2, r"needs strategy.offload.optimizer cpu or nvme"),
+           ({"optimizer": "cpu", "step": "overlap"}, 2, None)]
     for cfg, stage, match in bad:
+        strategy = {"zero": stage, "offload": cfg}
+        if match is None:
+            assert load_strategy(strategy).offload.step == "overlap"  # valid: the rules can pass
+            continue
         with pytest.raises(ConfigError, match=match):
-            Offload.build(OffloadConfig(**cfg), stage, None)
+            load_strategy(strategy)
+
+
+@pytest.mark.parametrize("old,value,new", [("overlap_step", True, "overlap"),
+                                           ("delayed_update", True, "delayed"),
+                                           ("overlap_step", False, "sync")])
+def test_replaced_mode_keys_name_the_new_key(old, value, new):
+    from tetrad.config import ConfigError, load_config, load_strategy
+
+    want = rf"strategy\.offload\.{old}=.*replaced by strategy\.offload\.step; write step: '{new}'"
+    with pytest.raises(ConfigError, match=want):
+        load_strategy({"zero": 2, "offload": {"optimizer": "cpu", old: value}})
+    with pytest.raises(ConfigError, match=want):
+        load_config({}, [f"strategy.offload.{old}={str(value).lower()}"])
 
 
 def test_overlap_step_refuses_clipping():
-    from tetrad.config import ConfigError, load_strategy
-    from tetrad.trainer.engine import _check_offload_step
+    from tetrad.config import load_strategy
+    from tetrad.config.validate import problems
 
-    strategy = load_strategy({"zero": 2, "offload": {"optimizer": "cpu", "overlap_step": True}})
-    with pytest.raises(ConfigError, match=r"optimizer.grad_clip=1.0"):
-        _check_offload_step(strategy, _optim(1.0), "fp32")
-    with pytest.raises(ConfigError, match=r"run.precision='fp16'"):
-        _check_offload_step(strategy, _optim(0.0), "fp16")
-    _check_offload_step(strategy, _optim(0.0), "bf16")  # allowed
+    strategy = load_strategy({"zero": 2, "offload": {"optimizer": "cpu", "step": "overlap"}})
+    clip = problems(strategy, precision="fp32", grad_clip=1.0)
+    assert [p.rule for p in clip] == ["offload.overlap_clip"] and "optimizer.grad_clip=1.0" in clip[0]
+    fp16 = problems(strategy, precision="fp16", grad_clip=0.0)
+    assert [p.rule for p in fp16] == ["offload.overlap_fp16"] and "run.precision='fp16'" in fp16[0]
+    assert problems(strategy, precision="bf16", grad_clip=0.0) == []  # allowed
 
 
 def test_overlap_stream_reads_ahead_in_order_and_keeps_nan_out():
@@ -190,8 +205,9 @@ def test_overlap_stream_reads_ahead_in_order_and_keeps_nan_out():
     import torch
 
     from tetrad.offload.host import HostState
-    from tetrad.offload.overlap import OverlapStream, pieces_by_group
-    from tetrad.offload.tiers import cut_pieces
+    from tetrad.offload.kernel import pieces_by_group
+    from tetrad.offload.overlap import OverlapStream
+    from tetrad.offload.tier import cut_pieces
 
     numels = [8192, 4096, 12288]
     pieces = cut_pieces(numels, piece=4096)

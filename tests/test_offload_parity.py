@@ -73,13 +73,11 @@ def test_files_removed_after_each_run(runs, world):
 
 
 def test_bad_combinations_fail_before_training(tmp_path):
-    from tetrad.config import ConfigError
-    from tetrad.offload.tiers import Offload
-    from tetrad.config.schema import OffloadConfig
+    from tetrad.config import ConfigError, load_strategy
 
     with pytest.raises(ConfigError, match=r"offload.params='nvme' needs strategy.zero=3"):
-        Offload.build(OffloadConfig(optimizer="nvme", params="nvme", nvme_dir=str(tmp_path)), 2, None)
+        load_strategy({"zero": 2, "offload": {"optimizer": "nvme", "params": "nvme", "nvme_dir": str(tmp_path)}})
     with pytest.raises(ConfigError, match=r"offload.optimizer='cpu' needs strategy.zero 1, 2 or 3"):
-        Offload.build(OffloadConfig(optimizer="cpu"), 0, None)
+        load_strategy({"zero": 0, "offload": {"optimizer": "cpu"}})
     with pytest.raises(ConfigError, match=r"nvme_dir=None"):
-        Offload.build(OffloadConfig(optimizer="nvme"), 2, None)
+        load_strategy({"zero": 2, "offload": {"optimizer": "nvme"}})

@@ -23,7 +23,7 @@ MBS, M = 1, 4  # micro-batch size, micro-batches per step
 def _engine(strategy: dict, device=None):
     from tetrad.config.schema import OptimizerConfig
     from tetrad.models import build_model
-    from tetrad.trainer.engine import Engine
+    from tetrad.engine import Engine
 
     model = build_model(MODEL, seed=5, device=device)
     return Engine(model, strategy={"micro_batch_size": MBS, "pipeline_schedule": "1f1b", **strategy},

@@ -24,12 +24,12 @@ def tiny_config(output_dir: str, **strategy) -> dict:
     return config
 
 
-def _fit_all(rank: int, world: int, out: str, layouts: list[dict]) -> list[list[float]]:
+def _fit_all(rank: int, world: int, out: str, layouts: list[dict], trace: str | None = None) -> list[list[float]]:
     from tetrad.trainer.trainer import Trainer
 
     curves = []
     for i, strategy in enumerate(layouts):
-        records = Trainer(tiny_config(f"{out}/{i}", **strategy)).fit()
+        records = Trainer(tiny_config(f"{out}/{i}", **strategy), trace=trace).fit()
         curves.append([r["loss"] for r in records])
     return curves
 
@@ -52,9 +52,8 @@ def test_pp4_and_pp2_dp2_every_schedule(reference, tmp_path):
                for s, v in SCHEDULES]
     layouts += [{"pp": 2, "micro_batch_size": 1, "pipeline_schedule": s, "virtual_stages": v}
                 for s, v in SCHEDULES]
-    trace = tmp_path / "trace" / "pp.json"  # TETRAD_TRACE: the engine writes one file per rank
-    _check(reference, layouts, run_distributed(_fit_all, 4, str(tmp_path), layouts, timeout=240,
-                                               env={"TETRAD_TRACE": str(trace)}))
+    trace = tmp_path / "trace" / "pp.json"  # the engine writes one file per rank
+    _check(reference, layouts, run_distributed(_fit_all, 4, str(tmp_path), layouts, str(trace), timeout=240))
     for rank in range(4):  # the last layout (pp=2 x dp=2, zero_bubble) wrote last
         events = json.loads((trace.parent / f"pp.rank{rank}.json").read_text())["traceEvents"]
         assert {e["name"][0] for e in events if e.get("cat") in ("forward", "backward", "weight-grad")} == {"F", "B", "W"}

@@ -7,7 +7,8 @@ import torch
 
 from tetrad.models.args import ModelArgs
 from tetrad.models.transformer import Block
-from tetrad.recompute import measure_layer_activation_bytes, paper_bytes
+from tetrad.models.counts import activation_bytes
+from tetrad.recompute import measure_layer_activation_bytes
 
 
 @pytest.mark.parametrize("arch", ["gpt", "llama"])
@@ -24,7 +25,7 @@ def test_ordering_and_full_is_the_input(arch, s, b, h, a):
     assert mem["none"] - mem["selective"] >= 2 * 4 * a * s * s * b, mem
     # Same order of magnitude as the paper's fp32-scaled accounting (model details differ).
     for policy in ("none", "selective"):
-        assert 0.4 < mem[policy] / paper_bytes(s, b, h, a, policy, 4) < 2.0, (policy, mem)
+        assert 0.4 < mem[policy] / activation_bytes(s, b, h, a, policy=policy, bytes_per_element=4) < 2.0, (policy, mem)
 
 
 def test_measuring_restores_policy_mode_and_rng():

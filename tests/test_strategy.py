@@ -1,4 +1,4 @@
-"""Search space, pruning reasons, the engine's availability edge, and `tetrad plan`."""
+"""Search space, pruning reasons (the rule book's), and `tetrad plan`."""
 
 import json
 
@@ -37,14 +37,14 @@ def test_fixed_keys_are_kept():
     assert plan.ranked and all(e.strategy.tp == 2 and e.strategy.zero == 1 for e in plan.ranked)
 
 
-def test_candidates_the_engine_refuses_are_pruned_with_its_reason():
-    cfg = _cfg()
-
-    def refuse_pipelines(s):
-        return "strategy.pp=2 is not available in this build yet" if s.pp > 1 else None
-    plan = search(cfg, 4, _costs(cfg), available=refuse_pipelines)
-    assert all(e.strategy.pp == 1 for e in plan.ranked)
-    assert any(e.status == "unavailable" and "not available in this build" in e.reason for e in plan.others)
+def test_candidates_the_rule_book_refuses_are_pruned_with_its_reason():
+    """The search asks the engine's own rule book: a fixed offload.step delayed needs an
+    offloaded optimizer, so every ranked layout has one and the rest carry the rule's words."""
+    cfg = _cfg({"auto": True, "offload": {"step": "delayed"}})
+    plan = search(cfg, 4, _costs(cfg))
+    assert plan.ranked and all(e.strategy.offload.optimizer != "none" and e.strategy.zero >= 1
+                               for e in plan.ranked)
+    assert any("step='delayed' needs strategy.offload.optimizer cpu or nvme" in r for _, r in plan.rejected)
 
 
 def test_nothing_fits_names_the_reason():

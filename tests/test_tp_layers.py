@@ -3,26 +3,28 @@ parameter metadata other subsystems read, dropout streams, and the plan's errors
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from harness import run_distributed
+from tetrad.checkpoint.pieces import tp_shard
 
 
 def _close(a, b, name):
     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
 
 
-def _full_from_box(p, group):
-    """Rebuild the logical tensor from every rank's (tp_view, tp_box) shard."""
+def _full_from_box(t, box, group):
+    """Rebuild the logical tensor from every rank's shard ``t`` laid out by its TPShard ``box``."""
     import torch.distributed as dist
 
-    local = p.detach().reshape(getattr(p, "tp_view", p.shape))
-    offsets, shape = p.tp_box
-    full = torch.zeros(shape, dtype=p.dtype)
-    full[tuple(slice(o, o + n) for o, n in zip(offsets, local.shape))] = local
+    local = t.detach().reshape(box.view or t.shape)
+    full = torch.zeros(box.global_shape, dtype=t.dtype)
+    full[tuple(slice(o, o + n) for o, n in zip(box.offsets, local.shape))] = local
     dist.all_reduce(full, group=group)
     return full
 
@@ -38,7 +40,7 @@ def _linears(rank, world, g):
     for plain, kw in ((nn.Linear(16, 24).double(), {}),
                       (Conv1D(24, 16).double(), {"transposed": True, "parts": 3})):
         col = ColumnParallelLinear(plain, g, "copy", **kw)
-        full = _full_from_box(col.weight, g).reshape(plain.weight.shape)
+        full = _full_from_box(col.weight, tp_shard(col.weight), g).reshape(plain.weight.shape)
         _close(full, plain.weight.detach(), "column tp_box")
         xs = x.clone().requires_grad_(True)
         out = col(xs)
@@ -52,16 +54,14 @@ def _linears(rank, world, g):
         _close(xs.grad, xr.grad, "column input grad (all-reduced)")
         gw = plain.weight.grad
         plain.weight.grad = None
-        col.weight.grad.tensor_parallel, col.weight.grad.tp_box = True, col.weight.tp_box
-        if hasattr(col.weight, "tp_view"):
-            col.weight.grad.tp_view = col.weight.tp_view
-        _close(_full_from_box(col.weight.grad, g).reshape(gw.shape), gw, "column weight grad")
+        _close(_full_from_box(col.weight.grad, tp_shard(col.weight), g).reshape(gw.shape), gw,
+               "column weight grad")
     lin = nn.Linear(24, 16).double()
     row = RowParallelLinear(lin, g)
     h = torch.randn(2, 8, 24, dtype=torch.float64)
     hs = h.chunk(world, -1)[rank].clone().requires_grad_(True)
     _close(row(hs), lin(h), "row forward")
-    assert not hasattr(row.bias, "tensor_parallel")  # replicated
+    assert tp_shard(row.bias) is None  # replicated
 
 
 def _vocab(rank, world, g):
@@ -86,8 +86,8 @@ def _vocab(rank, world, g):
     loss.backward()
     want.backward()
     _close(xs.grad, xr.grad, "cross-entropy input grad")
-    phead.weight.grad.tp_box = phead.weight.tp_box
-    _close(_full_from_box(phead.weight.grad, g), head.weight.grad, "head weight grad")
+    _close(_full_from_box(phead.weight.grad, tp_shard(phead.weight), g), head.weight.grad,
+           "head weight grad")
 
 
 def _dropout_streams(rank, world, out):
@@ -107,7 +107,7 @@ def _dropout_streams(rank, world, out):
     history = trainer.fit()
     norm = trainer.engine.model.layers[0].attn_norm.weight.detach().clone()
     gathered = [torch.empty_like(norm) for _ in range(2)]  # the tp group
-    dist.all_gather(gathered, norm, group=trainer.engine.mesh.get_group("tp"))
+    dist.all_gather(gathered, norm, group=trainer.engine.layout.group("tp"))
     _close(gathered[0], gathered[1], "replicated norm weight across tp ranks")
     return [r["loss"] for r in history]
 
@@ -127,17 +127,19 @@ def test_layers_match_plain_layers_and_dropout_keeps_replicas_equal(tmp_path):
 
 
 # ------------------------------------------------------------------ errors (single process)
-def _strategy(**kw):
-    from tetrad.config import load_strategy
+def _layout(tp=1, sp=1, megatron_sp=False):
+    """A layout that is only checked, never run: degrees without process groups."""
+    from tetrad.parallel.layout import ResolvedLayout
+    from tetrad.parallel.mesh import ParallelDims
 
-    return load_strategy(kw)
+    return ResolvedLayout(ParallelDims(tp * sp, tp=tp, sp=sp), megatron_sp=megatron_sp)
 
 
 def test_model_without_plan_names_what_to_add():
     from tetrad.parallel.plan import PlanError, parallelize
 
     with pytest.raises(PlanError, match=r"no tensor/sequence-parallel plan for model class Sequential"):
-        parallelize(nn.Sequential(nn.Linear(2, 2)), _strategy(tp=2), None)
+        parallelize(nn.Sequential(nn.Linear(2, 2)), _layout(tp=2))
 
 
 def test_sequence_parallel_needs_a_shardable_attention():
@@ -147,21 +149,24 @@ def test_sequence_parallel_needs_a_shardable_attention():
     model = build_hf({"arch": "hf", "hf_model_type": "llama", "d_model": 32, "n_heads": 4,
                       "n_layers": 1, "seq_len": 16})
     with pytest.raises(PlanError, match="strategy.sp=2 needs a model whose attention core"):
-        parallelize(model, _strategy(sp=2), None)
+        parallelize(model, _layout(sp=2))
     with pytest.raises(PlanError, match="megatron_sp=true"):
-        parallelize(model, _strategy(tp=2, megatron_sp=True), None)
+        parallelize(model, _layout(tp=2, megatron_sp=True))
 
 
 @pytest.mark.parametrize("kw,msg", [({"tp": 3}, "n_heads=4 is not divisible by strategy.tp=3"),
                                     ({"tp": 4}, "n_kv_heads=2 is not divisible"),
-                                    ({"sp": 8}, "n_heads/tp=4 is not divisible by strategy.sp=8"),
+                                    ({"sp": 8}, "n_heads=4 is not divisible by strategy.tp*strategy.sp=1*8"),
                                     ({"tp": 2, "megatron_sp": True, "sp": 2}, None)])
-def test_shape_errors_before_any_module_changes(kw, msg):
-    from tetrad.models import ModelArgs, Transformer
-    from tetrad.parallel.plan import PlanError, check_layout
+def test_shape_errors_of_a_live_model(kw, msg):
+    """The rule book, asked with a live model's shape (what the engine does before any module
+    changes), names the shape and the degree."""
+    from tetrad.config import ConfigError, load_strategy
+    from tetrad.config.validate import problems, raise_all
+    from tetrad.models import ModelArgs, Transformer, shape_of
 
     model = Transformer(ModelArgs(arch="llama", d_model=32, n_heads=4, n_kv_heads=2, seq_len=6, n_layers=1))
     if msg is None:  # seq_len 6 cannot be split 2 (sp) * 2 (tp) ways
-        msg = "seq_len=6 is not divisible by the sequence split 4"
-    with pytest.raises(PlanError, match=msg.replace("(", r"\(")):
-        check_layout(model, "tetrad-llama", kw.get("tp", 1), kw.get("sp", 1), kw.get("megatron_sp", False))
+        msg = "seq_len=6 is not divisible by strategy.sp=2 * strategy.tp=2 (strategy.megatron_sp=True) = 4"
+    with pytest.raises(ConfigError, match=re.escape(msg)):
+        raise_all(problems(load_strategy(kw), model=shape_of(model)))

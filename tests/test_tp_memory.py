@@ -14,20 +14,22 @@ def measure(rank: int, world: int) -> list[tuple[int, bool, int, float]]:
 
     from tetrad.config import load_strategy
     from tetrad.models import ModelArgs, Transformer
-    from tetrad.parallel.activations import korthikanti_bytes, saved_activation_bytes
-    from tetrad.parallel.mesh import ParallelDims
+    from tetrad.models.counts import activation_bytes
+    from tetrad.parallel.layout import ResolvedLayout
     from tetrad.parallel.plan import parallelize
+    from tetrad.recompute.measure import graph_bytes
 
     s, b, h, a = 64, 2, 64, 8
     out = []
     for t, msp in LAYOUTS:
         model = Transformer(ModelArgs(arch="llama", d_model=h, n_heads=a, seq_len=s, n_layers=1))
-        mesh = ParallelDims(world, tp=t).build_mesh(torch.device("cpu"))
-        model = parallelize(model, load_strategy({"tp": t, "megatron_sp": msp}), mesh)
+        layout = ResolvedLayout.build(load_strategy({"tp": t, "megatron_sp": msp}), world,
+                                      torch.device("cpu"), torch.float32)
+        model = parallelize(model, layout)
         x = torch.randn(b, s // t if msp else s, h, requires_grad=True)
         fp32 = 2  # the formulas count 16-bit activations
-        out.append((t, msp, saved_activation_bytes(model.layers[0], x),
-                    fp32 * korthikanti_bytes(s, b, h, a, t, msp, attention_core=False)))
+        out.append((t, msp, graph_bytes(model.layers[0], x),
+                    fp32 * activation_bytes(s, b, h, a, t=t, policy="selective", megatron_sp=msp)))
     return out
 
 

@@ -24,7 +24,7 @@ def _loop(rank: int, world: int, stage: int) -> dict:
 
     from tetrad.config.schema import OptimizerConfig
     from tetrad.models.hf import build_hf
-    from tetrad.trainer.engine import Engine
+    from tetrad.engine import Engine
 
     model = build_hf(MODEL, seed=0)
     engine = Engine(model, strategy={"zero": stage, "micro_batch_size": GLOBAL // world},
@@ -41,7 +41,7 @@ def _loop(rank: int, world: int, stage: int) -> dict:
         total = loss.detach().clone()
         dist.all_reduce(total)
         losses.append(float(total) / world)
-    units = [u.name for u in engine.grads.units] if stage == 3 else []
+    units = [u.name for u in engine.data_parallel.params.units] if stage == 3 else []
     return {"losses": losses, "units": units}
 
 

@@ -28,7 +28,7 @@ def _measure(rank: int, world: int, cases: list[tuple[str, int]]) -> dict:
     import torch
 
     from tetrad.models import build_model
-    from tetrad.trainer.engine import Engine
+    from tetrad.engine import Engine
     from tetrad.zero import live_tensor_bytes
 
     out = {}

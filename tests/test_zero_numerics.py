@@ -16,7 +16,7 @@ def _fp16_overflow(rank: int, world: int, stage: int) -> dict:
 
     from tetrad.config.schema import OptimizerConfig
     from tetrad.models import build_model
-    from tetrad.trainer.engine import Engine
+    from tetrad.engine import Engine
 
     engine = Engine(build_model(MODEL, seed=0), strategy={"zero": stage, "micro_batch_size": 2},
                     precision="fp16", global_batch_size=2 * world,
@@ -24,14 +24,14 @@ def _fp16_overflow(rank: int, world: int, stage: int) -> dict:
     tokens = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(rank))
     x, y = tokens[:, :-1], tokens[:, 1:]
     engine.train_step((x, y))
-    masters = [g.master.clone() for g in engine.grads.groups]
+    masters = [g.master.clone() for g in engine.data_parallel.groups]
     scale = engine.scaler.get_scale()
     # Inject an overflow on one rank only: every rank must still agree to skip.
     loss = engine.loss(engine(x), y) * (1e6 if rank == 0 else 1.0)
     engine.backward(loss * 1e4)
     engine.step()
     skipped = engine.last["skipped"]
-    unchanged = all(torch.equal(m, g.master) for m, g in zip(masters, engine.grads.groups))
+    unchanged = all(torch.equal(m, g.master) for m, g in zip(masters, engine.data_parallel.groups))
     new_scale = engine.scaler.get_scale()
     loss_after = engine.train_step((x, y))
     return {"skipped": skipped, "unchanged": unchanged, "scale": (scale, new_scale),

@@ -27,7 +27,7 @@ def _batch(step: int, rank: int, world: int):
 def _engine(world: int, stage: int, mbs: int):
     from tetrad.config.schema import OptimizerConfig
     from tetrad.models import build_model
-    from tetrad.trainer.engine import Engine
+    from tetrad.engine import Engine
 
     return Engine(build_model(MODEL, seed=0), strategy={"zero": stage, "micro_batch_size": mbs},
                   optim_cfg=OptimizerConfig(lr=1e-2, warmup_steps=2), global_batch_size=GLOBAL,

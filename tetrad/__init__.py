@@ -20,7 +20,7 @@ def parallelize(model, optimizer=None, strategy=None, **kwargs):
     ``strategy`` is a :class:`Strategy`, a dict, a path to a YAML file, or None (plain data
     parallelism over every launched rank). Extra keyword arguments go to ``Engine``.
     """
-    from tetrad.trainer.engine import Engine
+    from tetrad.engine import Engine
 
     return Engine(model, optimizer=optimizer, strategy=strategy, **kwargs)
 
@@ -31,7 +31,7 @@ def __getattr__(name):
         from tetrad.trainer.trainer import Trainer
         return Trainer
     if name == "Engine":
-        from tetrad.trainer.engine import Engine
+        from tetrad.engine import Engine
         return Engine
     raise AttributeError(f"module 'tetrad' has no attribute {name!r}")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from tetrad.config import ConfigError
@@ -13,10 +12,8 @@ def _train(args: argparse.Namespace) -> int:
     from tetrad.trainer.faults import TrainingFault
     from tetrad.trainer.trainer import Trainer
 
-    if args.trace:
-        os.environ["TETRAD_TRACE"] = args.trace  # read by the pipeline executor on every rank
     try:
-        history = Trainer(args.config, overrides=args.set).fit()
+        history = Trainer(args.config, overrides=args.set, trace=args.trace).fit()
     except TrainingFault as err:  # a dead peer or a diverged run: the message says which
         print(f"tetrad: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
         return 1

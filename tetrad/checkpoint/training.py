@@ -14,18 +14,16 @@ import torch
 import torch.distributed as dist
 
 from tetrad.checkpoint.discover import resolve_resume
-from tetrad.checkpoint.engine_state import engine_state_pieces, load_engine_state, restore_rng, rng_pieces
 from tetrad.checkpoint.fileio import CheckpointError
 from tetrad.checkpoint.manager import CheckpointManager
 from tetrad.checkpoint.reader import CheckpointReader
+from tetrad.checkpoint.rng import restore_rng, rng_pieces
 from tetrad.checkpoint.writer import step_dirname
 
 
 def layout_of(engine) -> dict:
     """The world layout; RNG states are restored only when a checkpoint's layout equals it."""
-    s, dims = engine.strategy, engine.dims
-    return {"world_size": dist.get_world_size(), "dp": dims.dp, "tp": s.tp, "pp": s.pp, "sp": s.sp,
-            "zero": s.zero}
+    return engine.layout.record()
 
 
 class TrainingCheckpoints:
@@ -54,12 +52,12 @@ class TrainingCheckpoints:
         return f"{int(ident):x}"
 
     def _hook_optimizer_step(self) -> None:
-        """The lazy part: the next optimizer step waits for the snapshot, nothing before it does."""
+        """The lazy part: the next change of any master waits for the snapshot, nothing before
+        it does. The optimizer's own pre-step hook is that point in every step mode: an
+        offloaded step that runs during backward (offload.step overlap) changes masters before
+        the engine's step is reached."""
         wait = self.manager.wait_for_snapshot
-        if hasattr(self.engine, "register_pre_step_hook"):
-            self.engine.register_pre_step_hook(wait)
-        else:
-            self.engine.optimizer.register_step_pre_hook(lambda *_: wait())
+        self.engine.optimizer.register_step_pre_hook(lambda *_: wait())
 
     # ------------------------------------------------------------------ resume
     def resume(self) -> int:
@@ -68,13 +66,10 @@ class TrainingCheckpoints:
         if path is None:
             return 0
         reader = CheckpointReader(path)
-        if hasattr(self.engine, "load_state_pieces"):
-            self.engine.load_state_pieces(reader)
-        else:
-            load_engine_state(self.engine, reader)
+        self.engine.load_state_pieces(reader)
         extra = reader.extra
         self.sampler.load_state_dict(extra["sampler"])
-        if extra.get("scaler") and getattr(self.engine, "scaler", None) is not None:
+        if extra.get("scaler") and self.engine.scaler is not None:
             self.engine.scaler.load_state_dict(extra["scaler"])
         if reader.manifest.get("layout") == layout_of(self.engine):
             restore_rng(reader, self.rank)
@@ -116,12 +111,9 @@ class TrainingCheckpoints:
             return
         if self.manager.stats and self.manager.stats[-1]["step"] == step:
             return
-        if hasattr(self.engine, "state_pieces"):
-            pieces = self.engine.state_pieces()
-        else:
-            pieces = engine_state_pieces(self.engine)
+        pieces = self.engine.state_pieces()
         extra = {"step": step, "sampler": self.sampler.state_dict(), "config": self.cfg.to_dict(),
-                 "scaler": self.engine.scaler.state_dict() if getattr(self.engine, "scaler", None) else None}
+                 "scaler": self.engine.scaler.state_dict() if self.engine.scaler is not None else None}
         self.manager.save(step, pieces + rng_pieces(self.rank), extra)
 
     def close(self, timeout: float | None = None) -> None:

@@ -73,6 +73,17 @@ def unknown_key(path: str, key: str, value: Any, known: Iterable[str],
                        f"valid keys in {where}: {', '.join(known)}")
 
 
+def replaced_key(cls: type, path: str, key: str, value: Any) -> ConfigError | None:
+    """The error for a key a section no longer has because another replaced it
+    (``REPLACED = {old: (new key, value -> new value)}`` on the section class), else None."""
+    entry = getattr(cls, "REPLACED", {}).get(key)
+    if entry is None:
+        return None
+    new, translate = entry
+    return ConfigError(f"{join(path, key)}={show(value)} is no longer a key: it was replaced by "
+                       f"{join(path, new)}; write {new}: {show(translate(value))}")
+
+
 # --- type descriptions and conversion -----------------------------------------------------
 
 def describe(hint: Any) -> str:
@@ -195,25 +206,13 @@ def build(cls: type, raw: Any, path: str = "") -> Any:
     kwargs = {}
     for key, value in raw.items():
         if key not in known:
-            raise unknown_key(path, str(key), value, known, misplaced(path, str(key)))
+            raise replaced_key(cls, path, str(key), value) or unknown_key(path, str(key), value, known)
         f = known[key]
         kwargs[f.name] = check_field(value, f, types_[f.name], join(path, key))
     obj = cls(**kwargs)
     if "given" in {f.name for f in dataclasses.fields(cls)}:
         obj.given = frozenset(_given(raw))
     return obj
-
-
-def misplaced(path: str, key: str) -> str | None:
-    """Where `key` lives if it is a key of another top-level section, e.g. 'run.global_batch_size'."""
-    from tetrad.config.schema import Config  # the schema imports this module
-
-    if "." in path:
-        return None
-    for section, f in yaml_fields(Config).items():
-        if section != path and key in yaml_fields(hints(Config)[f.name]):
-            return f"{section}.{key}"
-    return None
 
 
 def _given(raw: Mapping, prefix: str = "") -> list[str]:

@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from tetrad.config.errors import ConfigError, show
-from tetrad.config.fields import build, hints, misplaced, section_type, unknown_key, yaml_fields
+from tetrad.config.fields import build, hints, replaced_key, section_type, unknown_key, yaml_fields
 from tetrad.config.schema import Config, StrategyConfig
 
 
@@ -78,6 +78,35 @@ def _top_mapping(raw: Any, origin: str) -> dict:
     return dict(raw)
 
 
+# --- keys written in the wrong section ---------------------------------------------------
+
+def misplaced(path: str, key: str) -> str | None:
+    """Where `key` lives if it is a key of another top-level section, e.g. 'run.global_batch_size'."""
+    if "." in path:
+        return None
+    for section, f in yaml_fields(Config).items():
+        if section != path and key in yaml_fields(hints(Config)[f.name]):
+            return f"{section}.{key}"
+    return None
+
+
+def _check_section_keys(path: str, raw: Any) -> None:
+    """An unknown key of a top-level section that another section has fails with that hint
+    ('did you mean run.global_batch_size?'), before the strict build sees it."""
+    if not isinstance(raw, Mapping):
+        return
+    known = yaml_fields(section_type(hints(Config)[yaml_fields(Config)[path].name]))
+    for key, value in raw.items():
+        if key not in known and misplaced(path, str(key)):
+            raise unknown_key(path, str(key), value, known, misplaced(path, str(key)))
+
+
+def _check_misplaced(raw: Mapping) -> None:
+    for section, value in raw.items():
+        if section in yaml_fields(Config):
+            _check_section_keys(section, value)
+
+
 # --- overrides -----------------------------------------------------------------------------
 
 def _check_path(parts: list[str], text: str, value: Any) -> None:
@@ -89,7 +118,8 @@ def _check_path(parts: list[str], text: str, value: Any) -> None:
         known = yaml_fields(cls)
         if part not in known:
             path = ".".join(parts[:i])
-            err = unknown_key(path, part, value, known, misplaced(path, part))
+            err = replaced_key(cls, path, part, value) or unknown_key(path, part, value, known,
+                                                                       misplaced(path, part))
             raise ConfigError(f"--set {text!r}: {err}") from None
         cls = section_type(hints(cls)[known[part].name])
 
@@ -130,6 +160,7 @@ def load_config(source: Any, overrides: Sequence[str] = (), world_size: int | No
     for text in overrides:
         apply_override(raw, text)
     try:
+        _check_misplaced(raw)
         cfg = build(Config, raw)
         cfg.validate(world_size)
     except ConfigError as e:
@@ -153,6 +184,7 @@ def load_strategy(source: Any) -> StrategyConfig:
     if isinstance(raw, Mapping) and "strategy" in raw:
         raw = raw["strategy"]
     try:
+        _check_section_keys("strategy", raw)
         strategy = build(StrategyConfig, raw, "strategy")
         strategy.validate()
     except ConfigError as e:

@@ -147,10 +147,18 @@ class OffloadConfig(Section):
     params: Literal["none", "cpu", "nvme"] = setting("none", "where sharded parameters rest between uses; zero 3")
     nvme_dir: Optional[str] = setting(None, "directory for nvme-tier files; required by either nvme tier",
                                       check=_nonempty)
-    overlap_step: bool = setting(False, "step each gradient bucket on the host as backward reduces it; "
-                                        "zero 2/3, needs optimizer.grad_clip 0 and no fp16")
-    delayed_update: bool = setting(False, "ZeRO-Offload's one-step delayed parameter update: the host "
-                                          "step of step t runs during step t+1's forward/backward")
+    step: Literal["sync", "overlap", "delayed"] = setting(
+        "sync", "when the host step runs: sync after backward; overlap each gradient bucket as "
+        "backward reduces it (zero 2/3, grad_clip 0, no fp16, pp 1); delayed ZeRO-Offload's "
+        "one-step delayed update, during the next forward/backward")
+    # The two booleans this key replaced fail naming it (tetrad.config.fields.replaced_key).
+    REPLACED: ClassVar[dict] = {"overlap_step": ("step", lambda v: "overlap" if v else "sync"),
+                                "delayed_update": ("step", lambda v: "delayed" if v else "sync")}
+
+    @property
+    def active(self) -> bool:
+        """Some state rests below the device."""
+        return self.optimizer != "none" or self.params != "none"
 
 
 @dataclasses.dataclass

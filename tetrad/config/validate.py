@@ -1,9 +1,15 @@
-"""Cross-field checks: combinations that are each valid alone but impossible together.
+"""The rule book: every combination of settings that is valid alone but impossible together.
 
-Every check returns messages rather than raising, so one error lists every problem at once.
+One home for what a valid layout is, used by config validation (``validate_config``), by the
+engine for strategies and models that do not come from YAML (``problems`` with the live
+model's ``ModelShape``), and by the strategy search (``tetrad.strategy.space``), so the
+selector can never rank a layout the engine refuses. Every rule returns messages rather
+than raising, so one error lists every problem at once; each message is a ``Problem``, a
+string that also carries the rule's identity (``problem.rule``) for code that filters by rule.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tetrad.config.errors import ConfigError
@@ -11,6 +17,34 @@ from tetrad.config.fields import check_instance
 
 if TYPE_CHECKING:
     from tetrad.config.schema import Config, ModelConfig, StrategyConfig
+
+
+class Problem(str):
+    """A rule book message; ``rule`` names the rule it breaks (e.g. ``offload.params_zero3``)."""
+
+    rule: str
+
+    def __new__(cls, rule: str, message: str) -> "Problem":
+        obj = super().__new__(cls, message)
+        obj.rule = rule
+        return obj
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The model facts layouts depend on, from a config (``of_config``) or a live model
+    (``tetrad.models.shape_of``)."""
+
+    n_heads: int
+    n_kv_heads: int
+    seq_len: int
+    n_layers: int
+    vocab_size: int
+    d_model: int
+
+    @classmethod
+    def of_config(cls, m: ModelConfig) -> "ModelShape":
+        return cls(m.n_heads, m.n_kv_heads, m.seq_len, m.n_layers, m.vocab_size, m.d_model)
 
 
 def raise_all(errors: list[str]) -> None:
@@ -38,122 +72,201 @@ def _multiples_near(value: int, unit: int) -> str:
     return f"{low} or {low + unit}" if low > 0 else str(unit)
 
 
-# --- without a world size ------------------------------------------------------------------
-
-def model_errors(m: ModelConfig) -> list[str]:
-    errors = []
-    if m.d_model % m.n_heads:
-        errors.append(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; valid: "
-                      f"d_model {_multiples_near(m.d_model, m.n_heads)}, or n_heads one of {_divisors(m.d_model)}")
-    if m.n_heads % m.n_kv_heads:
-        errors.append(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}; "
-                      f"valid n_kv_heads: {_divisors(m.n_heads)}")
-    if m.arch == "hf" and m.hf_model_type is None:
-        errors.append("model.hf_model_type=None: required when model.arch='hf'; valid: 'llama', 'gpt2'")
-    return errors
+def _rules(table: list[tuple[str, bool, str]]) -> list[Problem]:
+    return [Problem(rule, message) for rule, broken, message in table if broken]
 
 
-def strategy_errors(s: StrategyConfig) -> list[str]:
-    errors = []
-    if s.virtual_stages > 1 and s.pipeline_schedule != "interleaved":
-        errors.append(f"strategy.virtual_stages={s.virtual_stages} needs strategy.pipeline_schedule='interleaved' "
-                      f"(got {s.pipeline_schedule!r}); valid: virtual_stages 1, or the interleaved schedule")
-    if s.pipeline_schedule == "interleaved" and s.pp == 1:
-        errors.append("strategy.pipeline_schedule='interleaved' needs strategy.pp >= 2 (got pp=1); "
-                      "valid: pp >= 2, or pipeline_schedule '1f1b'")
-    for tier in ("optimizer", "params"):
-        if getattr(s.offload, tier) == "nvme" and s.offload.nvme_dir is None:
-            errors.append(f"strategy.offload.nvme_dir=None: required when strategy.offload.{tier}='nvme'; "
-                          "valid: a directory on the NVMe drive")
-    if s.offload.params != "none" and s.zero != 3:
-        errors.append(f"strategy.offload.params={s.offload.params!r} needs strategy.zero=3 (got zero={s.zero}); "
-                      "valid: zero 3, or offload.params 'none'")
-    if s.zero >= 2 and s.pp > 1:
-        errors.append(f"strategy.zero={s.zero} with strategy.pp={s.pp} is not supported: ZeRO-2/3 would "
-                      "reduce-scatter gradients every micro-batch; valid: zero 0 or 1 with pp > 1, or pp 1")
-    if s.recompute == "budget" and s.recompute_budget_mb is None:
-        errors.append("strategy.recompute_budget_mb=None: required when strategy.recompute='budget'; "
-                      "valid: a number of MB > 0")
-    return errors
+# --- the model alone -----------------------------------------------------------------------
+
+def model_errors(m: ModelConfig) -> list[Problem]:
+    return _rules([
+        ("model.heads_width", m.d_model % m.n_heads != 0,
+         f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; valid: d_model "
+         f"{_multiples_near(m.d_model, m.n_heads)}, or n_heads one of {_divisors(m.d_model)}"),
+        ("model.kv_heads", m.n_heads % m.n_kv_heads != 0,
+         f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}; "
+         f"valid n_kv_heads: {_divisors(m.n_heads)}"),
+        ("model.hf_type", m.arch == "hf" and m.hf_model_type is None,
+         "model.hf_model_type=None: required when model.arch='hf'; valid: 'llama', 'gpt2'"),
+    ])
 
 
-def layout_errors(m: ModelConfig, s: StrategyConfig) -> list[str]:
+# --- the strategy alone --------------------------------------------------------------------
+
+def _offload_errors(s: StrategyConfig) -> list[Problem]:
+    o = s.offload
+    tier = o.optimizer != "none"
+    return _rules([
+        ("offload.nvme_dir", "nvme" in (o.optimizer, o.params) and o.nvme_dir is None,
+         f"strategy.offload.nvme_dir=None: required when strategy.offload."
+         f"{'optimizer' if o.optimizer == 'nvme' else 'params'}='nvme'; valid: a directory on the NVMe drive"),
+        ("offload.optimizer_zero", tier and s.zero == 0,
+         f"strategy.offload.optimizer={o.optimizer!r} needs strategy.zero 1, 2 or 3 (got 0): offload "
+         "moves the ZeRO master shards; valid: zero >= 1, or offload.optimizer 'none'"),
+        ("offload.params_zero3", o.params != "none" and s.zero != 3,
+         f"strategy.offload.params={o.params!r} needs strategy.zero=3 (got zero={s.zero}): only stage 3 "
+         "shards parameters; valid: zero 3, or offload.params 'none'"),
+        ("offload.params_optimizer", o.params != "none" and not tier,
+         f"strategy.offload.params={o.params!r} needs strategy.offload.optimizer cpu or nvme: the resident "
+         "fp32 master would keep the parameters' memory anyway"),
+        ("offload.step_tier", o.step != "sync" and not tier,
+         f"strategy.offload.step={o.step!r} needs strategy.offload.optimizer cpu or nvme (got 'none'): it "
+         "changes when the offloaded step runs; valid: step 'sync'"),
+        ("offload.overlap_zero", o.step == "overlap" and tier and s.zero < 2,
+         f"strategy.offload.step='overlap' needs strategy.zero 2 or 3 (got {s.zero}): buckets are stepped "
+         "as their reduced gradient shards arrive; valid: zero 2/3, or step 'sync' / 'delayed'"),
+        ("offload.overlap_pp", o.step == "overlap" and tier and s.pp > 1,
+         f"strategy.offload.step='overlap' cannot run with strategy.pp={s.pp}: the pipeline schedule owns "
+         "the backward; valid: pp 1, or step 'sync' / 'delayed'"),
+        ("offload.delayed_params_nvme", o.step == "delayed" and o.params == "nvme",
+         "strategy.offload.step='delayed' needs strategy.offload.params none or cpu (got 'nvme'): the "
+         "delayed step would rewrite parameter files the running forward reads"),
+    ])
+
+
+def strategy_errors(s: StrategyConfig) -> list[Problem]:
+    return _rules([
+        ("pipeline.virtual_stages", s.virtual_stages > 1 and s.pipeline_schedule != "interleaved",
+         f"strategy.virtual_stages={s.virtual_stages} needs strategy.pipeline_schedule='interleaved' "
+         f"(got {s.pipeline_schedule!r}); valid: virtual_stages 1, or the interleaved schedule"),
+        ("pipeline.interleaved_pp", s.pipeline_schedule == "interleaved" and s.pp == 1,
+         "strategy.pipeline_schedule='interleaved' needs strategy.pp >= 2 (got pp=1); "
+         "valid: pp >= 2, or pipeline_schedule '1f1b'"),
+        ("zero.pp", s.zero >= 2 and s.pp > 1,
+         f"strategy.zero={s.zero} with strategy.pp={s.pp} is not supported: ZeRO-2/3 would "
+         "reduce-scatter gradients every micro-batch; valid: zero 0 or 1 with pp > 1, or pp 1"),
+        ("recompute.budget", s.recompute == "budget" and s.recompute_budget_mb is None,
+         "strategy.recompute_budget_mb=None: required when strategy.recompute='budget'; "
+         "valid: a number of MB > 0"),
+    ]) + _offload_errors(s)
+
+
+def training_errors(s: StrategyConfig, precision: str, grad_clip: float) -> list[Problem]:
+    """The strategy against what is computed: the overlapped offload step applies each bucket
+    before the global gradient norm exists, which clipping and the fp16 loss scale need."""
+    overlap = s.offload.step == "overlap" and s.offload.optimizer != "none"
+    return _rules([
+        ("offload.overlap_clip", overlap and grad_clip > 0,
+         f"strategy.offload.step='overlap' cannot run with optimizer.grad_clip={grad_clip}: each bucket "
+         "is stepped during backward, before the global norm is known; valid: grad_clip 0, or step 'sync'"),
+        ("offload.overlap_fp16", overlap and precision == "fp16",
+         "strategy.offload.step='overlap' cannot run with run.precision='fp16': the loss scale needs the "
+         "global norm first; valid: precision fp32 or bf16, or step 'sync'"),
+    ])
+
+
+def layout_errors(m: ModelShape, s: StrategyConfig) -> list[Problem]:
     """The strategy's degrees against the model's shapes."""
-    errors = []
-    if m.n_heads % s.tp:
-        errors.append(f"model.n_heads={m.n_heads} is not divisible by strategy.tp={s.tp}; "
-                      f"valid strategy.tp: {_divisors(m.n_heads)}")
-    elif m.n_kv_heads % s.tp:
-        errors.append(f"model.n_kv_heads={m.n_kv_heads} is not divisible by strategy.tp={s.tp}; "
-                      f"valid strategy.tp: {_divisors(m.n_kv_heads)}")
-    elif (m.n_heads // s.tp) % s.sp:
-        # Ulysses all-to-all hands each sp rank a slice of the heads its tp rank holds.
-        errors.append(f"model.n_heads={m.n_heads} is not divisible by strategy.tp*strategy.sp={s.tp}*{s.sp}; "
-                      f"valid strategy.sp: {_divisors(m.n_heads // s.tp)}")
-    seq_split = s.sp * (s.tp if s.megatron_sp else 1)
-    if m.seq_len % seq_split:
-        by = (f"strategy.sp={s.sp} * strategy.tp={s.tp} (strategy.megatron_sp=True) = {seq_split}"
-              if s.megatron_sp else f"strategy.sp={s.sp}")
-        errors.append(f"model.seq_len={m.seq_len} is not divisible by {by}; "
-                      f"valid seq_len: {_multiples_near(m.seq_len, seq_split)}")
+    heads = [("layout.heads_tp", m.n_heads % s.tp != 0,
+              f"model.n_heads={m.n_heads} is not divisible by strategy.tp={s.tp}; "
+              f"valid strategy.tp: {_divisors(m.n_heads)}"),
+             ("layout.kv_heads_tp", m.n_kv_heads % s.tp != 0,
+              f"model.n_kv_heads={m.n_kv_heads} is not divisible by strategy.tp={s.tp}; "
+              f"valid strategy.tp: {_divisors(m.n_kv_heads)}"),
+             # Ulysses all-to-all hands each sp rank a slice of the heads its tp rank holds.
+             ("layout.heads_sp", (m.n_heads // s.tp) % s.sp != 0,
+              f"model.n_heads={m.n_heads} is not divisible by strategy.tp*strategy.sp={s.tp}*{s.sp}; "
+              f"valid strategy.sp: {_divisors(max(1, m.n_heads // s.tp))}")]
+    first = next(([h] for h in heads if h[1]), [])  # the later head rules assume the earlier
+    split = s.sp * (s.tp if s.megatron_sp else 1)
+    by = (f"strategy.sp={s.sp} * strategy.tp={s.tp} (strategy.megatron_sp=True) = {split}"
+          if s.megatron_sp else f"strategy.sp={s.sp}")
     chunks = s.pp * s.virtual_stages
-    if m.n_layers < chunks:
-        errors.append(f"model.n_layers={m.n_layers} < strategy.pp*strategy.virtual_stages="
-                      f"{s.pp}*{s.virtual_stages}={chunks}: every pipeline chunk needs a layer; "
-                      f"valid: n_layers >= {chunks}, "
-                      f"or pp*virtual_stages <= {m.n_layers}")
-    return errors
+    per_rank = -(-m.vocab_size // s.tp)
+    return _rules(first + [
+        ("layout.seq_split", m.seq_len % split != 0,
+         f"model.seq_len={m.seq_len} is not divisible by {by}; valid seq_len: {_multiples_near(m.seq_len, split)}"),
+        ("layout.layers_chunks", m.n_layers < chunks,
+         f"model.n_layers={m.n_layers} < strategy.pp*strategy.virtual_stages={s.pp}*{s.virtual_stages}="
+         f"{chunks}: every pipeline chunk needs a layer; valid: n_layers >= {chunks}, "
+         f"or pp*virtual_stages <= {m.n_layers}"),
+        ("layout.vocab_tp", (s.tp - 1) * per_rank >= m.vocab_size,
+         f"model.vocab_size={m.vocab_size} is too small for strategy.tp={s.tp}: the last tp rank would "
+         f"hold no rows; valid strategy.tp <= {max(1, m.vocab_size // per_rank)}"),
+    ])
 
 
-# --- against a world size ------------------------------------------------------------------
+# --- against a world size and a batch -------------------------------------------------------
 
-def strategy_world_errors(s: StrategyConfig, world: int) -> list[str]:
+def strategy_world_errors(s: StrategyConfig, world: int) -> list[Problem]:
     mp = s.model_parallel_size
     if world % mp:
-        return [f"world_size={world} is not divisible by strategy.tp*pp*sp={s.tp}*{s.pp}*{s.sp}={mp}; "
-                f"valid world sizes: multiples of {mp}"]
+        return [Problem("world.model_parallel",
+                        f"world_size={world} is not divisible by strategy.tp*pp*sp={s.tp}*{s.pp}*{s.sp}={mp}; "
+                        f"valid world sizes: multiples of {mp}")]
     if s.dp != "auto" and mp * s.dp != world:
-        return [f"strategy.dp={s.dp}: strategy.tp*pp*sp*dp={mp}*{s.dp}={mp * s.dp} != world_size={world}; "
-                f"valid: strategy.dp={world // mp} or 'auto'"]
+        return [Problem("world.dp", f"strategy.dp={s.dp}: strategy.tp*pp*sp*dp={mp}*{s.dp}={mp * s.dp} != "
+                                    f"world_size={world}; valid: strategy.dp={world // mp} or 'auto'")]
     return []
 
 
-def batch_errors(run_batch: int, s: StrategyConfig, dp: int) -> list[str]:
-    """The global batch must split evenly into dp * micro_batch_size, into >= pp micro-batches."""
+def batch_errors(run_batch: int, s: StrategyConfig, dp: int) -> list[Problem]:
+    """The global batch must split evenly into dp * micro_batch_size, into >= pp micro-batches
+    (a multiple of pp for the interleaved schedule)."""
     mbs, unit = s.micro_batch_size, dp * s.micro_batch_size
     if run_batch % unit:
         per_rank = (f", or strategy.micro_batch_size one of {_divisors(run_batch // dp)}"
                     if run_batch % dp == 0 else "")
-        return [f"run.global_batch_size={run_batch} is not divisible by dp={dp} * strategy.micro_batch_size={mbs}"
-                f" = {unit}; valid: run.global_batch_size {_multiples_near(run_batch, unit)}{per_rank}"]
+        return [Problem("batch.divisible",
+                        f"run.global_batch_size={run_batch} is not divisible by dp={dp} * "
+                        f"strategy.micro_batch_size={mbs} = {unit}; valid: run.global_batch_size "
+                        f"{_multiples_near(run_batch, unit)}{per_rank}")]
     micro = run_batch // unit
+    given = (f"run.global_batch_size={run_batch} gives {micro} micro-batch(es) per step (dp={dp} * "
+             f"strategy.micro_batch_size={mbs} each)")
     if s.pp > 1 and micro < s.pp:
         fix = f" or strategy.micro_batch_size <= {run_batch // (dp * s.pp)}" if run_batch >= dp * s.pp else ""
-        return [f"run.global_batch_size={run_batch} gives {micro} micro-batch(es) per step (dp={dp} * "
-                f"strategy.micro_batch_size={mbs} each), fewer than strategy.pp={s.pp} stages; valid: "
-                f"run.global_batch_size >= {s.pp * unit}{fix}"]
+        return [Problem("pipeline.micro_batches", f"{given}, fewer than strategy.pp={s.pp} stages; valid: "
+                                                  f"run.global_batch_size >= {s.pp * unit}{fix}")]
+    if s.pipeline_schedule == "interleaved" and micro % s.pp:
+        return [Problem("pipeline.interleaved_multiple",
+                        f"{given}, not a multiple of strategy.pp={s.pp}: the interleaved schedule runs them "
+                        f"in Megatron's round-robin order; valid: run.global_batch_size a multiple of "
+                        f"{s.pp * unit}, or pipeline_schedule '1f1b'")]
     return []
 
 
 # --- entry points --------------------------------------------------------------------------
 
-def validate_strategy(s: StrategyConfig, world_size: int | None = None) -> None:
-    check_instance(s, "strategy")
+def problems(s: StrategyConfig, *, model: ModelShape | None = None, precision: str | None = None,
+             grad_clip: float | None = None, world: int | None = None,
+             global_batch: int | None = None) -> list[Problem]:
+    """Every rule ``s`` breaks, given what is known: the model's shape, what is computed
+    (precision, clipping), the world and the global batch. The one question config
+    validation, the engine and the search all ask."""
     errors = strategy_errors(s)
+    if precision is not None or grad_clip is not None:
+        errors += training_errors(s, precision or "fp32", grad_clip or 0.0)
+    if model is not None:
+        errors += layout_errors(model, s)
+    if world is not None and not errors:
+        errors = strategy_world_errors(s, world)
+        if global_batch is not None and not errors:
+            errors = batch_errors(global_batch, s, world // s.model_parallel_size)
+    return errors
+
+
+def validate_strategy(s: StrategyConfig, world_size: int | None = None) -> None:
+    """Every field; and unless ``auto``, every rule the strategy alone can break."""
+    check_instance(s, "strategy")
     if world_size is not None:
         check_world_size(world_size)
-        errors += [] if s.auto else strategy_world_errors(s, world_size)
-    raise_all(errors)
+    if not s.auto:  # under auto the selector completes the strategy and asks the rule book then
+        raise_all(strategy_errors(s) + (strategy_world_errors(s, world_size) if world_size else []))
 
 
 def validate_config(cfg: Config, world_size: int | None = None) -> None:
-    """Every field, every combination, and (unless strategy.auto) the layout on world_size."""
+    """Every field, every combination, and the layout on world_size. Under ``strategy.auto``
+    the layout rules wait for the selector: the keys it may still choose can make a strategy
+    valid (``offload.optimizer: cpu`` with the default zero 0 is fine if it picks zero 1), and
+    it applies the whole rule book to every candidate (no candidate left: a ConfigError with
+    the rules' own words)."""
     check_instance(cfg)
-    errors = model_errors(cfg.model) + strategy_errors(cfg.strategy) + layout_errors(cfg.model, cfg.strategy)
     if world_size is not None:
         check_world_size(world_size)
-        if not cfg.strategy.auto and not errors:  # the selector picks the layout under auto
-            errors = strategy_world_errors(cfg.strategy, world_size)
-            dp = world_size // cfg.strategy.model_parallel_size
-            errors = errors or batch_errors(cfg.run.global_batch_size, cfg.strategy, dp)
+    errors = model_errors(cfg.model)
+    if not cfg.strategy.auto:  # the world is checked once the rest is valid
+        errors += problems(cfg.strategy, model=ModelShape.of_config(cfg.model), precision=cfg.run.precision,
+                           grad_clip=cfg.optimizer.grad_clip, world=None if errors else world_size,
+                           global_batch=cfg.run.global_batch_size)
     raise_all(errors)

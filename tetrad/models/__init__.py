@@ -11,6 +11,7 @@ from .args import ModelArgs, default_d_ff
 from .counts import flops_per_token, num_params
 from .hf import HFCausalLM, _get
 from .loss import cross_entropy
+from .shape import shape_of
 from .transformer import MLP, Attention, Block, CoreAttention, Transformer, init_parameter
 
 
@@ -34,4 +35,5 @@ def build_model(model_cfg: Any, seed: int = 0, device: Any = None) -> nn.Module:
 __all__ = [
     "Attention", "Block", "CoreAttention", "HFCausalLM", "MLP", "ModelArgs", "Transformer",
     "build_model", "cross_entropy", "default_d_ff", "flops_per_token", "init_parameter", "num_params",
+    "shape_of",
 ]

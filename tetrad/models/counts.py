@@ -31,3 +31,29 @@ def flops_per_token(args: ModelArgs, seq_len: int | None = None) -> float:
     mlp_weights = (3 if args.arch == "llama" else 2) * h * args.d_ff
     forward = L * (2 * (attn_weights + mlp_weights) + 4 * s * args.n_heads * hd) + 2 * args.vocab_size * h
     return 3.0 * forward
+
+
+def activation_bytes(s: float, b: int, h: int, a: int, *, t: int = 1, policy: str = "none",
+                     megatron_sp: bool = False, bytes_per_element: int = 2) -> float:
+    """Activation bytes one transformer layer keeps for backward: Korthikanti et al.
+    (arXiv:2205.05198; PAPERS.md "Activation memory"), the one home of the formula.
+
+    For sequence length ``s``, micro-batch ``b``, hidden ``h``, ``a`` heads and tensor
+    parallelism ``t``, at 16 bits with 1-byte dropout masks:
+
+    * ``none``: sbh(10 + 24/t + 5as/(ht)), or with Megatron-SP (sbh/t)(34 + 5as/h);
+    * ``selective`` (the attention core recomputed, or a kernel that saves no s x s
+      matrices): sbh(10 + 24/t), or with Megatron-SP 34sbh/t;
+    * ``full`` (only the layer input kept): 2sbh, or 2sbh/t with Megatron-SP.
+
+    ``bytes_per_element=4`` scales everything by 2 (fp32; an approximation, since the paper's
+    masks stay 1 byte).
+    """
+    sbh, seq = s * b * h, megatron_sp and t > 1
+    core = 5 * a * s / h
+    per = {"none": sbh / t * (34 + core) if seq else sbh * (10 + 24 / t + core / t),
+           "selective": 34 * sbh / t if seq else sbh * (10 + 24 / t),
+           "full": 2 * sbh / (t if seq else 1)}
+    if policy not in per:
+        raise ValueError(f"policy={policy!r} is not valid; expected one of {sorted(per)}")
+    return per[policy] * bytes_per_element / 2

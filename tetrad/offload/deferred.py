@@ -16,12 +16,11 @@ import torch
 
 from tetrad.models import build_model, init_parameter
 from tetrad.models.transformer import Attention
+from tetrad.offload.tier import return_freed_memory
 
 
 def deferred_transformer(model_cfg, seed: int = 0):
     """(model with untouched parameter storage, param_init) for a gpt/llama ``model_cfg``."""
-    from tetrad.offload.tiers import return_freed_memory
-
     return_freed_memory()  # before the first large allocation, so frees really free
     with torch.device("meta"):
         model = build_model(model_cfg, seed=seed)

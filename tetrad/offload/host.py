@@ -9,9 +9,30 @@ it a useful check of that path (and what ``test_offload_parity`` compares).
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Protocol
 
 import torch
+
+from tetrad.zero.comm import Done
+
+
+class StateStore(Protocol):
+    """What the offloaded step modes need from a state tier; ``HostState`` (cpu) and
+    ``tetrad.offload.swapper.StateSwapper`` (nvme) implement it. Buckets are pieces; each
+    holds the same named fp32 tensors (``master``, the optimizer's state, gradients)."""
+
+    def put(self, bucket: int, key: str, t: torch.Tensor):
+        """Start storing ``t``; returns a handle with ``wait``/``add_done_callback``."""
+
+    def get(self, bucket: int, key: str, out: torch.Tensor) -> torch.Tensor: ...
+
+    def stream(self, order: Iterable[int], keys: Iterable[str] | None = None,
+               write: Iterable[str] | None = None) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """Each bucket of ``order`` with views of ``keys``; changes to ``write`` keys persist."""
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 def _host_zeros(n: int) -> torch.Tensor:
@@ -33,7 +54,7 @@ class HostState:
     def put(self, bucket: int, key: str, t: torch.Tensor):
         """Copy ``t`` in (non-blocking from a device; returns an already-finished handle)."""
         self._tensor(bucket, key).copy_(t.reshape(-1), non_blocking=t.device.type != "cpu")
-        return _Done()
+        return Done()
 
     def get(self, bucket: int, key: str, out: torch.Tensor) -> torch.Tensor:
         return out.copy_(self._tensor(bucket, key))
@@ -51,14 +72,3 @@ class HostState:
 
     def close(self) -> None:
         self.tensors.clear()
-
-
-class _Done:
-    def wait(self) -> None:
-        pass
-
-    def done(self) -> bool:
-        return True
-
-    def add_done_callback(self, cb) -> None:
-        cb(self)

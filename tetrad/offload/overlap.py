@@ -1,4 +1,4 @@
-"""``OverlapStream``: the optimizer thread's side of ``strategy.offload.overlap_step``.
+"""``OverlapStream``: the optimizer thread's side of ``strategy.offload.step: overlap``.
 
 Backward hands over each group's reduced gradient (``arrive``) in an order that is the same
 every step. From the second step on, the order of the previous step is known, so the thread
@@ -22,14 +22,6 @@ from typing import Callable
 import torch
 
 MAX_WAITING = 2  # gradients handed over but not yet consumed before backward pauses
-
-
-def pieces_by_group(pieces: list[tuple[int, int, int]]) -> dict[int, list[int]]:
-    """{group: [indices of its pieces, in order]} for (group, lo, hi) pieces."""
-    out: dict[int, list[int]] = {}
-    for k, (gi, _, _) in enumerate(pieces):
-        out.setdefault(gi, []).append(k)
-    return out
 
 
 class OverlapStream:

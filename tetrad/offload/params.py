@@ -14,7 +14,7 @@ optimizer tier's ``StateSwapper`` and each group's pieces in it) a shard is read
 from the pieces' ``master`` files, ``update`` writes nothing, and ``invalidate(i)`` (called
 once the optimizer has *submitted* a group's master writes) drops stale prefetches.
 
-A lock guards the bookkeeping: with ``strategy.offload.overlap_step`` the optimizer thread
+A lock guards the bookkeeping: with ``strategy.offload.step: overlap`` the optimizer thread
 updates groups while the main thread's backward reads others.
 """
 

@@ -1,4 +1,4 @@
-"""``parallelize(model, strategy, mesh)``: tensor and sequence parallelism from a table.
+"""``parallelize(model, layout)``: tensor and sequence parallelism from a table.
 
 A plan is a list of (module-name pattern, style) per model family; a style turns the plain
 module into its parallel form (or adds an input hook) and is a no-op where the layout does
@@ -17,11 +17,12 @@ from typing import Callable
 
 from torch import nn
 
+from tetrad.parallel.layout import ResolvedLayout
 from tetrad.parallel.sequence import (SequenceParallelReplicated, ShardedPositions, UlyssesAttention,
                                       offset_rope_positions, region_input)
 from tetrad.parallel.rng import ForkedRNG, RNGFork
 from tetrad.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                    VocabParallelHead, vocab_range)
+                                    VocabParallelHead)
 
 
 class PlanError(ValueError):
@@ -30,21 +31,17 @@ class PlanError(ValueError):
 
 @dataclass
 class Layout:
-    """What the styles need to know: groups, degrees, and the RNG forks."""
+    """What the styles need to know, taken from the ``ResolvedLayout``: groups, degrees,
+    whether Megatron-SP is active (``seq``), and the RNG forks."""
 
     tp_group: object
     sp_group: object
     tp: int
     sp: int
-    megatron_sp: bool
+    seq: bool                # Megatron-SP active: activations sequence-sharded over tp
     rng_sharded: RNGFork     # data differs on every tp and sp rank (heads, Megatron-SP shards)
     rng_sp: RNGFork          # replicated over tp, different over sp (Ulysses sequence shards)
     ties: dict = field(default_factory=dict)  # id(plain weight) -> its sharded replacement
-
-    @property
-    def seq(self) -> bool:
-        """Megatron-SP is on (and means something: it needs tp > 1)."""
-        return self.megatron_sp and self.tp > 1
 
     @property
     def entry(self) -> str:
@@ -193,35 +190,16 @@ def model_family(model: nn.Module) -> tuple[str, str]:
     return name, prefix
 
 
-def _shapes(model: nn.Module, family: str) -> tuple[int, int, int, int]:
-    """(heads, kv_heads, seq_len, vocab) as the model itself declares them."""
-    if family.startswith("tetrad-"):
-        a = model.args
-        return a.n_heads, a.n_kv_heads, a.seq_len, a.vocab_size
-    c = getattr(model, "hf", model).config
-    heads = c.num_attention_heads
-    return (heads, getattr(c, "num_key_value_heads", None) or heads, c.max_position_embeddings,
-            c.vocab_size)
-
-
-def check_layout(model: nn.Module, family: str, tp: int, sp: int, megatron_sp: bool) -> None:
-    """Clear errors before any module is touched (config validation catches most earlier)."""
-    heads, kv, seq_len, vocab = _shapes(model, family)
-    if (sp > 1 or (megatron_sp and tp > 1)) and family not in SEQUENCE_SHARDABLE:
-        what = f"strategy.sp={sp}" if sp > 1 else "strategy.megatron_sp=true"
+def check_layout(family: str, layout: ResolvedLayout) -> None:
+    """What only the live model can say (the rule book checks its shapes before this): a
+    Hugging Face model computes attention inside its own function, so Ulysses and Megatron-SP,
+    which need the attention core and the positions as modules of their own, cannot split it."""
+    if layout.seq_shards > 1 and family not in SEQUENCE_SHARDABLE:
+        what = f"strategy.sp={layout.sp}" if layout.sp > 1 else "strategy.megatron_sp=true"
         raise PlanError(f"{what} needs a model whose attention core is a module of its own and whose "
                         f"positions follow the local sequence shard; {family} computes attention inside "
                         f"Hugging Face's attention function. Use strategy.sp=1 and megatron_sp=false "
                         f"(tensor parallelism works), or a tetrad model (model.arch gpt|llama)")
-    problems = [(heads % tp, f"n_heads={heads} is not divisible by strategy.tp={tp}"),
-                (kv % tp, f"n_kv_heads={kv} is not divisible by strategy.tp={tp}"),
-                (heads // tp % sp, f"n_heads/tp={heads // tp} is not divisible by strategy.sp={sp}")]
-    split = sp * (tp if megatron_sp else 1)
-    problems.append((seq_len % split, f"seq_len={seq_len} is not divisible by the sequence split {split}"))
-    for bad, msg in problems:
-        if bad:
-            raise PlanError(f"cannot parallelize {family}: model {msg}")
-    vocab_range(vocab, tp - 1, tp)  # raises when the vocabulary is too small to split
 
 
 def _matcher(pattern: str) -> re.Pattern:
@@ -267,19 +245,18 @@ def apply_plan(model: nn.Module, plan: list[tuple[str, Style]], layout: Layout,
     return model
 
 
-def parallelize(model: nn.Module, strategy, mesh) -> nn.Module:
-    """Apply ``strategy``'s tp / megatron_sp / sp to the plain ``model`` over ``mesh``'s axes
-    ("tp" and "sp"). Identity when tp = sp = 1, so any model trains data-parallel without a plan.
+def parallelize(model: nn.Module, layout: ResolvedLayout) -> nn.Module:
+    """Apply the layout's tp / Megatron-SP / sp to the plain ``model`` over its mesh's "tp" and
+    "sp" axes. Identity when tp = sp = 1, so any model trains data-parallel without a plan.
     """
-    tp, sp = strategy.tp, strategy.sp
+    tp, sp = layout.tp, layout.sp
     if tp == 1 and sp == 1:
         return model
     family, prefix = model_family(model)
-    check_layout(model, family, tp, sp, strategy.megatron_sp)
-    tp_group, sp_group = mesh.get_group("tp"), mesh.get_group("sp")
-    tp_rank, sp_rank = mesh.get_local_rank("tp"), mesh.get_local_rank("sp")
+    check_layout(family, layout)
+    tp_rank, sp_rank = layout.rank("tp"), layout.rank("sp")
     device = next(model.parameters()).device
-    layout = Layout(tp_group, sp_group, tp, sp, strategy.megatron_sp,
-                    rng_sharded=RNGFork(tp_rank + tp * sp_rank, device),
-                    rng_sp=RNGFork(tp * sp_rank, device))
-    return apply_plan(model, PLANS[family], layout, prefix)
+    ctx = Layout(layout.group("tp"), layout.group("sp"), tp, sp, layout.megatron_sp_active,
+                 rng_sharded=RNGFork(tp_rank + tp * sp_rank, device),
+                 rng_sp=RNGFork(tp * sp_rank, device))
+    return apply_plan(model, PLANS[family], ctx, prefix)

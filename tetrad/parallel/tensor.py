@@ -5,13 +5,12 @@ Face's transposed ``Conv1D``) by slicing its weight, so a tensor-parallel model 
 exactly the single-process model's initial values, and keeps its parameter names (``weight``,
 ``bias``), which checkpoints key on.
 
-Every sharded parameter carries ``p.tensor_parallel = True`` and
-``p.tp_box = (box_offsets, global_shape)``: the local tensor is the box
-``global[off_0 : off_0 + p.shape[0], ...]`` of the logical tensor. A fused projection whose
-shard is several boxes (GPT-2's ``c_attn``: q|k|v) also has ``p.tp_view``, the local shape to
-view the tensor as first; ``tp_box`` then refers to that view. Replicated parameters have
-none of these attributes. Grad-norm code uses ``tensor_parallel`` to count a sharded
-parameter once per tp rank and a replicated one once overall.
+Every sharded parameter carries one typed attribute, ``p.tp_shard`` (a
+``tetrad.checkpoint.pieces.TPShard``: its box of the logical tensor, and for a fused
+projection whose shard is several boxes, GPT-2's ``c_attn`` q|k|v, the view that makes it
+one), read through ``tp_shard(p)``. Replicated parameters have none. ZeRO's grad norm counts
+a sharded parameter once per tp rank and a replicated one once overall; checkpoints save
+each shard as its box.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from tetrad.checkpoint.pieces import TPShard
 from tetrad.parallel.comm import (all_gather_tensor, copy_to_region, gather_from_sequence,
                                   reduce_from_region, reduce_scatter_to_sequence)
 
@@ -34,10 +34,8 @@ INPUT_MODES = ("copy", "gather", "none")
 
 def mark_tp(p: nn.Parameter, offsets: tuple[int, ...], global_shape: tuple[int, ...],
             view: tuple[int, ...] | None = None) -> nn.Parameter:
-    p.tensor_parallel = True
-    p.tp_box = (tuple(offsets), tuple(global_shape))
-    if view is not None:
-        p.tp_view = tuple(view)
+    p.tp_shard = TPShard(tuple(int(d) for d in offsets), tuple(int(d) for d in global_shape),
+                         None if view is None else tuple(int(d) for d in view))
     return p
 
 

@@ -18,11 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tetrad.config.precision import compute_dtype
 from tetrad.models.args import ModelArgs
-from tetrad.models.transformer import Block, CoreAttention
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-POLICIES = ("none", "selective", "full")
+from tetrad.models.loss import cross_entropy
+from tetrad.models.transformer import Block, CoreAttention, Transformer
+from tetrad.recompute import POLICIES, apply_block_policy, measure_layer_activation_bytes
+from tetrad.zero import build_data_parallel
 
 
 def _shrink(linear: nn.Linear, out_div: int = 1, in_div: int = 1) -> nn.Linear:
@@ -124,11 +125,7 @@ def time_fwd_bwd(fn, make_input, device: torch.device, reps: int,
 
 def activation_bytes(block: nn.Module, sample: torch.Tensor) -> dict[str, int]:
     """Bytes the block keeps for backward, per policy: the recompute package's measurement
-    when it is present (it sees through checkpoints), else saved-tensor hooks (no recompute)."""
-    try:
-        from tetrad.recompute import measure_layer_activation_bytes
-    except ImportError:
-        return {"none": _saved_bytes(block, sample)}
+    (it sees through checkpoints)."""
     # The measurement calls gc.collect(); freezing the objects that already exist makes that
     # scan only the new ones (0.5 s -> 5 ms here) without changing what is found.
     gc.freeze()
@@ -136,21 +133,6 @@ def activation_bytes(block: nn.Module, sample: torch.Tensor) -> dict[str, int]:
         return measure_layer_activation_bytes(block, sample)
     finally:
         gc.unfreeze()
-
-
-def _saved_bytes(module: nn.Module, sample: torch.Tensor) -> int:
-    exclude = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in exclude:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(sample.detach().requires_grad_())
-    return sum(seen.values())
 
 
 def _core_inputs(b: int, heads: int, s: int, hd: int, dtype, device):
@@ -177,7 +159,6 @@ def measure_layer(args: ModelArgs, tp: int, sp: int, b: int, policy: str, dtype,
                   reps: int, block: Block | None = None) -> dict:
     """Forward/backward seconds of one block at the (tp, sp) shard shape, micro-batch b, under
     a recompute policy (backward then includes the re-forward)."""
-    from tetrad.recompute import apply_block_policy  # edge: the recompute package owns policies
 
     block = block or shard_block(args, tp, dtype, device)
     apply_block_policy(block, policy)
@@ -229,7 +210,7 @@ def measure_activations(args: ModelArgs, tp: int, sp: int, b: int, dtype, device
 
 def measure_optimizer(dtype_name: str, device: torch.device, numel: int = 1 << 20, reps: int = 3) -> float:
     """Seconds per parameter of one optimizer step as the engine takes it: AdamW (fused where the
-    device has it, as tetrad.trainer.optim builds it) over flat fp32 buffers, plus the global
+    device has it, as tetrad.zero.optim builds it) over flat fp32 buffers, plus the global
     gradient norm and clipping pass over the same gradients (tetrad.zero computes both every
     step). Timed on every rank at once (``_together``), like the layers; AdamW is memory-bound,
     so the cost is linear in the parameters of a rank (ZeRO flattens them into a few buffers,
@@ -309,19 +290,16 @@ def build_engine_model(args: ModelArgs, precision: str, device: torch.device):
     parameters ZeRO stage 0 (``tetrad.zero.build_data_parallel``, no process group: nothing
     is communicated) has taken over, so its gradient hooks, flat parameter views and
     compute-dtype casts are the engine's own."""
-    from tetrad.models.transformer import Transformer
-    from tetrad.zero import build_data_parallel  # edge: the engine's gradient owner
-
     with torch.device(device):
         model = Transformer(args).train()
-    grads = build_data_parallel(model, stage=0, group=None, precision=precision, device=device)
+    grads = build_data_parallel(model, stage=0, group=None, dtype=compute_dtype(precision))
     return model, grads
 
 
 def measure_micro_batch(args: ModelArgs, b: int, precision: str, device, reps: int,
                         built=None) -> dict:
     """Forward (model + loss) and backward seconds of one whole micro-batch as
-    ``tetrad.trainer.Engine.train_step`` runs one that does not synchronise gradients: the
+    ``tetrad.engine.Engine.train_step`` runs one that does not synchronise gradients: the
     model's forward on [b, s] token ids, the next-token cross-entropy, the loss divided by the
     accumulation count, ``begin_backward(sync=False)`` and the backward with the engine's
     gradient hooks attached.
@@ -334,8 +312,6 @@ def measure_micro_batch(args: ModelArgs, b: int, precision: str, device, reps: i
     (this - layers - head) as the per-micro-batch overhead. Timed like the layers: every rank
     at once, samples of >= MIN_SAMPLE_S, after a warm-up pass.
     """
-    from tetrad.models.loss import cross_entropy
-
     model, grads = built or build_engine_model(args, precision, device)
 
     def fn(ids):

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.distributed as dist
 
+from tetrad.config.precision import compute_dtype
 from tetrad.models.args import ModelArgs
 from tetrad.profiler import collectives, layers, machine, store
 
@@ -49,14 +50,6 @@ def shard_shapes(args: ModelArgs, world: int) -> list[tuple[int, int]]:
     return out
 
 
-def _policies() -> tuple[str, ...]:
-    try:
-        import tetrad.recompute  # noqa: F401 - edge: recompute may not be in every build
-    except ImportError:
-        return ("none",)
-    return layers.POLICIES
-
-
 def _mean_over_ranks(values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -69,18 +62,18 @@ def measure_layers(args: ModelArgs, precision: str, world: int, opts: ProfileOpt
     """Per (tp, sp, micro-batch, policy): block forward/backward seconds; per (tp, sp, mbs):
     head seconds and activation bytes; per mbs: a whole tp1/sp1 micro-batch through the
     engine's gradient owner (``micro_batch``). Times are averaged over the ranks that ran them at once."""
-    dtype = layers.DTYPES[precision]
+    dtype = compute_dtype(precision)
     rows, heads, acts = [], [], []
     # A process's first passes run slowly (lazy kernel selection, allocator growth, autograd
     # and checkpoint setup): one throwaway pass keeps that out of the first shape's numbers.
     warm = layers.shard_block(args, 1, dtype, device)
-    for policy in _policies():
+    for policy in layers.POLICIES:
         layers.measure_layer(args, 1, 1, max(opts.mbs), policy, dtype, device, 1, warm)
     layers.measure_head(args, 1, 1, max(opts.mbs), dtype, device, 1)
     for tp, sp in shard_shapes(args, world):
         block = layers.shard_block(args, tp, dtype, device)
         for b in opts.mbs:
-            for policy in _policies():
+            for policy in layers.POLICIES:
                 rows.append(layers.measure_layer(args, tp, sp, b, policy, dtype, device, opts.reps, block))
             heads.append(layers.measure_head(args, tp, sp, b, dtype, device, opts.reps))
             acts.append(layers.measure_activations(args, tp, sp, b, dtype, device))

@@ -11,8 +11,9 @@ Policies, per transformer block (Korthikanti et al., arXiv:2205.05198):
 * ``full``: keep only the block input (2sbh) and recompute the whole block in backward;
 * ``budget``: the cheapest per-block mix of the three whose activations fit a budget.
 
-The model is changed in place and keeps its parameter names (see ``wrap.py``). Apply after
-tensor/sequence parallelism and before pipeline splitting and ZeRO wrapping.
+The model is changed in place and keeps its parameter names (see ``wrap.py``). The engine
+applies it after the pipeline prunes the model to its stage and tensor/sequence parallelism
+slices the held layers, and before ZeRO takes the parameters over.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from torch import nn
 
 from .budget import attention_core_share, default_costs, plan_budget
 from .finder import find_attention_core, find_blocks
-from .measure import measure_layer_activation_bytes, paper_bytes
+from .measure import graph_bytes, measure_layer_activation_bytes
 from .policy import POLICIES, apply_block_policy, block_policy
 
 MODES = (*POLICIES, "budget")
@@ -120,4 +121,4 @@ def _measured_by_class(model, batch_size, seq_len, d_model) -> LayerMemory:
 
 __all__ = ["MODES", "POLICIES", "apply_block_policy", "apply_recompute", "attention_core_share",
            "block_policy", "find_blocks", "measure_layer_activation_bytes", "model_shape",
-           "paper_bytes", "plan_budget", "recompute_plan"]
+           "graph_bytes", "plan_budget", "recompute_plan"]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from tetrad.models.transformer import CoreAttention
+
 # (description, attribute path from the model to the ModuleList of blocks). The first path
 # that resolves to an nn.ModuleList wins.
 BLOCK_PATHS: tuple[tuple[str, str], ...] = (
@@ -53,8 +55,6 @@ def find_attention_core(block: nn.Module) -> nn.Module | None:
     all-to-all module holding the local CoreAttention) is still found, and recomputing it
     repeats only local work, never the communication around it.
     """
-    from tetrad.models.transformer import CoreAttention
-
     cores = [m for m in block.modules() if isinstance(m, CoreAttention)]
     return cores[-1] if cores else None
 

@@ -23,6 +23,12 @@ from torch.utils._pytree import tree_leaves
 from .policy import POLICIES, apply_block_policy, block_policy
 
 
+def _storage(t: torch.Tensor):
+    """A tensor's storage; for a DTensor its local shard's (bench/tp_sp measures torch's
+    DTensor tensor parallelism with this same function)."""
+    return getattr(t, "_local_tensor", t).untyped_storage()
+
+
 class _StorageTracker(TorchDispatchMode):
     """Remembers (weak ref, bytes) of every storage an op returns, keyed by its address."""
 
@@ -35,7 +41,7 @@ class _StorageTracker(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and not t.is_meta:
-                st = t.untyped_storage()
+                st = _storage(t)
                 # An address reused after a free overwrites the dead entry, which is right.
                 if st.nbytes() and st.data_ptr() not in self.exclude:
                     self.seen[st.data_ptr()] = (StorageWeakRef(st), st.nbytes())
@@ -46,7 +52,7 @@ class _StorageTracker(TorchDispatchMode):
 
 
 def _ptrs(tensors) -> set[int]:
-    return {t.untyped_storage().data_ptr() for t in tensors if isinstance(t, torch.Tensor)}
+    return {_storage(t).data_ptr() for t in tensors if isinstance(t, torch.Tensor)}
 
 
 def graph_bytes(module: nn.Module, sample_input: torch.Tensor) -> int:
@@ -86,17 +92,3 @@ def measure_layer_activation_bytes(block: nn.Module, sample_input: torch.Tensor,
     finally:
         apply_block_policy(block, before)
         block.train(training)
-
-
-def paper_bytes(s: int, b: int, h: int, a: int, policy: str, bytes_per_element: int = 2) -> float:
-    """Korthikanti et al.'s activation bytes per layer (no tensor parallelism).
-
-    none: sbh(34 + 5as/h); selective: 34sbh; full: 2sbh — for 16-bit activations with 1-byte
-    dropout masks. ``bytes_per_element=4`` scales everything by 2 (fp32; an approximation, since
-    the masks stay 1 byte in the paper's accounting).
-    """
-    scale = bytes_per_element / 2
-    per = {"none": s * b * h * (34 + 5 * a * s / h), "selective": 34 * s * b * h, "full": 2 * s * b * h}
-    if policy not in per:
-        raise ValueError(f"policy={policy!r} is not valid; expected one of {sorted(per)}")
-    return per[policy] * scale

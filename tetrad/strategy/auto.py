@@ -16,7 +16,6 @@ from tetrad.config.schema import Config, StrategyConfig
 from tetrad.models.args import ModelArgs
 from tetrad.parallel.launch import init_distributed
 from tetrad.profiler import ProfileOptions, load_or_profile
-from tetrad.strategy.available import unavailable_reason
 from tetrad.strategy.measured import MeasuredCosts
 from tetrad.strategy.report import strategy_yaml, table, write_json
 from tetrad.strategy.search import chosen_strategy, search
@@ -32,7 +31,7 @@ def resolve_auto(cfg: Config, opts: ProfileOptions | None = None) -> StrategyCon
     profile, _ = load_or_profile(args, cfg.run.precision, world, path=out / "profile.json",
                                  opts=opts or ProfileOptions.quick())
     costs = MeasuredCosts(profile, args, cfg.run.precision)
-    plan = search(cfg, world, costs, available=unavailable_reason)
+    plan = search(cfg, world, costs)
     if cfg.strategy.verify > 0:
         verify_top(cfg, plan, cfg.strategy.verify)
     chosen = chosen_strategy(plan, world)

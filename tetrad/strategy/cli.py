@@ -41,14 +41,13 @@ def _costs(cfg: Config, args: argparse.Namespace, world: int):
     if args.hardware:
         from tetrad.strategy.hardware import SpecCosts, load_hardware
 
-        return SpecCosts(load_hardware(args.hardware), margs, cfg.run.precision), None
+        return SpecCosts(load_hardware(args.hardware), margs, cfg.run.precision)
     from tetrad.profiler import load_or_profile
-    from tetrad.strategy.available import unavailable_reason
     from tetrad.strategy.measured import MeasuredCosts
 
     profile, reused = load_or_profile(margs, cfg.run.precision, world, path=args.profile)
     print(f"profile: {'reused' if reused else 'measured'} ({profile['seconds']:.1f}s to measure)", file=sys.stderr)
-    return MeasuredCosts(profile, margs, cfg.run.precision), unavailable_reason
+    return MeasuredCosts(profile, margs, cfg.run.precision)
 
 
 def _world(args: argparse.Namespace) -> int:
@@ -70,9 +69,9 @@ def plan_main(argv: list[str]) -> int:
     args = _plan_parser().parse_args(argv)
     cfg = load_config(args.config, args.set)
     world = _world(args)
-    costs, available = _costs(cfg, args, world)
+    costs = _costs(cfg, args, world)
     budget = args.memory_gb * 1e9 if args.memory_gb else None
-    plan = search(cfg, world, costs, budget=budget, available=available)
+    plan = search(cfg, world, costs, budget=budget)
     print(table(plan, args.top))
     if args.json:
         write_json(plan, args.json)

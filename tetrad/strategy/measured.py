@@ -30,18 +30,6 @@ from tetrad.profiler.collectives import fit
 USABLE_FRACTION = 0.9
 
 
-def korthikanti(s: float, b: int, h: int, a: int, t: int, policy: str, megatron_sp: bool) -> float:
-    """Activation bytes per layer, 16-bit, from PAPERS.md (Korthikanti et al., arXiv:2205.05198)."""
-    sbh = s * b * h
-    if policy == "full":
-        return 2 * sbh / (t if megatron_sp else 1)
-    if policy == "selective":
-        return 34 * sbh / t if megatron_sp else sbh * (10 + 24 / t)
-    if megatron_sp:
-        return sbh / t * (34 + 5 * a * s / h)
-    return sbh * (10 + 24 / t + 5 * a * s / (h * t))
-
-
 def _lstsq(points: list[tuple[int, float]]) -> tuple[float, float]:
     """Unclamped least-squares (intercept, slope); a single point is all intercept."""
     if len(points) == 1:
@@ -156,11 +144,9 @@ class MeasuredCosts:
 
     def act_bytes(self, tp: int, sp: int, b: int, policy: str) -> float:
         per = self._acts.get((tp, sp, policy))
-        if per is None:  # recompute package absent: only "none" was measured
-            a = self.args
-            ratio = korthikanti(a.seq_len / sp, 1, a.d_model, a.n_heads, tp, policy, False) / korthikanti(
-                a.seq_len / sp, 1, a.d_model, a.n_heads, tp, "none", False)
-            per = self._acts[(tp, sp, "none")] * ratio
+        if per is None:
+            raise KeyError(f"the profile holds no activation bytes for tp={tp}, sp={sp}, recompute "
+                           f"{policy!r}; re-profile with --force")
         return per * b
 
     def coll(self, kind: str, g: int, stride: int, nbytes: float) -> float:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from tetrad.config.schema import StrategyConfig
 from tetrad.models.args import ModelArgs
-from tetrad.strategy.measured import korthikanti
+from tetrad.models.counts import activation_bytes as layer_activation_bytes
 from tetrad.strategy.shapes import layers_per_stage, micro_batches, param_counts, rank_params, shard_group
 
 
@@ -58,8 +58,8 @@ def msp_ratio(a: ModelArgs, s: StrategyConfig, costs) -> float:
     if not (s.megatron_sp and s.tp > 1):
         return 1.0
     seq = a.seq_len / s.sp
-    with_sp = korthikanti(seq, 1, a.d_model, a.n_heads, s.tp, s.recompute, True)
-    return with_sp / korthikanti(seq, 1, a.d_model, a.n_heads, s.tp, s.recompute, False)
+    with_sp = layer_activation_bytes(seq, 1, a.d_model, a.n_heads, t=s.tp, policy=s.recompute, megatron_sp=True)
+    return with_sp / layer_activation_bytes(seq, 1, a.d_model, a.n_heads, t=s.tp, policy=s.recompute)
 
 
 def activation_bytes(a: ModelArgs, s: StrategyConfig, costs, m: int) -> float:

@@ -7,11 +7,12 @@ tiers after the first that fits are recorded as dominated rather than priced.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable
 
+from tetrad.config import ConfigError
 from tetrad.config.schema import Config, StrategyConfig
 from tetrad.models.args import ModelArgs
 from tetrad.models.counts import flops_per_token
@@ -20,7 +21,6 @@ from tetrad.strategy.shapes import dp_degree
 from tetrad.strategy.space import Space
 from tetrad.strategy.timing import step_time
 
-Available = Callable[[StrategyConfig], "str | None"]
 
 
 @dataclass
@@ -100,8 +100,7 @@ def _shape_ok(costs, s: StrategyConfig) -> str:
     return ""
 
 
-def search(cfg: Config, world: int, costs, budget: float | None = None,
-           available: Available | None = None) -> Plan:
+def search(cfg: Config, world: int, costs, budget: float | None = None) -> Plan:
     """Every candidate for ``cfg`` on ``world`` ranks, priced by ``costs``; fastest that fits first."""
     budget = budget if budget is not None else costs.device_budget
     space = Space(cfg, world)
@@ -129,11 +128,7 @@ def search(cfg: Config, world: int, costs, budget: float | None = None,
                 if c is None:
                     continue
                 e = estimate(cfg, c, costs, world, budget, args)
-                if e.status == "ok" and available is not None:
-                    why = available(c)
-                    if why:
-                        e.status, e.reason = "unavailable", why
-                found |= e.status in ("ok", "unavailable")
+                found |= e.status == "ok"
                 (ok if e.status == "ok" else others).append(e)
             if found:
                 dominated += (len(offloads) - i - 1) * len(recomputes)
@@ -150,11 +145,7 @@ def chosen_strategy(plan: Plan, world: int) -> StrategyConfig:
     """The chosen layout as a plain (auto: false) StrategyConfig with dp resolved."""
     if plan.chosen is None:
         reasons = "; ".join(f"{n} x {r}" for r, n in plan.reason_counts().most_common(3))
-        from tetrad.config import ConfigError
-
         raise ConfigError(f"strategy: auto found no layout for world_size={world} that fits and runs "
                           f"here ({reasons})")
-    import dataclasses
-
     s = plan.chosen.strategy
     return dataclasses.replace(s, auto=False, dp=dp_degree(s, world))

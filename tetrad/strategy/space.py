@@ -1,9 +1,10 @@
 """The search space: every layout of the world and global batch, invalid ones with the reason.
 
-Validity is tetrad.config's own rules (heads and kv heads divisible by tp, Ulysses heads and
-sequence by sp, layers per pipeline chunk, world and batch divisibility, ZeRO-2/3 with pp,
-nvme tiers needing a directory, ...), so `plan` and `train` can never disagree about what is
-valid. Bounds of the enumeration, each a choice rather than a rule: micro-batch sizes up to
+Validity is the rule book's (``tetrad.config.validate.problems``: heads and kv heads divisible
+by tp, Ulysses heads and sequence by sp, layers per pipeline chunk, world and batch
+divisibility, ZeRO-2/3 with pp, offload tiers and step modes, ...), the same question the
+engine asks, so `plan` and `train` can never disagree about what is valid. Cheap subsets of
+the rules prune early (layouts, then bases); every candidate yielded passes all of them. Bounds of the enumeration, each a choice rather than a rule: micro-batch sizes up to
 32 (larger ones only add activation memory once matmuls are saturated), virtual stages up to
 8, and the recompute policies none/selective/full (`budget` needs a budget the user gives;
 it is searched only when set). At pp = 1 the schedules are identical, so only 1f1b is kept.
@@ -16,7 +17,8 @@ import dataclasses
 from collections.abc import Iterator
 
 from tetrad.config.schema import Config, OffloadConfig, StrategyConfig
-from tetrad.config.validate import batch_errors, layout_errors, strategy_errors, strategy_world_errors
+from tetrad.config.validate import (ModelShape, batch_errors, layout_errors, problems, strategy_errors,
+                                    strategy_world_errors)
 
 MAX_MBS = 32
 MAX_VIRTUAL = 8
@@ -36,6 +38,7 @@ class Space:
         base = cfg.strategy
         self.fixed = {k for k in base.fixed_keys() if k in FREE_KEYS or k == "dp"}
         self.base = dataclasses.replace(base, auto=False)
+        self.shape = ModelShape.of_config(cfg.model)
         self.rejected: list[tuple[StrategyConfig, str]] = []
 
     def _options(self, key: str, values) -> list:
@@ -50,14 +53,14 @@ class Space:
 
     def layouts(self) -> Iterator[StrategyConfig]:
         """(tp, pp, sp, megatron_sp) combinations that fit the model and the world."""
-        w, m = self.world, self.cfg.model
+        w = self.world
         for tp in self._options("tp", divisors(w)):
             for pp in self._options("pp", divisors(w // tp) if w % tp == 0 else [1]):
                 rest = w // (tp * pp) if w % (tp * pp) == 0 else 1
                 for sp in self._options("sp", divisors(rest)):
                     for msp in self._options("megatron_sp", [False, True] if tp > 1 else [False]):
                         s = dataclasses.replace(self.base, tp=tp, pp=pp, sp=sp, megatron_sp=msp)
-                        if not self._reject(s, strategy_world_errors(s, w) + layout_errors(m, s)):
+                        if not self._reject(s, strategy_world_errors(s, w) + layout_errors(self.shape, s)):
                             yield s
 
     def _schedules(self, s: StrategyConfig) -> list[tuple[str, int]]:
@@ -85,8 +88,9 @@ class Space:
                         s = dataclasses.replace(lay, zero=zero, micro_batch_size=mbs,
                                                 pipeline_schedule=sched, virtual_stages=v,
                                                 recompute="none", offload=_offload(lay, "none", "none"))
-                        errors = strategy_errors(s) + batch_errors(batch, s, dp)
-                        if not self._reject(s, errors):
+                        # offload rules wait for the tiers (offload_options / with_options)
+                        errors = [e for e in strategy_errors(s) if not e.rule.startswith("offload.")]
+                        if not self._reject(s, errors + batch_errors(batch, s, dp)):
                             yield s
 
     def recompute_options(self) -> list[str]:
@@ -97,8 +101,7 @@ class Space:
     def offload_options(self, s: StrategyConfig) -> list[tuple[str, str]]:
         """Valid (optimizer tier, params tier) pairs, cheapest first; (none, none) leads.
 
-        Invalid pairs are recorded against the base with the rule they break (the same rules
-        as tetrad.config.validate: params offload needs ZeRO-3, nvme needs offload.nvme_dir)."""
+        Invalid pairs are recorded against the base with the offload rule they break."""
         tiers = ("none", "cpu", "nvme")
         opt = self._options("offload.optimizer", tiers)
         par = self._options("offload.params", tiers)
@@ -114,22 +117,38 @@ class Space:
         return out
 
     def with_options(self, s: StrategyConfig, recompute: str, opt: str, par: str) -> StrategyConfig | None:
+        """The full candidate, or None (recorded) when any rule of the book refuses it."""
         c = dataclasses.replace(s, recompute=recompute, offload=_offload(s, opt, par))
-        return None if self._reject(c, strategy_errors(c)) else c
+        return None if self._reject(c, self.problems(c)) else c
+
+    def candidates(self) -> Iterator[StrategyConfig]:
+        """Every full candidate the rule book accepts: bases x offload tiers x recompute (the
+        search walks the same pieces, skipping tiers a cheaper one makes pointless)."""
+        for base in self.bases():
+            for opt, par in self.offload_options(base):
+                for recompute in self.recompute_options():
+                    c = self.with_options(base, recompute, opt, par)
+                    if c is not None:
+                        yield c
+
+    def problems(self, c: StrategyConfig) -> list[str]:
+        """Every rule ``c`` breaks for this run: the engine's question, asked the same way."""
+        run = self.cfg.run
+        return problems(c, model=self.shape, precision=run.precision, grad_clip=self.cfg.optimizer.grad_clip,
+                        world=self.world, global_batch=run.global_batch_size)
 
 
 def _offload_rule(s: StrategyConfig, opt: str, par: str) -> str:
-    """The offload rules of tetrad.config.validate.strategy_errors, checked without building a
-    candidate (the search meets them once per base layout); the wording is the same."""
-    c = dataclasses.replace(s, offload=_offload(s, opt, par)) if "nvme" in (opt, par) or par != "none" else None
-    if c is None:
-        return ""
-    errors = [e for e in strategy_errors(c) if "offload" in e]
+    """The first offload rule (by rule identity) the tiers (opt, par) break on base ``s``;
+    checked once per base layout, before any candidate is built."""
+    c = dataclasses.replace(s, offload=_offload(s, opt, par))
+    errors = [e for e in strategy_errors(c) if e.rule.startswith("offload.")]
     return errors[0] if errors else ""
 
 
 def _offload(s: StrategyConfig, opt: str, par: str) -> OffloadConfig:
-    return OffloadConfig(optimizer=opt, params=par, nvme_dir=s.offload.nvme_dir)
+    """The tiers (opt, par) with the user's other offload keys (directory, step mode)."""
+    return dataclasses.replace(s.offload, optimizer=opt, params=par)
 
 
 def _get(s: StrategyConfig, key: str):

@@ -33,7 +33,7 @@ What the model assumes (Narayanan et al., Korthikanti et al., Qi et al., Rajbhan
   micro-batch minus its layers and head (``costs.micro_batch_overhead``; 0 for cluster specs,
   whose kernels are priced from FLOPs and whose host overhead hides behind asynchronous
   launches).
-* Per-step synchronisation (tetrad.trainer.engine): the loss is all-reduced over the gradient
+* Per-step synchronisation (tetrad.engine): the loss is all-reduced over the gradient
   group (dp x sp), the gradient norm's squares over the dp group (ZeRO >= 1), the tp group and
   the pp group, and the last stage broadcasts the loss to its pp group: one small-message
   latency (the alpha of the fit) each, exposed (each waits for the slowest rank).

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from tetrad.config import ConfigError
 from tetrad.config.schema import Config, StrategyConfig
+from tetrad.engine import Engine
 from tetrad.models import build_model
 from tetrad.strategy.search import Plan
 from tetrad.strategy.shapes import dp_degree
@@ -23,14 +24,12 @@ from tetrad.strategy.shapes import dp_degree
 
 def measure_steps(cfg: Config, s: StrategyConfig, steps: int = 3) -> float:
     """Median seconds of steps 2..steps of ``s`` (the first pays for warm-up), slowest rank."""
-    from tetrad.trainer.engine import Engine  # edge: the engine owns how a layout runs
-
     world = dist.get_world_size()
     model = build_model(cfg.model, seed=cfg.run.seed)
     engine = Engine(model, strategy=dataclasses.replace(s, dp=dp_degree(s, world)), optim_cfg=cfg.optimizer,
                     precision=cfg.run.precision, global_batch_size=cfg.run.global_batch_size,
                     total_steps=steps)
-    local = cfg.run.global_batch_size // engine.dims.dp
+    local = cfg.run.global_batch_size // engine.layout.dp
     gen = torch.Generator().manual_seed(engine.dp_rank)
     times = []
     for _ in range(steps):

@@ -14,7 +14,8 @@ from tetrad.config import Config, load_config
 from tetrad.data import GlobalBatchSampler, build_dataset, shard_indices
 from tetrad.models import build_model
 from tetrad.parallel.launch import detect_launch, init_distributed
-from tetrad.trainer.engine import Engine
+from tetrad.engine import Engine
+from tetrad.strategy.auto import resolve_auto
 from tetrad.trainer.faults import FaultGuard
 from tetrad.trainer.metrics import MetricsLogger, peak_device_mb, peak_rss_mb
 
@@ -22,21 +23,21 @@ from tetrad.trainer.metrics import MetricsLogger, peak_device_mb, peak_rss_mb
 class Trainer:
     """Trains ``config.model`` on ``config.data`` for ``config.run.steps`` optimizer steps."""
 
-    def __init__(self, config: Config | str | dict, overrides: list[str] | tuple = ()):
+    def __init__(self, config: Config | str | dict, overrides: list[str] | tuple = (),
+                 trace: str | None = None):
         world = detect_launch().world_size
         # Everything about the config is checked before any process group exists.
         self.config = config if isinstance(config, Config) else load_config(config, overrides, world)
         if isinstance(config, Config):
             self.config.validate(world)
         self.history: list[dict] = []
+        self.trace = trace  # pipeline runs: write each rank's schedule as a Chrome trace here
 
     def _build(self) -> None:
         cfg = self.config
         init_distributed(timeout_s=cfg.run.collective_timeout_s)  # a dead peer fails, not hangs
         if cfg.strategy.auto:
             # The selector profiles this world and fills the layout before the engine exists.
-            from tetrad.strategy.auto import resolve_auto
-
             cfg.strategy = resolve_auto(cfg)
         torch.manual_seed(cfg.run.seed)
         # With pipeline stages the model is built on the meta device: the engine prunes it to
@@ -45,7 +46,8 @@ class Trainer:
         model = build_model(cfg.model, seed=cfg.run.seed, device="meta" if meta else None)
         self.engine = Engine(model, strategy=cfg.strategy, optim_cfg=cfg.optimizer,
                              precision=cfg.run.precision, global_batch_size=cfg.run.global_batch_size,
-                             total_steps=cfg.run.steps)
+                             total_steps=cfg.run.steps, collective_timeout_s=cfg.run.collective_timeout_s,
+                             trace=self.trace)
         self.rank0 = dist.get_rank() == 0
         self.dataset = build_dataset(cfg.data.source, cfg.model.seq_len, cfg.run.seed,
                                      cfg.data.builtin_tokens, cfg.model.vocab_size)
@@ -58,7 +60,7 @@ class Trainer:
 
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         indices = self.sampler.next_indices()
-        local = shard_indices(indices, self.engine.dp_rank, self.engine.dims.dp)
+        local = shard_indices(indices, self.engine.dp_rank, self.engine.layout.dp)
         return self.dataset.get_batch(local)
 
     def fit(self) -> list[dict]:

@@ -3,7 +3,9 @@
 ``build_data_parallel`` returns one object with the same interface for stages 0-3; see
 ``base.DataParallel``. Memory per rank with Adam, Ψ parameters and N ranks (mixed
 precision / fp32): stage 0 16Ψ / 16Ψ, stage 1 4Ψ+12Ψ/N / 8Ψ+8Ψ/N, stage 2 2Ψ+14Ψ/N /
-4Ψ+12Ψ/N, stage 3 16Ψ/N / 16Ψ/N, plus communication buffers.
+4Ψ+12Ψ/N, stage 3 16Ψ/N / 16Ψ/N, plus communication buffers. Where masters, optimizer
+state, gradients and stage-3 shards rest is the ``tier``'s choice (``tetrad.zero.tier``;
+``tetrad.offload`` provides host and NVMe tiers), never this package's.
 """
 
 from __future__ import annotations
@@ -14,38 +16,35 @@ from torch import nn
 from tetrad.zero.base import DataParallel
 from tetrad.zero.builder import group_options, optimizer_template
 from tetrad.zero.comm import group_rank, group_size
-from tetrad.zero.flat import plan_groups
-from tetrad.zero.master import MasterOptimizer
+from tetrad.zero.flat import number, plan_groups
+from tetrad.zero.grads import FullGrads, ShardedGrads
+from tetrad.zero.master import MasterOptimizer, ResidentTier
 from tetrad.zero.memory import live_tensor_bytes, memory_report
+from tetrad.zero.publish import ReplicatedPublisher, ShardedPublisher
 from tetrad.zero.scaler import DynamicLossScaler
-from tetrad.zero.stage012 import FlatDataParallel
-from tetrad.zero.stage3 import Stage3DataParallel
+from tetrad.zero.stage012 import ReplicatedParams
+from tetrad.zero.stage3 import ShardedParams
+from tetrad.zero.tier import GradSink, MasterStore, Placement, ShardStore, Tier, When
 from tetrad.zero.units import find_units
 
-COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+STAGES = (0, 1, 2, 3)
 
 
 def build_data_parallel(model: nn.Module, *, optimizer: torch.optim.Optimizer | None = None,
-                        optim_cfg=None, stage: int = 0, group=None, precision: str = "fp32",
-                        bucket_bytes: int = 25 * 2**20, device=None, offload=None,
+                        optim_cfg=None, stage: int = 0, group=None, dtype: torch.dtype = torch.float32,
+                        bucket_bytes: int = 25 * 2**20, tier: Tier | None = None,
                         param_init=None) -> DataParallel:
     """Take ownership of ``model``'s parameters, gradients and optimizer for ZeRO ``stage``.
 
-    The parameters are cast to the compute dtype of ``precision`` in place (buffers are
-    left alone: RoPE tables stay fp32); fp32 masters live in the returned object.
+    The parameters are cast to the compute ``dtype`` in place (buffers are left alone: RoPE
+    tables stay fp32); fp32 masters live in the returned object, or in ``tier``.
     ``optimizer`` (a fresh instance) or ``optim_cfg`` (tetrad AdamW) says what to build over
-    the master shards. ``offload`` (a ``strategy.offload`` section) puts masters, optimizer
-    state and, at stage 3, parameter shards in host memory or NVMe files (tetrad.offload);
-    ``param_init(name, param)``, stage 3 only, fills each parameter of a model built with
-    untouched storage just before its group is sharded (deferred init of models larger than
-    memory).
+    the master shards. ``param_init(name, param)``, stage 3 only, fills each parameter of a
+    model built with untouched storage just before its group is sharded (deferred init of
+    models larger than memory).
     """
-    from tetrad.offload.tiers import Offload
-
-    off = Offload.build(offload, stage, COMPUTE_DTYPES.get(precision))
-    if stage not in (0, 1, 2, 3):
-        raise ValueError(f"strategy.zero={stage!r} is not valid; use 0, 1, 2 or 3")
-    dtype = COMPUTE_DTYPES[precision]
+    if stage not in STAGES:
+        raise ValueError(f"strategy.zero={stage!r} is not valid; use one of {STAGES}")
     template, builder = optimizer_template(model, optimizer, optim_cfg)
     opt_index = {p: i for i, g in enumerate(template) for p in g["params"]}
     trained = [(n, p) for n, p in model.named_parameters() if p in opt_index]
@@ -57,30 +56,33 @@ def build_data_parallel(model: nn.Module, *, optimizer: torch.optim.Optimizer | 
     size = torch.tensor([], dtype=dtype).element_size()
     if stage < 3:
         # Reverse order of definition approximates the order backward produces gradients.
-        groups = plan_groups(trained[::-1], opt_index, bucket_bytes, rank, world, size)
-        if off is not None:
-            off.plan(groups, builder, group_options(template))
-        dp = FlatDataParallel(model, groups, stage=stage, group=group, dtype=dtype)
-        for g in groups if off is not None else []:
-            off.adopt(g)
+        groups = number(plan_groups(trained[::-1], opt_index, bucket_bytes, rank, world, size))
+        units = None
     else:
         units = [(spec, plan_groups(spec.params, opt_index, 2**62, rank, world, size))
                  for spec in find_units(model, set(opt_index))]
-        if off is not None:
-            off.plan([g for _, gs in units for g in gs], builder, group_options(template))
-        dp = Stage3DataParallel(model, units, group=group, dtype=dtype, offload=off,
-                                param_init=param_init)
-    scaler = DynamicLossScaler() if precision == "fp16" else None
-    if off is None:
-        dp.master = MasterOptimizer(dp.groups, group_options(template), builder, sharded=stage > 0,
-                                    dp_group=group, scaler=scaler)
-        return dp
-    dp.offload = off
-    dp.master = off.master(dp, group_options(template), builder, sharded=True, dp_group=group,
-                           scaler=scaler)
-    off.attach(dp)
-    return dp
+        groups = number([g for _, gs in units for g in gs])
+    scaler = DynamicLossScaler() if dtype == torch.float16 else None
+    placement = (tier or ResidentTier()).place(
+        groups, builder=builder, options=group_options(template), scaler=scaler, dp_group=group,
+        sharded=stage > 0, grads_to_sink=stage >= 2, dtype=dtype, rank=group_rank(group))
+    if stage < 3:
+        params = ReplicatedParams(model, groups, dtype=dtype, placement=placement)
+        publisher = ReplicatedPublisher(group, dtype)
+        # after the parameters took the compute dtype: the flat gradients are views in it
+        grads = (ShardedGrads(groups, group, dtype, sink=placement.sink) if stage == 2
+                 else FullGrads(groups, group, dtype, scatter=stage == 1))
+    else:
+        # Gradient hooks first: on each parameter they run in registration order, before the
+        # hooks that free the unit.
+        grads = ShardedGrads(groups, group, dtype, sink=placement.sink)
+        params = ShardedParams(model, units, group=group, dtype=dtype, placement=placement,
+                               param_init=param_init)
+        publisher = ShardedPublisher(placement.shards, dtype)
+    return DataParallel(model, stage=stage, params=params, grads=grads, master=placement.masters(),
+                        publisher=publisher, scaler=scaler)
 
 
-__all__ = ["COMPUTE_DTYPES", "DataParallel", "DynamicLossScaler", "build_data_parallel",
-           "live_tensor_bytes", "memory_report"]
+__all__ = ["DataParallel", "DynamicLossScaler", "GradSink", "MasterOptimizer", "MasterStore",
+           "Placement", "ResidentTier", "STAGES", "ShardStore", "Tier", "When",
+           "build_data_parallel", "live_tensor_bytes", "memory_report"]

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from tetrad.config.schema import OptimizerConfig
-from tetrad.trainer.optim import build_adamw, param_groups
+from tetrad.zero.optim import build_adamw, param_groups
 
 Builder = Callable[[list[dict]], torch.optim.Optimizer]
 

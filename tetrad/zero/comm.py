@@ -16,10 +16,18 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 
 
 class Done:
-    """The handle of a collective that had nothing to communicate (a group of one)."""
+    """A handle of work that finished when it was issued: a collective with nothing to
+    communicate (a group of one), a host-memory copy. Same surface as the async handles it
+    stands in for (c10d ``Work.wait``, offload ``Transfer.done``/``add_done_callback``)."""
 
     def wait(self) -> bool:
         return True
+
+    def done(self) -> bool:
+        return True
+
+    def add_done_callback(self, cb) -> None:
+        cb(self)
 
 
 def group_size(group) -> int:

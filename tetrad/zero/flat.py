@@ -8,16 +8,20 @@ weight decay differs) or of different tensor-parallel kind (their squared norms 
 over different process groups), so a group's master shard is one optimizer tensor with one
 set of hyperparameters.
 
-The tensors a stage keeps per group are attributes set by that stage (``full``, ``shard``,
-``master``, ``grad_full``, ``grad_shard``); None means "not held".
+The tensors ZeRO keeps per group are attributes set inside ``tetrad.zero`` only (``full``,
+``shard``, ``master``, ``grad_full``, ``grad_shard``); None means "not held here" (a tier may
+hold it instead). Per-step bookkeeping (pending gradients, handles) belongs to whoever does
+the work (``tetrad.zero.grads``), not to this record.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from tetrad.checkpoint.pieces import tp_shard
 
 
 @dataclass(eq=False)
@@ -30,14 +34,12 @@ class FlatGroup:
     world: int
     opt_index: int             # index of the optimizer param group
     tensor_parallel: bool      # parameters sharded across the tp group
+    index: int = 0             # position in the model's list of groups
     full: torch.Tensor | None = None        # compute-dtype flat parameters (params are views)
     shard: torch.Tensor | None = None       # compute-dtype local shard of the parameters
     master: torch.Tensor | None = None      # fp32 local shard the optimizer updates
     grad_full: torch.Tensor | None = None   # flat gradients of the whole group
     grad_shard: torch.Tensor | None = None  # reduced gradients of the local shard
-    pending: int = 0
-    handle: object | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def shard_size(self) -> int:
@@ -88,11 +90,18 @@ def plan_groups(named_params: list[tuple[str, nn.Parameter]], opt_index: dict[nn
     sizes: dict[tuple[int, bool], int] = {}
     groups: list[FlatGroup] = []
     for name, p in named_params:
-        key = (opt_index[p], bool(getattr(p, "tensor_parallel", False)))
+        key = (opt_index[p], tp_shard(p) is not None)
         open_.setdefault(key, []).append((name, p))
         sizes[key] = sizes.get(key, 0) + p.numel() * elem_size
         if sizes[key] >= bucket_bytes:
             groups.append(_close(open_.pop(key), rank, world, key))
             sizes[key] = 0
     groups.extend(_close(entries, rank, world, key) for key, entries in open_.items())
+    return groups
+
+
+def number(groups: list[FlatGroup], start: int = 0) -> list[FlatGroup]:
+    """Give each group its position (``index``) in the model's list of groups."""
+    for i, g in enumerate(groups, start):
+        g.index = i
     return groups

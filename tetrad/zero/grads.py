@@ -18,11 +18,25 @@ accumulation, at the cost of full-size gradients during accumulation.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 
 from tetrad.zero.comm import all_reduce_avg, reduce_scatter_avg
 from tetrad.zero.flat import FlatGroup
+from tetrad.zero.tier import GradSink
+
+
+@dataclass
+class _Sync:
+    """One group's progress through the synchronising backward."""
+
+    pending: int = 0                        # parameters whose gradient has not arrived
+    packed: set = field(default_factory=set)  # parameter indices already copied (stage 2-3)
+    launched: bool = False
+    handle: object | None = None
+    out: torch.Tensor | None = None         # stage 1: the reduce-scatter's output
 
 
 class _HookedGrads:
@@ -30,6 +44,7 @@ class _HookedGrads:
         self.groups, self.group, self.dtype = groups, group, dtype
         self.sync = False
         self._where: dict[nn.Parameter, tuple[FlatGroup, int]] = {}
+        self._state: dict[int, _Sync] = {g.index: _Sync() for g in groups}
         for g in groups:
             for i, p in enumerate(g.params):
                 self._where[p] = (g, i)
@@ -38,20 +53,19 @@ class _HookedGrads:
     def begin_backward(self, sync: bool) -> None:
         self.sync = sync
         if sync:
-            for g in self.groups:
-                g.pending, g.handle = len(g.params), None
-                g.extra["packed"], g.extra["launched"] = set(), False
+            self._state = {g.index: _Sync(pending=len(g.params)) for g in self.groups}
 
     def _on_grad(self, p: nn.Parameter) -> None:
         if self.sync:
             g, i = self._where[p]
             self._arrived(g, i, p)
-            g.pending -= 1
-            if g.pending == 0:
+            st = self._state[g.index]
+            st.pending -= 1
+            if st.pending == 0:
                 self._start(g)
 
     def _start(self, g: FlatGroup) -> None:
-        g.extra["launched"] = True
+        self._state[g.index].launched = True
         self._launch(g)
 
     def _arrived(self, g: FlatGroup, i: int, p: nn.Parameter) -> None:
@@ -62,9 +76,10 @@ class _HookedGrads:
         if not self.sync:
             return
         for g in self.groups:
-            if not g.extra["launched"]:
+            st = self._state[g.index]
+            if not st.launched:
                 for i, p in enumerate(g.params):
-                    if i not in g.extra["packed"] and p.grad is not None:
+                    if i not in st.packed and p.grad is not None:
                         self._arrived(g, i, p)
                 self._start(g)
         for g in self.groups:
@@ -96,17 +111,20 @@ class FullGrads(_HookedGrads):
         super().begin_backward(sync)
 
     def _launch(self, g: FlatGroup) -> None:
+        st = self._state[g.index]
         if self.scatter:
-            g.extra["out"] = torch.empty_like(g.grad_shard)
-            g.handle = reduce_scatter_avg(g.extra["out"], g.grad_full, self.group)
+            st.out = torch.empty_like(g.grad_shard)
+            st.handle = reduce_scatter_avg(st.out, g.grad_full, self.group)
         else:
-            g.handle = all_reduce_avg(g.grad_full, self.group)
+            st.handle = all_reduce_avg(g.grad_full, self.group)
 
     def _retire(self, g: FlatGroup) -> None:
-        g.handle.wait()
-        g.handle = None
+        st = self._state[g.index]
+        st.handle.wait()
+        st.handle = None
         if self.scatter:
-            g.grad_shard.copy_(g.extra.pop("out"))
+            g.grad_shard.copy_(st.out)
+            st.out = None
 
     def zero_grad(self) -> None:
         for g in self.groups:
@@ -114,41 +132,44 @@ class FullGrads(_HookedGrads):
 
 
 class ShardedGrads(_HookedGrads):
+    """``sink`` (a tier's, e.g. tetrad.offload): each reduced shard is handed to it as soon as
+    it is ready and not kept here; the shard buffers are then allocated per reduce instead of
+    all at once."""
+
     def __init__(self, groups: list[FlatGroup], group, dtype: torch.dtype, max_inflight: int = 2,
-                 lazy: bool = False):
+                 sink: GradSink | None = None):
         super().__init__(groups, group, dtype)
-        self.max_inflight = max_inflight
+        self.max_inflight, self.sink = max_inflight, sink
         self._inflight: list[FlatGroup] = []
-        # tetrad.offload: called with each group once its reduced shard is ready (it takes the
-        # shard to its tier and sets grad_shard to None; _launch then allocates a fresh one).
-        self.on_reduced = None
-        for g in groups:  # lazy (tetrad.offload): allocated at the first reduce, not all at once
-            g.grad_shard = None if lazy else torch.zeros(g.shard_size, dtype=dtype,
-                                                         device=g.params[0].device)
+        for g in groups:
+            g.grad_shard = None if sink is not None else torch.zeros(g.shard_size, dtype=dtype,
+                                                                     device=g.params[0].device)
 
     def _arrived(self, g: FlatGroup, i: int, p: nn.Parameter) -> None:
         if g.grad_full is None:
             g.grad_full = torch.zeros(g.numel, dtype=self.dtype, device=p.device)
         g.view(g.grad_full, i).copy_(p.grad)
-        g.extra["packed"].add(i)
+        self._state[g.index].packed.add(i)
         p.grad = None
 
     def _launch(self, g: FlatGroup) -> None:
         if g.grad_full is None:  # no parameter of the group got a gradient this step
-            g.grad_full = torch.zeros(g.numel, dtype=self.dtype, device=g.grad_shard.device)
+            g.grad_full = torch.zeros(g.numel, dtype=self.dtype, device=g.params[0].device)
         if g.grad_shard is None:
             g.grad_shard = torch.empty(g.shard_size, dtype=self.dtype, device=g.grad_full.device)
-        g.handle = reduce_scatter_avg(g.grad_shard, g.grad_full, self.group)
+        self._state[g.index].handle = reduce_scatter_avg(g.grad_shard, g.grad_full, self.group)
         self._inflight.append(g)
         while len(self._inflight) > self.max_inflight:
             self._retire(self._inflight[0])
 
     def _retire(self, g: FlatGroup) -> None:
-        if g.handle is not None:
-            g.handle.wait()
-            g.handle = None
-            if self.on_reduced is not None:
-                self.on_reduced(g)
+        st = self._state[g.index]
+        if st.handle is not None:
+            st.handle.wait()
+            st.handle = None
+            if self.sink is not None:  # the tier takes it now, during backward
+                self.sink.reduced(g, g.grad_shard)
+                g.grad_shard = None
         g.grad_full = None
         if g in self._inflight:
             self._inflight.remove(g)

@@ -21,10 +21,10 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from tetrad.zero.base import DataParallel, flat_fp32, init_master
 from tetrad.zero.comm import all_gather
 from tetrad.zero.flat import FlatGroup
-from tetrad.zero.grads import ShardedGrads
+from tetrad.zero.stage012 import flat_fp32, new_master
+from tetrad.zero.tier import Placement
 from tetrad.zero.units import UnitSpec
 
 
@@ -38,24 +38,24 @@ class Unit:
         self.pending = 0
 
 
-class Stage3DataParallel(DataParallel):
-    stage = 3
+class ShardedParams:
+    """Holds stage-3 parameters: each rank keeps its shards (in ``placement.shards``), units
+    are gathered around their use by the hooks below."""
 
     def __init__(self, model: nn.Module, units: list[tuple[UnitSpec, list[FlatGroup]]], *,
-                 group, dtype: torch.dtype, offload=None, param_init=None):
-        super().__init__(model, [g for _, gs in units for g in gs], group=group, dtype=dtype)
+                 group, dtype: torch.dtype, placement: Placement, param_init=None):
+        self.model, self.group, self.dtype = model, group, dtype
+        self.groups = [g for _, gs in units for g in gs]
         self.units = [Unit(spec, gs) for spec, gs in units]
-        # tetrad.offload: each group's shard and master go to their tier as soon as they
-        # exist, so construction never holds more than one group's state.
-        self.offload = offload
+        # Each group's shard and master go to their tier as soon as they exist, so
+        # construction never holds more than one group's state.
+        self.shards = placement.shards
+        self._io: dict[int, torch.Tensor] = {}  # a second tensor on each g.full's storage
         for g in self.groups:
             if param_init is not None:  # deferred init: fill the group just before sharding
                 for name, p in zip(g.names, g.params):
                     param_init(name, p)
-            self._shard_group(g)
-            if offload is not None:
-                offload.adopt(g)
-        self.grads = ShardedGrads(self.groups, group, dtype, lazy=offload is not None)
+            self._shard_group(g, placement)
         self.order: list[Unit] | None = None
         self._recording: list[Unit] | None = None
         model.register_forward_pre_hook(self._root_pre_forward)
@@ -68,12 +68,13 @@ class Stage3DataParallel(DataParallel):
                 p.register_post_accumulate_grad_hook(lambda p, u=unit: self._on_grad(u))
 
     @torch.no_grad()
-    def _shard_group(self, g: FlatGroup) -> None:
+    def _shard_group(self, g: FlatGroup, placement: Placement) -> None:
         flat32 = flat_fp32(g)
-        g.shard = flat32[g.lo:g.hi].to(self.dtype, copy=True)
-        init_master(g, flat32, self.dtype, g.shard)
-        g.full = torch.empty(g.numel, dtype=self.dtype, device=g.shard.device)
-        g.extra["io"] = torch.empty(0, dtype=self.dtype, device=g.shard.device).set_(
+        shard = flat32[g.lo:g.hi].to(self.dtype, copy=True)
+        g.master = placement.adopt_master(g, new_master(flat32, g, self.dtype, shard))
+        g.shard = self.shards.adopt(g, shard)
+        g.full = torch.empty(g.numel, dtype=self.dtype, device=shard.device)
+        self._io[g.index] = torch.empty(0, dtype=self.dtype, device=shard.device).set_(
             g.full.untyped_storage(), 0, (g.numel,))
         for i, p in enumerate(g.params):
             p.data = g.view(g.full, i)
@@ -84,16 +85,15 @@ class Stage3DataParallel(DataParallel):
         if unit.state == "free":
             for g in unit.groups:
                 g.full.untyped_storage().resize_(g.numel * g.full.element_size())
-                shard = g.shard if self.offload is None else self.offload.param_shard(g)
-                unit.handles.append(all_gather(g.extra["io"], shard.to(g.full.device), self.group))
+                shard = self.shards.get(g)
+                unit.handles.append(all_gather(self._io[g.index], shard.to(g.full.device), self.group))
             unit.state = "gathering"
         if wait and unit.state == "gathering":
             for handle in unit.handles:
                 handle.wait()
             unit.handles, unit.state = [], "full"
-            if self.offload is not None:  # the shards' host buffers can be reused
-                for g in unit.groups:
-                    self.offload.param_done(g)
+            for g in unit.groups:  # a tier's host buffer for the shard can be reused
+                self.shards.release(g)
 
     def _free(self, unit: Unit) -> None:
         if unit.state == "free":
@@ -154,18 +154,10 @@ class Stage3DataParallel(DataParallel):
 
     # ------------------------------------------------------------------ step
     def begin_backward(self, sync: bool) -> None:
-        super().begin_backward(sync)
         for unit in self.units:
             unit.pending = len(unit.params)
 
     def finish(self) -> None:
-        super().finish()
         for unit in self.units:  # units some of whose parameters got no gradient
             unit.in_backward = False
             self._free(unit)
-
-    @torch.no_grad()
-    def _publish(self) -> None:
-        for g in self.groups:
-            if g.master is not g.shard:
-                g.shard.copy_(g.master)

@@ -45,7 +45,8 @@ import torch
 
 from tetrad.parallel.pipeline.executor import PipelineExecutor
 from tetrad.parallel.pipeline.p2p import StageComm
-from tetrad.parallel.pipeline.schedule import SCHEDULES, Action, build_schedule, check_micro_batches
+from tetrad.parallel.pipeline.actions import Action
+from tetrad.parallel.pipeline.schedule import SCHEDULES, build_schedule, check_micro_batches
 from tetrad.parallel.pipeline.simulate import bubble, simulate, theoretical_bubble
 from tetrad.parallel.pipeline.split import (Chunk, balanced_partition, even_partition, measure_costs,
                                             split_model)

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 from tetrad.parallel.pipeline.p2p import ACT, GRAD, StageComm
-from tetrad.parallel.pipeline.schedule import Action
+from tetrad.parallel.pipeline.actions import Action
 from tetrad.parallel.pipeline.split import Chunk
 from tetrad.parallel.pipeline.trace import Timeline
 from tetrad.parallel.pipeline.zero_bubble import WeightGradStore, exclude_recomputed

@@ -14,19 +14,10 @@ schedule a few lines that can be read next to its paper.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from tetrad.parallel.pipeline.actions import Action, Schedule
+from tetrad.parallel.pipeline.simulate import list_schedule
 
 
-class Action(NamedTuple):
-    kind: str   # "F" forward, "B" backward (input grads; + weight grads unless split), "W" weight grads
-    mb: int     # micro-batch index within the step
-    chunk: int  # local chunk index on this rank (0 .. virtual_stages-1)
-
-    def __str__(self) -> str:
-        return f"{self.kind}{self.mb}" + (f"c{self.chunk}" if self.chunk else "")
-
-
-Schedule = list[list[Action]]
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zero_bubble")
 
 
@@ -98,8 +89,6 @@ def zero_bubble_h1(p: int, m: int, costs: tuple[float, float, float] = (1.0, 1.0
     has arrived (and, for F, while fewer than p-r micro-batches hold activations -- 1F1B's
     memory), and fills the time it would otherwise wait with pending W passes. Input-gradient
     chains no longer wait for weight gradients, which removes about (p-1)·T_W of bubble."""
-    from tetrad.parallel.pipeline.simulate import list_schedule
-
     return list_schedule(one_f_one_b(p, m), p, costs)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from tetrad.parallel.pipeline.schedule import Action, Schedule
+from tetrad.parallel.pipeline.actions import Action, Schedule
 
 Costs = tuple[float, float, float]  # T_F, T_B, T_W of one chunk; B includes W when not split
 Timeline = list[list[tuple[Action, float, float]]]

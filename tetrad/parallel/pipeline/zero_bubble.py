@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from tetrad.recompute.wrap import is_checkpointed
+
 _local = threading.local()  # the store whose capture() is active in this thread (forward only)
 
 
@@ -87,8 +89,6 @@ def exclude_recomputed(store: WeightGradStore, modules) -> None:
     their weight gradients in B (exact; with full recompute nothing is left for W, with
     selective recompute -- the attention core only -- everything is).
     """
-    from tetrad.recompute.wrap import is_checkpointed
-
     def pause(*_):
         store.paused += 1
 

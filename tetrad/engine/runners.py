@@ -1,0 +1,55 @@
+"""How one optimizer step runs its micro-batches: one runner per step mode.
+
+``MicroBatchRunner`` (pp = 1) runs each micro-batch's forward, loss and backward in turn
+through the engine's own micro-batch API, so ``train_step`` and a user's loop of
+``engine(x); engine.backward(loss); engine.step()`` share every line. ``PipelineRunner``
+(pp > 1) hands all micro-batches to the schedule's executor, with gradients accumulating
+locally until the schedule is done, then synchronises and steps once. Both return this
+rank's summed loss (fp64), which the engine averages over the gradient group.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class MicroBatchRunner:
+    def __init__(self, engine):
+        self.engine = engine
+
+    def run(self, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        e, n = self.engine, len(micro)
+        total = torch.zeros((), dtype=torch.float64, device=e.device)
+        for x, y in micro:
+            x, y = e.shard_micro_batch(x, y)
+            loss = e.loss(e(x), y)
+            e.backward(loss, accum_steps=n)
+            total += loss.detach().double()
+            e.step(accum_steps=n)
+        return total
+
+
+class PipelineRunner:
+    """``executor``: the schedule's ``PipelineExecutor`` over this rank's chunks."""
+
+    def __init__(self, engine, executor, d_model: int):
+        self.engine, self.executor, self.d_model = engine, executor, d_model
+
+    def run(self, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """The schedule over all micro-batches, one gradient sync, one step; the summed loss is
+        broadcast from the last stage to the pp group."""
+        e, dp = self.engine, self.engine.data_parallel
+        micro = [e.shard_micro_batch(x, y) for x, y in micro]
+        x0 = micro[0][0]
+        shards = e.layout.tp if e.layout.megatron_sp_active else 1  # sequence split over tp
+        shape = (x0.shape[0], x0.shape[1] // shards, self.d_model)
+        dp.begin_backward(sync=False)
+        total = self.executor.run([x for x, _ in micro], [y for _, y in micro], act_shape=shape,
+                                  scale=lambda loss: dp.scale_loss(loss / len(micro)))
+        dp.begin_backward(sync=True)  # no backward follows: finish() reduces every bucket
+        e.optimizer_step()
+        pp_group = e.layout.group("pp")
+        dist.broadcast(total, group=pp_group, src=dist.get_global_rank(pp_group, e.layout.pp - 1))
+        e.last.update({f"pipeline_{k}": v for k, v in self.executor.stats.items()})
+        return total

@@ -1,0 +1,100 @@
+"""``ResolvedLayout``: the parallel layout resolved once, as every part of the engine uses it.
+
+Built from the strategy and the mesh right after the mesh exists, and handed to the
+tensor/sequence plan, recompute, the pipeline, ZeRO and the checkpoint layout record, so no
+part re-derives "is tp on", "how is the sequence split" or "which ranks average gradients"
+from the strategy. Immutable; its process groups come from the mesh (and one flattened group,
+dp x sp, made here with ``new_subgroups_by_enumeration`` on every rank).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+
+from tetrad.parallel.mesh import ParallelDims
+
+
+@dataclass(frozen=True)
+class ResolvedLayout:
+    dims: ParallelDims
+    megatron_sp: bool = False
+    zero: int = 0
+    compute_dtype: torch.dtype = torch.float32
+    mesh: DeviceMesh | None = None   # None: a layout only checked, never run
+    grad_group: object | None = None  # dp x sp: ranks that see different tokens of one replica
+
+    @classmethod
+    def build(cls, strategy, world: int, device: torch.device, dtype: torch.dtype) -> "ResolvedLayout":
+        dims = ParallelDims(world, pp=strategy.pp, dp=strategy.resolve_dp(world), sp=strategy.sp,
+                            tp=strategy.tp)
+        mesh = dims.build_mesh(device)
+        grad = _dp_sp_group(dims) if dims.sp_enabled else mesh.get_group("dp")
+        return cls(dims, strategy.megatron_sp, strategy.zero, dtype, mesh, grad)
+
+    # ------------------------------------------------------------------ degrees
+    @property
+    def tp(self) -> int:
+        return self.dims.tp
+
+    @property
+    def sp(self) -> int:
+        return self.dims.sp
+
+    @property
+    def pp(self) -> int:
+        return self.dims.pp
+
+    @property
+    def dp(self) -> int:
+        return self.dims.dp
+
+    @property
+    def megatron_sp_active(self) -> bool:
+        """Megatron-SP is on and means something (it needs tp > 1)."""
+        return self.megatron_sp and self.dims.tp_enabled
+
+    @property
+    def seq_shards(self) -> int:
+        """How many ranks split one sequence between transformer blocks (sp x Megatron-SP tp)."""
+        return self.sp * (self.tp if self.megatron_sp_active else 1)
+
+    @property
+    def scatter_boundaries(self) -> bool:
+        """Pipeline boundary tensors are replicated over tp (no Megatron-SP): each tp rank sends
+        1/tp of them and the receiver all-gathers."""
+        return self.dims.tp_enabled and not self.megatron_sp
+
+    # ------------------------------------------------------------------ groups and ranks
+    def group(self, axis: str):
+        return self.mesh.get_group(axis)
+
+    def rank(self, axis: str) -> int:
+        """This rank's index along a mesh axis (0 on an axis of degree 1)."""
+        return self.mesh.get_local_rank(axis) if getattr(self.dims, f"{axis}_enabled") else 0
+
+    @property
+    def norm_groups(self) -> dict:
+        """Where gradient squares are summed beyond ZeRO's group: tp (sharded parameters) and
+        pp (each stage its own layers); None on an axis of degree 1."""
+        return {"tp": self.group("tp") if self.dims.tp_enabled else None,
+                "pp": self.group("pp") if self.dims.pp_enabled else None}
+
+    def record(self) -> dict:
+        """The layout as a checkpoint records it (RNG states are restored only when equal)."""
+        return {"world_size": self.dims.world_size, "dp": self.dp, "tp": self.tp, "pp": self.pp,
+                "sp": self.sp, "zero": self.zero}
+
+
+def _dp_sp_group(dims: ParallelDims):
+    """The flattened dp x sp group of this rank: every rank enumerates all of them (the
+    public c10d call; DeviceMesh's own flatten is private)."""
+    by_key: dict[tuple[int, int], list[int]] = {}
+    for rank in range(dims.world_size):
+        c = dims.coords(rank)
+        by_key.setdefault((c["pp"], c["tp"]), []).append(rank)
+    group, _ = dist.new_subgroups_by_enumeration(sorted(by_key.values()))
+    return group
