@@ -6,7 +6,7 @@
 Without --hardware, `plan` prices layouts with a profile of this machine at that world size
 (measured on the launched world under torchrun, else on spawned local ranks; reused when it
 matches) and prunes what the engine cannot run in this build. With --hardware (a YAML path or
-a shipped name: a100_80gb_cluster, h100_80gb_cluster) nothing is measured; the world size
+a shipped name: a100_40gb, a100_80gb, h100_sxm, h100_pcie, h100_nvl, h200, ...) nothing is measured; the world size
 defaults to the cluster's.
 """
 
@@ -39,7 +39,8 @@ def _plan_parser() -> argparse.ArgumentParser:
 def _costs(cfg: Config, args: argparse.Namespace, world: int):
     margs = ModelArgs.from_config(cfg.model)
     if args.hardware:
-        from tetrad.strategy.hardware import SpecCosts, load_hardware
+        from tetrad.strategy.hardware import load_hardware
+        from tetrad.strategy.spec_costs import SpecCosts
 
         return SpecCosts(load_hardware(args.hardware), margs, cfg.run.precision), None
     from tetrad.profiler import load_or_profile
