@@ -192,19 +192,20 @@ def fit_saturating(points: list[tuple[float, float]]) -> tuple[float, float]:
     return 1.0 / b, a / b
 
 
-def fit_gemm(points: list[tuple[int, int, int, float]], peak_flops: float,
+def fit_gemm(points: list[tuple[int, int, int, float]], peak_flops: float | None,
              half_dims: tuple[float, ...] = (16, 32, 64, 96, 128, 192, 256)) -> GemmCurve:
     """The GemmCurve best matching measured (m, n, k, seconds) in mean |log| error: for each
-    candidate half_dim the best top is closed-form (the geometric mean of the ratios)."""
+    candidate half_dim the best top is closed-form (the geometric mean of the ratios).
+    With ``peak_flops`` None the rates are absolute: ``top`` is the fitted asymptote in FLOP/s."""
     if not points:
         raise ValueError("fit_gemm needs measured (m, n, k, seconds) points")
     best = None
     for half in half_dims:
         shape = GemmCurve(1.0, half)
-        logs = [math.log(2.0 * m * n * k / (t * peak_flops) / shape.efficiency(m, n, k))
+        logs = [math.log(2.0 * m * n * k / (t * (peak_flops or 1.0)) / shape.efficiency(m, n, k))
                 for m, n, k, t in points]
         top = math.exp(sum(logs) / len(logs))
         err = sum(abs(v - math.log(top)) for v in logs) / len(logs)
         if best is None or err < best[0]:
-            best = (err, min(top, 1.0), half)
+            best = (err, top if peak_flops is None else min(top, 1.0), half)
     return GemmCurve(best[1], best[2])

@@ -91,6 +91,9 @@ class HardwareSpec:
         return points[-1][1]
 
     def peak_flops(self, precision: str) -> float:
+        if precision not in self.peak_tflops:
+            raise HardwareError(f"spec {self.name!r} states no peak for precision {precision!r}; "
+                                f"peak_tflops has {sorted(self.peak_tflops)}")
         return self.peak_tflops[precision] * 1e12 * self.power_share()
 
     def device_bytes(self) -> float:

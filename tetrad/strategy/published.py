@@ -177,6 +177,8 @@ def _run(raw: dict, defaults: dict, where: str, source: dict, software: dict) ->
     if not isinstance(raw, dict):
         _fail(where, "must be a mapping")
     merged = {**defaults, **raw}
+    if "id" in merged:
+        where = f"{where} ({merged['id']})"
     own = merged.pop("software", None) or {}
     if not isinstance(own, dict):
         _fail(f"{where}.software", "must be a mapping of Software fields")
@@ -190,7 +192,6 @@ def _run(raw: dict, defaults: dict, where: str, source: dict, software: dict) ->
     for key in ("id", "table", "model", "hardware", "gpus", "global_batch", "layout", "throughput", "split"):
         if key not in merged:
             _fail(where, f"missing key {key!r}")
-    where = f"{where} ({merged['id']})"
     if merged["split"] not in ("fit", "test"):
         _fail(f"{where}.split", f"{merged['split']!r}; valid: fit, test")
     if merged["hardware"] not in SHIPPED:
@@ -209,7 +210,7 @@ def _run(raw: dict, defaults: dict, where: str, source: dict, software: dict) ->
         if memory["measure"] != "max_reserved":
             _fail(f"{where}.memory.measure", f"{memory['measure']!r}; valid: max_reserved")
         memory = _pos(memory["gib"], f"{where}.memory.gib")
-    run = Run(id=str(merged["id"]), source=source["id"], file=where.split(":")[0], table=str(merged["table"]),
+    run = Run(id=str(merged["id"]), source=source["id"], file=where.split(": ")[0], table=str(merged["table"]),
               url=source["url"], model=model, hardware=merged["hardware"], gpus=gpus, global_batch=batch,
               precision=precision, layout=layout,
               throughput=_throughput(merged["throughput"], f"{where}.throughput"),
