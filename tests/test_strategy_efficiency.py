@@ -179,3 +179,9 @@ def test_software_rejects_unknown_fields():
     with pytest.raises(ValueError, match=r"sw\.gather_bytes=3"):
         Software.from_dict({"gather_bytes": 3}, "sw")
     assert math.isclose(Software.from_dict({"loss_bytes_per_logit": 4}).loss_bytes_per_logit, 4.0)
+
+
+def test_a_spec_with_the_old_flat_efficiency_keeps_its_meaning():
+    spec = _flat_spec(matmul_efficiency=0.6, efficiency={})
+    assert spec.efficiency.gemm.top == 0.6 and spec.efficiency.gemm.half_dim == 0
+    assert spec.efficiency.gemm.efficiency(16, 16, 16) == pytest.approx(0.6)   # no size penalty

@@ -158,9 +158,13 @@ def spec_from_dict(raw: dict, where: str = "spec", calib: dict | None = None) ->
     calib = calibration() if calib is None else calib
     family = raw.get("family", "")
     fitted = (calib.get("families") or {}).get(family, {}) if family else {}
+    own = dict(raw.get("efficiency") or {})
+    if "matmul_efficiency" in raw:
+        # A spec from before the curves: its one flat GEMM efficiency keeps its meaning.
+        _number(raw, "matmul_efficiency", where)
+        own.setdefault("gemm", {"top": raw.pop("matmul_efficiency"), "half_dim": 0})
     try:
-        raw["efficiency"] = Efficiency.from_dict(_merge(fitted, raw.get("efficiency") or {}),
-                                                 f"{where}: efficiency")
+        raw["efficiency"] = Efficiency.from_dict(_merge(fitted, own), f"{where}: efficiency")
     except EfficiencyError as err:
         raise HardwareError(str(err)) from None
     extra = {k: raw.pop(k) for k in list(raw) if k not in known}
