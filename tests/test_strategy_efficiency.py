@@ -9,7 +9,7 @@ from tetrad.strategy.efficiency import (AttentionCurve, Efficiency, EfficiencyEr
                                         fit_gemm, fit_saturating)
 from tetrad.strategy.hardware import HardwareError, load_hardware, spec_from_dict
 from tetrad.strategy.layer_ops import layer_work, saved_bytes
-from tetrad.strategy.measured import korthikanti
+from tetrad.models.counts import activation_bytes
 from tetrad.strategy.software import Software
 from tetrad.strategy.spec_costs import SpecCosts
 
@@ -70,9 +70,9 @@ GPT = ModelArgs(arch="gpt", vocab_size=1000, d_model=256, n_layers=4, n_heads=8,
 def test_math_kernel_inventory_is_korthikanti(tp, policy):
     # GPT, d_ff = 4h, MHA, dropout on, materialised scores: the paper's Table 2, 16-bit.
     got = saved_bytes(GPT, tp, 1, 2, policy, elem=2, kernel="math")
-    assert got == pytest.approx(korthikanti(GPT.seq_len, 2, GPT.d_model, GPT.n_heads, tp, policy, False))
+    assert got == pytest.approx(activation_bytes(GPT.seq_len, 2, GPT.d_model, GPT.n_heads, t=tp, policy=policy))
     msp = saved_bytes(GPT, tp, 1, 2, policy, elem=2, kernel="math", msp=True)
-    assert msp == pytest.approx(korthikanti(GPT.seq_len, 2, GPT.d_model, GPT.n_heads, tp, policy, True))
+    assert msp == pytest.approx(activation_bytes(GPT.seq_len, 2, GPT.d_model, GPT.n_heads, t=tp, policy=policy, megatron_sp=True))
 
 
 def test_flash_inventory_of_llama3_8b_by_hand():

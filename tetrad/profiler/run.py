@@ -92,7 +92,7 @@ def measure_layers(args: ModelArgs, precision: str, world: int, opts: ProfileOpt
 def measure_kernels(precision: str, device, reps: int) -> dict:
     """GEMM, attention, element-wise and copy rates by size (tetrad.profiler.kernels), every
     rank at once; the seconds are averaged over the ranks."""
-    out = kernels.measure_all(device, layers.DTYPES[precision], reps)
+    out = kernels.measure_all(device, compute_dtype(precision), reps)
     rows = out["gemm"] + out["attention"] + [out["memory"]]
     keys = [(r, k) for r in rows for k in ("s", "fwd_s", "bwd_s") if k in r]
     for (r, k), v in zip(keys, _mean_over_ranks([r[k] for r, k in keys])):
