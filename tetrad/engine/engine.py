@@ -51,16 +51,26 @@ def _strategy(strategy: StrategyConfig | str | dict | None) -> StrategyConfig:
     return s
 
 
-def _materialize(model: nn.Module, device: torch.device) -> nn.Module:
+def _materialize(model: nn.Module, device: torch.device, zero: int) -> nn.Module:
     """``model`` on ``device``: a model built on the meta device is allocated there and
-    initialised (``model.materialize``, tetrad's per-name init); any other is moved."""
-    if not any(p.is_meta for p in model.parameters()):
+    initialised (``model.materialize``, tetrad's per-name init); any other is moved. Under
+    ZeRO-3 the parameters stay on (or are materialised on) the host and only the buffers move:
+    ZeRO-3 takes each group to the device as it shards it, so a model whose weights exceed
+    one device's memory still trains."""
+    params_to = torch.device("cpu") if zero == 3 else device
+    if any(p.is_meta for p in model.parameters()):
+        if not hasattr(model, "materialize"):
+            raise ConfigError(f"{type(model).__name__} was built on the meta device but has no "
+                              f"materialize(device) to allocate and initialise it; build it on a real "
+                              f"device (tetrad's Transformer supports meta builds)")
+        model = model.materialize(params_to)
+    if zero != 3:
         return model.to(device)
-    if not hasattr(model, "materialize"):
-        raise ConfigError(f"{type(model).__name__} was built on the meta device but has no "
-                          f"materialize(device) to allocate and initialise it; build it on a real "
-                          f"device (tetrad's Transformer supports meta builds)")
-    return model.materialize(device)
+    for module in model.modules():
+        for name, buf in module._buffers.items():
+            if buf is not None:
+                module._buffers[name] = buf.to(device)
+    return model
 
 
 class Engine:
@@ -94,7 +104,8 @@ class Engine:
         self.data_parallel = build_data_parallel(
             self.model, optimizer=optimizer, optim_cfg=optim_cfg, stage=s.zero,
             group=self.layout.grad_group, dtype=self.layout.compute_dtype,
-            bucket_bytes=int(s.bucket_mb * 2**20), tier=self.tier, param_init=param_init)
+            bucket_bytes=int(s.bucket_mb * 2**20), tier=self.tier, param_init=param_init,
+            device=self.device)
         self.optimizer, self.scaler = self.data_parallel.optimizer, self.data_parallel.scaler
         self.step_count, self.micro_step = 0, 0
         self.last: dict = {}
@@ -107,7 +118,7 @@ class Engine:
         sharded) blocks. ZeRO takes ownership afterwards."""
         L, s = self.layout, self.strategy
         chunks = split_model(model, L.rank("pp"), L.pp, s.virtual_stages) if L.pp > 1 else None
-        model = parallelize(_materialize(model, self.device), L)
+        model = parallelize(_materialize(model, self.device, s.zero), L)
         budget = None if s.recompute_budget_mb is None else int(s.recompute_budget_mb * 2**20)
         apply_recompute(model, s.recompute, budget, batch_size=s.micro_batch_size, seq_shards=L.seq_shards)
         if chunks is None:
@@ -115,7 +126,8 @@ class Engine:
         executor = build_pipeline(model, L.group("pp"), schedule=s.pipeline_schedule,
                                   virtual_stages=s.virtual_stages, dtype=L.compute_dtype,
                                   device=self.device, loss_fn=self.loss, chunks=chunks,
-                                  tp_group=L.group("tp") if L.scatter_boundaries else None, trace=trace)
+                                  tp_group=L.group("tp") if L.scatter_boundaries else None, trace=trace,
+                                  channels=L.p2p_channels)
         return model, PipelineRunner(self, executor, self.shape.d_model)
 
     # ------------------------------------------------------------------ layout

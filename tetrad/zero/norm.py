@@ -35,9 +35,10 @@ def squares64(t: torch.Tensor) -> torch.Tensor:
 
 
 def global_grad_norm(groups: list[FlatGroup], grads: list[torch.Tensor], *, sharded: bool,
-                     dp_group, norm_groups: dict | None) -> torch.Tensor:
-    """sqrt of the sum of squares of every gradient of the model, as an fp64 scalar."""
-    device = grads[0].device if grads else torch.device("cpu")
+                     dp_group, norm_groups: dict | None, device: torch.device) -> torch.Tensor:
+    """sqrt of the sum of squares of every gradient of the model, as an fp64 scalar on
+    ``device`` (the compute device even for a rank that holds no gradient: the reductions run
+    on every rank, and NCCL reduces device tensors only)."""
     sq = torch.zeros(2, dtype=torch.float64, device=device)  # [tensor-parallel, replicated]
     for g, grad in zip(groups, grads):
         if grad.numel():
