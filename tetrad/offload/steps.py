@@ -124,6 +124,19 @@ class OffloadedMasters:
         self.settle()
 
     # ------------------------------------------------------------------ norm and gradients
+    def _begin(self, lr, grad_clip: float, norm_groups, copy: bool = False):
+        """(global norm, clipping factor) from the gradients in hand (the sink's squares, or
+        the resident shards); the factor is None when the step is skipped (not finite)."""
+        norm = self._norm(norm_groups, self.sink.squares if self.sink else None, copy=copy)
+        if self.sink:
+            self.sink.squares = [None] * len(self.p.groups)
+        if skip_step(norm, self.scaler):
+            self._grads = None
+            return norm, None
+        if lr is not None:
+            set_lr(self.optimizer, lr)
+        return norm, (grad_clip / (float(norm) + 1e-6) if grad_clip > 0 else 1.0)
+
     def _norm(self, norm_groups, squares: list | None, copy: bool = False) -> torch.Tensor:
         if squares is None:  # resident gradients: exactly MasterOptimizer's arithmetic
             # (a copy when the step runs late: the next backward accumulates into the shard)
@@ -209,16 +222,9 @@ class SyncStep(OffloadedMasters):
         self.sink = SpillSink(parts, ["grad"]) if parts.spilled else None
 
     def step(self, lr, grad_clip: float, norm_groups, publisher: Publisher) -> tuple[float, bool]:
-        squares = self.sink.squares if self.sink else None
-        norm = self._norm(norm_groups, squares)
-        if self.sink:
-            self.sink.squares = [None] * len(self.p.groups)
-        if skip_step(norm, self.scaler):
-            self._grads = None
+        norm, coef = self._begin(lr, grad_clip, norm_groups)
+        if coef is None:
             return float(norm), True
-        if lr is not None:
-            set_lr(self.optimizer, lr)
-        coef = grad_clip / (float(norm) + 1e-6) if grad_clip > 0 else 1.0
         self._step_all(coef, self.sink.key if self.sink else None, publisher, When.NOW)
         publisher.finish()
         return float(norm), False
@@ -234,15 +240,9 @@ class DelayedStep(OffloadedMasters):
 
     def step(self, lr, grad_clip: float, norm_groups, publisher: Publisher) -> tuple[float, bool]:
         self.settle()  # the previous step's update becomes the parameters now
-        norm = self._norm(norm_groups, self.sink.squares if self.sink else None, copy=True)
-        if self.sink:
-            self.sink.squares = [None] * len(self.p.groups)
-        if skip_step(norm, self.scaler):
-            self._grads = None
+        norm, coef = self._begin(lr, grad_clip, norm_groups, copy=True)
+        if coef is None:
             return float(norm), True
-        if lr is not None:
-            set_lr(self.optimizer, lr)
-        coef = grad_clip / (float(norm) + 1e-6) if grad_clip > 0 else 1.0
         key = self.sink.take() if self.sink else None
         job = self._thread.submit(self._step_all, coef, key, publisher, When.IN_USE)
         self._running = (job, publisher)
