@@ -288,7 +288,7 @@ class OverlapStep(OffloadedMasters):
         Nothing here waits for the device: the gradient and its squared norm go down to pinned
         memory on the side stream, and the optimizer thread waits for that copy's event."""
         grad = grad.float()
-        sq = squares64(grad).reshape(1)
+        sq = squares64(grad)
         host, ready = self.p.copies.to_host(grad)
         host_sq, ready_sq = self.p.copies.to_host(sq)
         self.squares[g.index] = host_sq
