@@ -255,7 +255,7 @@ def parallelize(model: nn.Module, layout: ResolvedLayout) -> nn.Module:
     family, prefix = model_family(model)
     check_layout(family, layout)
     tp_rank, sp_rank = layout.rank("tp"), layout.rank("sp")
-    device = next(model.parameters()).device
+    device = layout.device  # dropout masks are drawn where compute runs (the model may be on the host)
     ctx = Layout(layout.group("tp"), layout.group("sp"), tp, sp, layout.megatron_sp_active,
                  rng_sharded=RNGFork(tp_rank + tp * sp_rank, device),
                  rng_sp=RNGFork(tp * sp_rank, device))

@@ -47,7 +47,7 @@ class Trainer:
         self.engine = Engine(model, strategy=cfg.strategy, optim_cfg=cfg.optimizer,
                              precision=cfg.run.precision, global_batch_size=cfg.run.global_batch_size,
                              total_steps=cfg.run.steps, collective_timeout_s=cfg.run.collective_timeout_s,
-                             trace=self.trace)
+                             trace=self.trace, tf32=cfg.run.tf32, compile=cfg.run.compile)
         self.rank0 = dist.get_rank() == 0
         self.dataset = build_dataset(cfg.data.source, cfg.model.seq_len, cfg.run.seed,
                                      cfg.data.builtin_tokens, cfg.model.vocab_size)
