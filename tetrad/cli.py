@@ -5,25 +5,21 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 
 from tetrad.config import ConfigError
 
 
 def _train(args: argparse.Namespace) -> int:
-    from tetrad.trainer.faults import TrainingFault
+    """0 when the run trained to ``run.steps``, was already there, or stopped for a
+    preemption signal with its checkpoint; otherwise an exception that ``main`` prints."""
     from tetrad.trainer.trainer import Trainer
 
     if args.trace:
         os.environ["TETRAD_TRACE"] = args.trace  # read by the pipeline executor on every rank
-    try:
-        history = Trainer(args.config, overrides=args.set).fit()
-    except TrainingFault as err:  # a dead peer or a diverged run: the message says which
-        print(f"tetrad: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
-        return 1
+    Trainer(args.config, overrides=args.set).fit()
     _shutdown_process_group()
-    if history and history[-1].get("step"):
-        return 0
-    return 1
+    return 0
 
 
 def _shutdown_process_group() -> None:
@@ -95,5 +91,33 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConfigError as err:
-        print(f"tetrad: config error: {err}", file=sys.stderr)
+        print(f"tetrad: config error: {err}", file=sys.stderr, flush=True)
         return 2
+    except Exception as err:  # noqa: BLE001 - every non-zero exit says why, in one line first
+        return _failed(err)
+    except KeyboardInterrupt:  # before the training loop's own handler is installed, or after it
+        print("tetrad: interrupted", file=sys.stderr, flush=True)
+        return 130
+
+
+def _failed(err: Exception) -> int:
+    """Exit code for an error that stopped a command, after printing why.
+
+    Errors that name their cause (a dead peer, a diverged run, failing checkpoint saves, a
+    corrupt checkpoint, bad data, an inconsistent launcher environment, a full disk) print one
+    line; anything else is a bug and keeps its traceback.
+    """
+    from tetrad.checkpoint.fileio import CheckpointError
+    from tetrad.data.errors import DataError
+    from tetrad.parallel.launch import LaunchError
+    from tetrad.trainer.faults import TrainingFault
+
+    if isinstance(err, LaunchError):
+        print(f"tetrad: launch error: {err}", file=sys.stderr, flush=True)
+        return 2
+    if isinstance(err, (TrainingFault, CheckpointError, DataError, OSError)):
+        print(f"tetrad: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        return 1
+    traceback.print_exc()
+    print(f"tetrad: unexpected {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+    return 1

@@ -228,6 +228,9 @@ class CheckpointConfig(Section):
     keep: int = setting(2, "most recent checkpoints kept on disk; 1..2**31-1", ge=1, le=MAX_SIZE)
     async_save: bool = setting(True, "flush to disk in the background while training continues", key="async")
     resume: str = setting("auto", "'auto' (latest in dir, if any), 'none', or a checkpoint path", check=_nonempty)
+    max_failures: int = setting(3, "stop the run after this many checkpoint saves in a row fail (full disk, "
+                                "I/O error, lost directory); a failed save never harms the last committed "
+                                "one; 1..1e6", ge=1, le=10**6)
 
     def resolve_dir(self, output_dir: str) -> str:
         """`dir` (a relative one under `output_dir`), or `<output_dir>/checkpoints` when unset."""

@@ -135,6 +135,21 @@ def batch_errors(run_batch: int, s: StrategyConfig, dp: int) -> list[str]:
     return []
 
 
+def valid_world_sizes(run_batch: int, s: StrategyConfig) -> str:
+    """The world sizes on which run.global_batch_size splits into whole micro-batches (and,
+    with pp > 1, into at least pp of them): tp*pp*sp times each such dp. Named in the batch
+    error, so a job restarted on another world (a lost node) says which worlds can keep it."""
+    if run_batch % s.micro_batch_size:
+        return (f"none: strategy.micro_batch_size={s.micro_batch_size} does not divide "
+                f"run.global_batch_size={run_batch}")
+    n, mp = run_batch // s.micro_batch_size, s.model_parallel_size
+    small = [d for d in range(1, int(n ** 0.5) + 1) if n % d == 0]
+    dps = sorted(set(small) | {n // d for d in small})
+    worlds = [mp * d for d in dps if n // d >= s.pp]
+    shown = worlds if len(worlds) <= 12 else worlds[:6] + ["..."] + worlds[-6:]
+    return ", ".join(map(str, shown))
+
+
 # --- entry points --------------------------------------------------------------------------
 
 def validate_strategy(s: StrategyConfig, world_size: int | None = None) -> None:
@@ -155,5 +170,9 @@ def validate_config(cfg: Config, world_size: int | None = None) -> None:
         if not cfg.strategy.auto and not errors:  # the selector picks the layout under auto
             errors = strategy_world_errors(cfg.strategy, world_size)
             dp = world_size // cfg.strategy.model_parallel_size
-            errors = errors or batch_errors(cfg.run.global_batch_size, cfg.strategy, dp)
+            if not errors:
+                errors = batch_errors(cfg.run.global_batch_size, cfg.strategy, dp)
+                if errors and cfg.strategy.dp == "auto":  # the world decides dp: say which worlds work
+                    errors[-1] += (f"; valid world sizes for this batch and layout: "
+                                   f"{valid_world_sizes(cfg.run.global_batch_size, cfg.strategy)}")
     raise_all(errors)

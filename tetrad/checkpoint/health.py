@@ -1,0 +1,167 @@
+"""Agreeing on how each checkpoint save ended, so every rank counts failures alike.
+
+A save can fail on one rank (its node's disk is full, an I/O error) while the others
+succeed, and rank 0 commits only once every rank's files exist. Ranks learn each other's
+outcomes from four integers all-reduced with MAX: at every step boundary (folded into the
+loop's preemption all-reduce, so no extra collective there) and once before a new save
+starts, after this rank's own part of the previous save is written, so that rank 0 never
+waits for a commit whose other half failed. Every rank applies the same agreed numbers in
+the same order, so every rank reaches ``checkpoint.max_failures`` at the same step and the
+run stops together, never with one rank gone and the others hanging.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from tetrad.checkpoint.manager import CheckpointManager, SaveOutcome
+from tetrad.checkpoint.pieces import Piece
+from tetrad.checkpoint.writer import total_bytes
+
+# committed step (rank 0), failed step, its errno, failing rank + 1 (0 = none)
+WIDTH = 4
+
+
+class SaveAgreement:
+    """Outcomes of one run's saves, agreed across ranks; failures in a row since the last commit."""
+
+    def __init__(self, manager: CheckpointManager, rank: int, max_failures: int):
+        self.manager, self.rank, self.max_failures = manager, rank, max_failures
+        self.last_committed: int | None = None
+        self.in_row: list[dict] = []  # agreed failures since the last commit, oldest first
+        self._failed: set[int] = set()
+        self._queue: list[SaveOutcome] = []  # this rank's outcomes not yet agreed
+        self._reports: list[dict] = []  # newly agreed failures, for the loop to log
+
+    # ------------------------------------------------------------------ this rank's part
+    def local(self) -> list[int]:
+        """This rank's contribution to the all-reduce (MAX), ``WIDTH`` integers."""
+        self._queue += self.manager.take_outcomes()
+        committed = max((o.step for o in self._queue if o.ok), default=0) if self.rank == 0 else 0
+        failure = next((o for o in self._queue if not o.ok and o.step not in self._failed), None)
+        if failure is None:
+            return [committed, 0, 0, 0]
+        return [committed, failure.step, failure.errno, self.rank + 1]
+
+    # ------------------------------------------------------------------ everyone's part
+    def apply(self, agreed: list[int]) -> None:
+        """Apply the all-reduced numbers (the same on every rank), oldest step first."""
+        committed, failed, code, rank1 = (int(v) for v in agreed)
+        events = []
+        if committed and committed > (self.last_committed or 0):
+            events.append((committed, 1))
+        if failed and failed not in self._failed:
+            events.append((failed, 0))
+        for step, ok in sorted(events):
+            if ok:
+                self.last_committed, self.in_row = step, []
+            else:
+                self._fail(step, code, rank1 - 1)
+        self._queue = [o for o in self._queue
+                       if not (o.ok and o.step <= committed) and o.step not in self._failed]
+
+    def _fail(self, step: int, code: int, rank: int) -> None:
+        self._failed.add(step)
+        self.manager.abort(step)  # rank 0 stops waiting for it; every rank removes its part
+        # A failure older than a save that has since committed does not count toward stopping.
+        counts = self.last_committed is None or step > self.last_committed
+        mine = next((o for o in self._queue if o.step == step and not o.ok), None)
+        report = {"step": step, "rank": rank, "errno": code,
+                  "error": errno_mod.errorcode.get(code, "not an OS error") if code else "not an OS error",
+                  "dir": str(self.manager.root),
+                  "message": mine.describe() if mine is not None else _strerror(code)}
+        if counts:
+            self.in_row.append(report)
+        report["in_row"] = len(self.in_row)
+        self._reports.append(report)
+
+    def settle(self, device: torch.device) -> None:
+        """Before a new save: once this rank's part of the previous one is written, agree on
+        every rank's outcome (a collective: every rank calls it at the same steps)."""
+        self.manager.wait_for_write()
+        self.apply(all_max(self.local(), device))
+
+    def finish(self, device: torch.device) -> None:
+        """Wait for the save in flight to be committed or to fail, agreed on every rank."""
+        self.settle(device)  # a failed part aborts rank 0's commit instead of letting it wait
+        self.manager.wait_for_flush()
+        self.apply(all_max(self.local(), device))
+
+    def take_reports(self) -> list[dict]:
+        """Failures agreed since the last call (every rank gets the same list)."""
+        out, self._reports = self._reports, []
+        return out
+
+    @property
+    def should_stop(self) -> bool:
+        return len(self.in_row) >= self.max_failures
+
+    def committed(self, step: int) -> bool:
+        return self.last_committed == step
+
+    # ------------------------------------------------------------------ messages
+    def describe(self, report: dict) -> str:
+        """Rank 0's line for one agreed failure."""
+        last = (f"the last committed checkpoint (step {self.last_committed}) is untouched"
+                if self.last_committed is not None else "no checkpoint of this run is committed yet")
+        where = f"rank {report['rank']}" if report["rank"] != self.rank else "this rank (0)"
+        return (f"checkpoint of step {report['step']} failed on {where}: {report['message']}, under "
+                f"{report['dir']}; its partial files were removed and {last}; training goes on "
+                f"({report['in_row']} of checkpoint.max_failures={self.max_failures} in a row)")
+
+    def stop_message(self) -> str:
+        steps = ", ".join(str(r["step"]) for r in self.in_row)
+        last = self.in_row[-1]
+        kept = (f"step {self.last_committed} is the newest committed checkpoint (intact)"
+                if self.last_committed is not None else "no checkpoint of this run was committed")
+        return (f"{len(self.in_row)} checkpoint saves in a row failed (steps {steps}); the last on rank "
+                f"{last['rank']}: {last['message']}, under {last['dir']}. Stopping: {kept}. Free space or "
+                f"fix the file system, point checkpoint.dir elsewhere, or raise "
+                f"checkpoint.max_failures={self.max_failures}")
+
+
+def _strerror(code: int) -> str:
+    if not code:
+        return "see that rank's log"
+    return f"[Errno {code}] {os.strerror(code)} ({errno_mod.errorcode.get(code, code)})"
+
+
+def all_max(values: list[int], device: torch.device) -> list[int]:
+    """Element-wise MAX of ``values`` over the world (the same list on every rank)."""
+    t = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [int(v) for v in t.tolist()]
+
+
+def warn_if_no_room(root: Path, pieces: list[Piece], device: torch.device, rank: int) -> int:
+    """Warn (rank 0) when ``root`` has less free space than one checkpoint; returns the estimate.
+
+    The estimate is every rank's share of ``pieces`` (summed with an all-reduce). AdamW's two
+    moments exist only after the first optimizer step; before it they are counted at the
+    masters' size, so the estimate does not undercount a fresh run.
+    """
+    mine = [p for p in pieces if p.write]
+    size = total_bytes(mine)
+    if not any(p.name.startswith("optim/") and p.name.count("/") >= 2 for p in mine):  # optim/<key>/<param>
+        size += 2 * total_bytes([p for p in mine if p.name.startswith("model/")])
+    total = torch.tensor([size], dtype=torch.int64, device=device)
+    dist.all_reduce(total)
+    need = int(total)
+    if rank == 0:
+        free = shutil.disk_usage(root).free
+        if free < need:
+            warnings.warn(f"checkpoint.dir {root} has {_mib(free)} free, but one checkpoint of this run "
+                          f"needs about {_mib(need)}: saves will fail (the run goes on, and stops after "
+                          f"checkpoint.max_failures failures in a row)", stacklevel=2)
+    return need
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
