@@ -2,7 +2,7 @@
 
 A save can fail on one rank (its node's disk is full, an I/O error) while the others
 succeed, and rank 0 commits only once every rank's files exist. Ranks learn each other's
-outcomes from four integers all-reduced with MAX: at every step boundary (folded into the
+outcomes from two integers all-reduced with MAX: at every step boundary (folded into the
 loop's preemption all-reduce, so no extra collective there) and once before a new save
 starts, after this rank's own part of the previous save is written, so that rank 0 never
 waits for a commit whose other half failed. Every rank applies the same agreed numbers in
@@ -25,8 +25,25 @@ from tetrad.checkpoint.manager import CheckpointManager, SaveOutcome
 from tetrad.checkpoint.pieces import Piece
 from tetrad.checkpoint.writer import total_bytes
 
-# committed step (rank 0), failed step, its errno, failing rank + 1 (0 = none)
-WIDTH = 4
+# [committed step (rank 0 only), a failure packed as step | lowest failing rank | its errno]:
+# packing keeps the three from one rank under an element-wise MAX (the newest failed save,
+# then the lowest rank that failed it -- rank 0 when it did, whose message is the fullest).
+WIDTH = 2
+_RANK_BITS, _ERRNO_BITS = 20, 12
+_RANK_MAX = (1 << _RANK_BITS) - 1
+
+
+def pack_failure(step: int, rank: int, code: int) -> int:
+    """One int64 that MAX-reduces to the newest step's lowest failing rank (steps < 2**31)."""
+    rank_field = _RANK_MAX - min(rank, _RANK_MAX)
+    return (step << (_RANK_BITS + _ERRNO_BITS)) | (rank_field << _ERRNO_BITS) | min(code, (1 << _ERRNO_BITS) - 1)
+
+
+def unpack_failure(packed: int) -> tuple[int, int, int]:
+    """(step, rank, errno) of ``pack_failure``; step 0 means no failure."""
+    step = packed >> (_RANK_BITS + _ERRNO_BITS)
+    rank = _RANK_MAX - ((packed >> _ERRNO_BITS) & _RANK_MAX)
+    return step, rank, packed & ((1 << _ERRNO_BITS) - 1)
 
 
 class SaveAgreement:
@@ -47,13 +64,14 @@ class SaveAgreement:
         committed = max((o.step for o in self._queue if o.ok), default=0) if self.rank == 0 else 0
         failure = next((o for o in self._queue if not o.ok and o.step not in self._failed), None)
         if failure is None:
-            return [committed, 0, 0, 0]
-        return [committed, failure.step, failure.errno, self.rank + 1]
+            return [committed, 0]
+        return [committed, pack_failure(failure.step, self.rank, failure.errno)]
 
     # ------------------------------------------------------------------ everyone's part
     def apply(self, agreed: list[int]) -> None:
         """Apply the all-reduced numbers (the same on every rank), oldest step first."""
-        committed, failed, code, rank1 = (int(v) for v in agreed)
+        committed, packed = (int(v) for v in agreed)
+        failed, rank, code = unpack_failure(packed)
         events = []
         if committed and committed > (self.last_committed or 0):
             events.append((committed, 1))
@@ -63,7 +81,7 @@ class SaveAgreement:
             if ok:
                 self.last_committed, self.in_row = step, []
             else:
-                self._fail(step, code, rank1 - 1)
+                self._fail(step, code, rank)
         self._queue = [o for o in self._queue
                        if not (o.ok and o.step <= committed) and o.step not in self._failed]
 
@@ -121,8 +139,12 @@ class SaveAgreement:
         last = self.in_row[-1]
         kept = (f"step {self.last_committed} is the newest committed checkpoint (intact)"
                 if self.last_committed is not None else "no checkpoint of this run was committed")
-        return (f"{len(self.in_row)} checkpoint saves in a row failed (steps {steps}); the last on rank "
-                f"{last['rank']}: {last['message']}, under {last['dir']}. Stopping: {kept}. Free space or "
+        # The same text on every rank: from the agreed numbers only (the failing rank's own
+        # line, with the file name, was printed by rank 0 when it was that rank).
+        n = len(self.in_row)
+        return (f"{n} checkpoint save{'s' if n > 1 else ''} in a row failed (step{'s' if n > 1 else ''} "
+                f"{steps}); the last on rank "
+                f"{last['rank']}: {_strerror(last['errno'])}, under {last['dir']}. Stopping: {kept}. Free space or "
                 f"fix the file system, point checkpoint.dir elsewhere, or raise "
                 f"checkpoint.max_failures={self.max_failures}")
 
@@ -157,11 +179,11 @@ def warn_if_no_room(root: Path, pieces: list[Piece], device: torch.device, rank:
     if rank == 0:
         free = shutil.disk_usage(root).free
         if free < need:
-            warnings.warn(f"checkpoint.dir {root} has {_mib(free)} free, but one checkpoint of this run "
-                          f"needs about {_mib(need)}: saves will fail (the run goes on, and stops after "
+            warnings.warn(f"checkpoint.dir {root} has {_size(free)} free, but one checkpoint of this run "
+                          f"needs about {_size(need)}: saves will fail (the run goes on, and stops after "
                           f"checkpoint.max_failures failures in a row)", stacklevel=2)
     return need
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.0f} KiB"
