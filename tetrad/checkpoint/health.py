@@ -130,8 +130,9 @@ class SaveAgreement:
         last = (f"the last committed checkpoint (step {self.last_committed}) is untouched"
                 if self.last_committed is not None else "no checkpoint of this run is committed yet")
         where = f"rank {report['rank']}" if report["rank"] != self.rank else "this rank (0)"
+        goes_on = "stopping" if report["in_row"] >= self.max_failures else "training goes on"
         return (f"checkpoint of step {report['step']} failed on {where}: {report['message']}, under "
-                f"{report['dir']}; its partial files were removed and {last}; training goes on "
+                f"{report['dir']}; its partial files were removed and {last}; {goes_on} "
                 f"({report['in_row']} of checkpoint.max_failures={self.max_failures} in a row)")
 
     def stop_message(self) -> str:
@@ -165,12 +166,13 @@ def all_max(values: list[int], device: torch.device) -> list[int]:
 def warn_if_no_room(root: Path, pieces: list[Piece], device: torch.device, rank: int) -> int:
     """Warn (rank 0) when ``root`` has less free space than one checkpoint; returns the estimate.
 
-    The estimate is every rank's share of ``pieces`` (summed with an all-reduce). AdamW's two
-    moments exist only after the first optimizer step; before it they are counted at the
-    masters' size, so the estimate does not undercount a fresh run.
+    The estimate is every rank's share of ``pieces`` (summed with an all-reduce), plus the
+    JSON that describes them (an index and a manifest entry per piece, a few small files per
+    rank). AdamW's two moments exist only after the first optimizer step; before it they are
+    counted at the masters' size, so the estimate does not undercount a fresh run.
     """
     mine = [p for p in pieces if p.write]
-    size = total_bytes(mine)
+    size = total_bytes(mine) + _JSON_PER_PIECE * len(mine) + _FILES_PER_RANK
     if not any(p.name.startswith("optim/") and p.name.count("/") >= 2 for p in mine):  # optim/<key>/<param>
         size += 2 * total_bytes([p for p in mine if p.name.startswith("model/")])
     total = torch.tensor([size], dtype=torch.int64, device=device)
@@ -183,6 +185,9 @@ def warn_if_no_room(root: Path, pieces: list[Piece], device: torch.device, rank:
                           f"needs about {_size(need)}: saves will fail (the run goes on, and stops after "
                           f"checkpoint.max_failures failures in a row)", stacklevel=2)
     return need
+
+
+_JSON_PER_PIECE, _FILES_PER_RANK = 600, 16 << 10  # measured: ~250 B each in index and manifest
 
 
 def _size(n: int) -> str:

@@ -224,7 +224,8 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 class CheckpointConfig(Section):
     dir: Optional[str] = setting(None, "checkpoint directory: absolute, or relative to run.output_dir "
                                  "without '..'; null = <run.output_dir>/checkpoints", check=_inside_output)
-    every: int = setting(0, "save every N steps; 0..2**31-1, 0 = never", ge=0, le=MAX_SIZE)
+    every: int = setting(0, "save every N steps; 0..2**31-1, 0 = only when a preemption signal "
+                         "(SIGTERM/SIGINT/SIGUSR1) stops the run", ge=0, le=MAX_SIZE)
     keep: int = setting(2, "most recent checkpoints kept on disk; 1..2**31-1", ge=1, le=MAX_SIZE)
     async_save: bool = setting(True, "flush to disk in the background while training continues", key="async")
     resume: str = setting("auto", "'auto' (latest in dir, if any), 'none', or a checkpoint path", check=_nonempty)
