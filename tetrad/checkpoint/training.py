@@ -43,7 +43,8 @@ class TrainingCheckpoints:
         self.manager = CheckpointManager(
             self.root, rank=self.rank, world_size=self.world, keep=self.section.keep,
             async_save=True, layout=layout_of(engine), run_id=self._run_id(),
-            commit_timeout=float(os.environ.get("TETRAD_CKPT_COMMIT_TIMEOUT", 600)), tolerate_failures=True)
+            commit_timeout=float(os.environ.get("TETRAD_CKPT_COMMIT_TIMEOUT", 600)),
+            tolerate_failures=True)
         self.agreement = SaveAgreement(self.manager, self.rank, self.section.max_failures)
         if self.section.async_save:
             self._hook_optimizer_step()
@@ -82,7 +83,8 @@ class TrainingCheckpoints:
         if reader.manifest.get("layout") == layout_of(self.engine):
             restore_rng(reader, self.rank)
         elif self.rank == 0:
-            print(f"tetrad: {changed_world(reader, layout_of(self.engine), self.engine.grad_accum)}", flush=True)
+            note = changed_world(reader, layout_of(self.engine), self.engine.grad_accum)
+            print(f"tetrad: {note}", flush=True)
         if self.rank == 0:
             print(f"resumed from {path} at step {reader.step}", flush=True)
         return reader.step
@@ -122,10 +124,7 @@ class TrainingCheckpoints:
         self.agreement.settle(self.engine.device)  # the previous save's outcome, on every rank
         if self.agreement.should_stop:
             return  # the loop stops after this step; a save now would only be thrown away
-        if hasattr(self.engine, "state_pieces"):
-            pieces = self.engine.state_pieces()
-        else:
-            pieces = engine_state_pieces(self.engine)
+        pieces = self._state_pieces()
         extra = {"step": step, "sampler": self.sampler.state_dict(), "config": self.cfg.to_dict(),
                  "scaler": self.engine.scaler.state_dict() if getattr(self.engine, "scaler", None) else None}
         self.manager.save(step, pieces + rng_pieces(self.rank), extra)
@@ -138,8 +137,12 @@ class TrainingCheckpoints:
 
     def check_room(self) -> None:
         """Before the first step: warn when the directory cannot hold one checkpoint."""
-        pieces = self.engine.state_pieces() if hasattr(self.engine, "state_pieces") else engine_state_pieces(self.engine)
-        warn_if_no_room(self.root, pieces + rng_pieces(self.rank), self.engine.device, self.rank)
+        warn_if_no_room(self.root, self._state_pieces() + rng_pieces(self.rank), self.engine.device, self.rank)
+
+    def _state_pieces(self) -> list:
+        if hasattr(self.engine, "state_pieces"):
+            return self.engine.state_pieces()
+        return engine_state_pieces(self.engine)
 
     def close(self, timeout: float | None = None) -> None:
         self.manager.close(timeout)
