@@ -211,7 +211,7 @@ def test_read_only_then_writable_again(tmp_path, tmpfs):
     change looks like to root), then writable: saves fail, then succeed again."""
     disk = tmpfs(64 << 20)
     out, ckpt = tmp_path / "run", disk / "ckpt"
-    proc = _start(_config(out, ckpt, steps=300, every=10, max_failures=10**6))
+    proc = _start(_config(out, ckpt, steps=200, every=10, max_failures=10**6))
 
     def remount(mode: str):
         return lambda: subprocess.run(["mount", "-o", f"remount,{mode}", str(disk)],
@@ -223,10 +223,10 @@ def test_read_only_then_writable_again(tmp_path, tmpfs):
     _, err = _finish(proc)
     assert proc.returncode == 0, err[-3000:]
     assert "[Errno 30] Read-only file system" in err and "(EROFS)" in err
-    assert (ckpt / "step_00000300" / "manifest.json").is_file() and _leftovers(ckpt) == []
-    assert _inspect(ckpt / "step_00000300").returncode == 0
+    assert (ckpt / "step_00000200" / "manifest.json").is_file() and _leftovers(ckpt) == []
+    assert _inspect(ckpt / "step_00000200").returncode == 0
     failed = sorted(_failures(out))
-    assert failed and all(s % 10 == 0 for s in failed) and failed[-1] < 300
+    assert failed and all(s % 10 == 0 for s in failed) and failed[-1] < 200
 
 
 @pytest.mark.slow
@@ -235,7 +235,7 @@ def test_vanished_directory_fails_saves_without_recreating_it(tmp_path):
     saves fail with ENOENT (the mount point is not filled instead); once it is back they
     succeed; the checkpoints that were in it are untouched."""
     out, ckpt, away = tmp_path / "run", tmp_path / "ckpt", tmp_path / "elsewhere"
-    proc = _start(_config(out, ckpt, steps=300, every=10, max_failures=10**6))
+    proc = _start(_config(out, ckpt, steps=200, every=10, max_failures=10**6))
     _wait_for(lambda: (ckpt / "step_00000010").is_dir() and _logged(out, 12), proc, "the step-10 checkpoint")
 
     def move(src, dst):
@@ -251,7 +251,7 @@ def test_vanished_directory_fails_saves_without_recreating_it(tmp_path):
     _, err = _finish(proc)
     assert proc.returncode == 0, err[-3000:]
     assert "No such file or directory" in err and "(ENOENT)" in err
-    assert (ckpt / "step_00000300" / "manifest.json").is_file() and _leftovers(ckpt) == []
+    assert (ckpt / "step_00000200" / "manifest.json").is_file() and _leftovers(ckpt) == []
     assert _inspect(ckpt).returncode == 0
     assert committed  # what was committed before it vanished came back intact (inspected above)
 

@@ -149,6 +149,7 @@ def _fit_saying(rank: int, world: int, config: dict) -> tuple[list[tuple[int, fl
     return [(r["step"], r["loss"]) for r in history], text.getvalue()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 4])
 def test_job_restarted_on_another_world_keeps_the_global_batch_and_says_so(plain_runs, tmp_path, world):
     """A dp=2 job requeued on 1 rank (a lost node) or 4 (torchrun --nnodes 1:2 grew): resume

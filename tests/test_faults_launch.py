@@ -192,6 +192,7 @@ def test_dead_or_hung_rank_fails_the_survivor_in_bounded_time_naming_it(tmp_path
 
 
 # ---------------------------------------------------------------------------- cluster job life cycle
+@pytest.mark.slow
 def test_relaunching_a_finished_run_under_torchrun_exits_0_saying_so(reference_run):
     """A requeued job that had already reached run.steps: nothing to train, every rank exits 0."""
     out, curve = reference_run
@@ -208,6 +209,7 @@ def _srun(config: Path, job: int, world: int = 2) -> list[subprocess.Popen]:
     return [_start(cmd, srun_env(r, world, job, base=_env())) for r in range(world)]
 
 
+@pytest.mark.slow
 def test_sigusr1_to_srun_tasks_checkpoints_exits_0_and_the_requeue_continues_bitwise(tmp_path, reference):
     """What ``sbatch --signal=USR1@T`` does: every task gets SIGUSR1. The relaunch (a requeue:
     same job id, so the same derived port) continues the torchrun run's curve bitwise."""
@@ -241,6 +243,7 @@ def plain_reference(tmp_path_factory) -> tuple[Path, list[tuple[int, float]]]:
     return out, _curve(out)
 
 
+@pytest.mark.slow
 def test_sigusr1_with_checkpoint_every_0_still_commits_and_resumes_bitwise(tmp_path, plain_reference):
     config = _config(tmp_path)
     cmd = [sys.executable, "-m", "tetrad", "train", str(config), "--set", "checkpoint.every=0"]
@@ -260,6 +263,7 @@ def test_sigusr1_with_checkpoint_every_0_still_commits_and_resumes_bitwise(tmp_p
     assert _curve(tmp_path) == plain_reference[1]
 
 
+@pytest.mark.slow
 def test_relaunching_a_finished_plain_run_exits_0_saying_so(plain_reference):
     out, curve = plain_reference
     proc = _start([sys.executable, "-m", "tetrad", "train", str(out / "run.yaml"), "--set", "checkpoint.every=50"])

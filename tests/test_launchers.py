@@ -79,6 +79,7 @@ def test_torchrun_two_nodes_on_loopback(tmp_path, torchrun_losses):
     np.testing.assert_allclose(_losses(tmp_path), torchrun_losses, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_srun_one_node_only_slurm_variables(tmp_path, torchrun_losses):
     """Two tasks as ``srun -n 2`` starts them on one node: no torchrun variables at all; the
     rendezvous port is derived from the job id."""
@@ -88,6 +89,7 @@ def test_srun_one_node_only_slurm_variables(tmp_path, torchrun_losses):
     np.testing.assert_allclose(_losses(tmp_path), torchrun_losses, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_srun_two_nodes_on_loopback(tmp_path, torchrun_losses):
     """``srun -N 2 --ntasks-per-node 1``: two "nodes" 127.0.0.1 and 127.0.0.2 from the compressed
     node list; rank 0's address is its first host (MASTER_PORT given, as a batch script may)."""

@@ -13,12 +13,21 @@ from tetrad.config import ConfigError
 def _train(args: argparse.Namespace) -> int:
     """0 when the run trained to ``run.steps``, was already there, or stopped for a
     preemption signal with its checkpoint; otherwise an exception that ``main`` prints."""
-    from tetrad.trainer.trainer import Trainer
+    from tetrad.trainer.preempt import Preemption
 
-    if args.trace:
-        os.environ["TETRAD_TRACE"] = args.trace  # read by the pipeline executor on every rank
-    Trainer(args.config, overrides=args.set).fit()
-    _shutdown_process_group()
+    # Before torch is imported (seconds): a scheduler's signal during startup or teardown is
+    # remembered -- the run then stops cleanly before its first step -- instead of killing
+    # the process with no message.
+    preemption = Preemption().install()
+    try:
+        from tetrad.trainer.trainer import Trainer
+
+        if args.trace:
+            os.environ["TETRAD_TRACE"] = args.trace  # read by the pipeline executor on every rank
+        Trainer(args.config, overrides=args.set).fit(preemption)
+        _shutdown_process_group()
+    finally:
+        preemption.restore()
     return 0
 
 

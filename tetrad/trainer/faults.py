@@ -30,14 +30,16 @@ import os
 import signal
 import socket
 import sys
-import threading
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+from tetrad.trainer.preempt import Preemption
+
+__all__ = ["CheckpointFault", "FaultGuard", "NumericalFault", "Preemption", "RankFailure", "TrainingFault"]
+
 # How long a survivor waits for its peers to check in before naming the missing ones.
 _CHECK_IN_S = 5.0
 # Substrings of backend errors that mean "a peer is gone" rather than a bug in this rank.
@@ -58,38 +60,6 @@ class RankFailure(TrainingFault):
 
 class CheckpointFault(TrainingFault):
     """Too many checkpoint saves in a row failed (full disk, I/O errors, a lost directory)."""
-
-
-# ---------------------------------------------------------------------------- preemption
-class Preemption:
-    """SIGTERM/SIGINT/SIGUSR1 handlers that only record the signal (repeats are ignored: a
-    second Ctrl-C must not kill the checkpoint being written; SIGKILL is the hard stop)."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous: dict[int, object] = {}
-
-    def install(self) -> "Preemption":
-        if threading.current_thread() is threading.main_thread():  # Python's rule for handlers
-            for sig in _SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum is None:
-            self.signum = signum
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def agreed(self, device: torch.device, extra: list[int] = ()) -> list[int]:
-        """[the signal any rank received (0 if none), *MAX of ``extra``]: every rank gets the
-        same answer from one all-reduce."""
-        flag = torch.tensor([self.signum or 0, *extra], dtype=torch.int64, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return [int(v) for v in flag.tolist()]
 
 
 # ---------------------------------------------------------------------------- skipped steps
@@ -179,7 +149,7 @@ class FaultGuard:
         total = torch.tensor([skipped_total], dtype=torch.int64, device=engine.device)
         dist.broadcast(total, src=0)  # only rank 0 reads metrics.jsonl back on resume
         self.skips = SkippedSteps(self.run.max_skipped_steps, int(total))
-        self.preemption = preemption or Preemption().install()
+        self.preemption = preemption if preemption is not None else Preemption().install()
         self.failed = False
         self.signum = 0
         write_pid_file(output_dir, self.rank)
@@ -260,7 +230,7 @@ class FaultGuard:
         return min(_CHECK_IN_S, self.run.collective_timeout_s) if self.failed else None
 
     def close(self) -> None:
-        self.preemption.restore()
+        """Nothing to undo here: the signal handlers belong to whoever installed them."""
 
 
 def write_pid_file(output_dir: Path, rank: int) -> Path:

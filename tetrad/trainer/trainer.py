@@ -61,28 +61,35 @@ class Trainer:
         local = shard_indices(indices, self.engine.dp_rank, self.engine.dims.dp)
         return self.dataset.get_batch(local)
 
-    def fit(self) -> list[dict]:
+    def fit(self, preemption: Preemption | None = None) -> list[dict]:
         """Run the configured number of steps; returns the per-step metrics (every rank).
 
         Returns early, without error, when the checkpoint resumed from is already at
         ``run.steps`` (a requeued job that had finished) and when a preemption signal arrives
-        (after committing a checkpoint of the last step trained)."""
-        preemption = Preemption().install()  # a signal during startup must not kill the job silently
+        (after committing a checkpoint of the last step trained). ``preemption``: handlers
+        the caller installed earlier (the CLI does, before its imports); by default they are
+        installed here, before the model is built, and removed at the end."""
+        own = preemption is None
+        preemption = Preemption().install() if own else preemption
         try:
-            self._build()
-            first = self.ckpt.resume() + 1
-        except BaseException:
-            preemption.restore()
-            raise
+            self._fit(preemption)
+        finally:
+            if own:
+                preemption.restore()
+        return self.history
+
+    def _fit(self, preemption: Preemption) -> None:
+        self._build()
+        first = self.ckpt.resume() + 1
         cfg = self.config
         guard = self.faults = FaultGuard(cfg, self.engine, self.out, self._skipped(first), preemption)
         logger = None
         try:
             if guard.agree(first - 1, None, self.ckpt, trained=False):
-                return self.history
+                return
             if first > cfg.run.steps:
                 self._nothing_to_train(first - 1)
-                return self.history
+                return
             self.ckpt.check_room()
             logger = MetricsLogger(self.out, enabled=self.rank0, total_steps=cfg.run.steps,
                                    tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
@@ -94,7 +101,6 @@ class Trainer:
                 logger.close()
             self.ckpt.close(guard.close_timeout())
             self.engine.close()  # offload files go now, not only at exit
-        return self.history
 
     def _loop(self, first: int, guard: FaultGuard, logger: MetricsLogger) -> None:
         cfg = self.config
