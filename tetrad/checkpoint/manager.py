@@ -143,7 +143,7 @@ class CheckpointManager:
             self._aborted.add(step)
             finished = step in self._finished
         if finished:
-            self._discard(step)
+            self._discard(step, agreed=True)
 
     def take_outcomes(self) -> list[SaveOutcome]:
         """Outcomes of saves finished since the last call, oldest first (aborted ones omitted)."""
@@ -175,8 +175,12 @@ class CheckpointManager:
             aborted = step in self._aborted
             if outcome is not None and not aborted:
                 self._outcomes.append(outcome)
-        if aborted or (outcome is not None and not outcome.ok):
-            self._discard(step)
+        if aborted:
+            self._discard(step, agreed=True)
+        elif outcome is not None and not outcome.ok:
+            # Only this rank's files for now: removing the shared temporary before the failure
+            # is agreed would fail the other ranks' writes too and hide the first error.
+            self._discard(step, agreed=not self.tolerate_failures)
         if outcome is not None and not outcome.ok and not self.tolerate_failures:
             self._error = CheckpointError(f"checkpoint save under {self.root} failed: "
                                           f"{outcome.describe()}")
@@ -203,24 +207,27 @@ class CheckpointManager:
         record["flush_s"] = time.perf_counter() - t0
         return SaveOutcome(step, True)
 
-    def _discard(self, step: int) -> None:
-        """Remove what this rank wrote for ``step``'s uncommitted save (rank 0: the whole
-        temporary). Best effort: the next commit's prune removes anything left over."""
+    def _discard(self, step: int, agreed: bool) -> None:
+        """Remove what this rank wrote for ``step``'s uncommitted save; once the failure is
+        ``agreed`` (every rank knows), also the temporary itself (rank 0: all of it). Best
+        effort: the next commit's prune removes anything left over."""
         tmp = self.root / (step_dirname(step) + TMP)
-        if self.rank == 0:
+        if agreed and self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             return
         stem = rank_stem(self.rank)
-        for suffix in (".safetensors", ".safetensors.part", ".index.json", ".index.json.part", ".done",
-                       ".done.part"):
+        names = [stem + suffix for suffix in (".safetensors", ".index.json", ".index.json.part", ".done",
+                                              ".done.part")]
+        for name in names + (["manifest.json.part"] if self.rank == 0 else []):
             try:
-                (tmp / f"{stem}{suffix}").unlink(missing_ok=True)
+                (tmp / name).unlink(missing_ok=True)
             except OSError:  # read-only or gone: nothing more this rank can do
                 pass
-        try:
-            tmp.rmdir()  # succeeds only once the other ranks' files are gone too
-        except OSError:
-            pass
+        if agreed:
+            try:
+                tmp.rmdir()  # succeeds only once the other ranks' files are gone too
+            except OSError:
+                pass
 
     def _raise_pending(self) -> None:
         if self._error is not None:
