@@ -15,11 +15,13 @@ training loop's own. The directory becomes visible under its final name by one r
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -29,6 +31,10 @@ from tetrad.checkpoint.pieces import Piece
 
 FORMAT, VERSION = "tetrad-checkpoint", 1
 TMP = ".tmp"
+
+
+class SaveAborted(CheckpointError):
+    """Rank 0 stopped waiting to commit: another rank's part of this save failed."""
 
 
 def step_dirname(step: int) -> str:
@@ -53,7 +59,7 @@ def write_rank(tmp: Path, rank: int, step: int, run_id: str, pieces: list[Piece]
 
     ``pieces`` hold CPU tensors that nothing mutates until this returns (the host snapshot).
     """
-    tmp.mkdir(parents=True, exist_ok=True)
+    tmp.mkdir(exist_ok=True)  # not parents: a vanished checkpoint root fails the save (ENOENT)
     stem = rank_stem(rank)
     tensors, index, seen = {}, [], {}
     for p in pieces:
@@ -72,11 +78,20 @@ def write_rank(tmp: Path, rank: int, step: int, run_id: str, pieces: list[Piece]
     write_json(tmp / f"{stem}.done", {"rank": rank, "step": step, "run_id": run_id})
 
 
-def wait_for_ranks(tmp: Path, world: int, run_id: str, timeout: float) -> list[dict]:
-    """Poll for every rank's done marker of this run; return their indexes, by rank."""
+def wait_for_ranks(tmp: Path, world: int, run_id: str, timeout: float,
+                   cancelled: Callable[[], bool] = lambda: False) -> list[dict]:
+    """Poll for every rank's done marker of this run; return their indexes, by rank.
+
+    Stops early, raising, when ``cancelled()`` says a peer's part failed (SaveAborted) or
+    when ``tmp`` itself disappears."""
     deadline = time.monotonic() + timeout
     pending = set(range(world))
     while pending:
+        if cancelled():
+            raise SaveAborted(f"{tmp}: another rank's part of this checkpoint failed; not committed")
+        if not tmp.is_dir():
+            raise CheckpointError(f"{tmp}: the temporary directory vanished while waiting for ranks "
+                                  f"{sorted(pending)}") from FileNotFoundError(errno.ENOENT, "vanished", str(tmp))
         for r in sorted(pending):
             marker = tmp / f"{rank_stem(r)}.done"
             if marker.is_file() and _marker_run(marker) == run_id:
@@ -116,17 +131,21 @@ def build_manifest(step: int, world: int, layout: dict, extra: dict, indexes: li
 
 
 def commit(root: Path, step: int, world: int, run_id: str, layout: dict, extra: dict,
-           keep: int, timeout: float) -> Path:
+           keep: int, timeout: float, cancelled: Callable[[], bool] = lambda: False) -> Path:
     """Rank 0: wait for all ranks, write the manifest, rename into place, then prune to ``keep``."""
     tmp, final = root / (step_dirname(step) + TMP), root / step_dirname(step)
-    indexes = wait_for_ranks(tmp, world, run_id, timeout)
+    indexes = wait_for_ranks(tmp, world, run_id, timeout, cancelled)
     write_json(tmp / "manifest.json", build_manifest(step, world, layout, extra, indexes))
     fsync_dir(tmp)
     if final.exists():  # an older attempt at this step (resumed from before it): replace it
         trash = root / (step_dirname(step) + ".old" + TMP)
         shutil.rmtree(trash, ignore_errors=True)
         os.rename(final, trash)
-        os.rename(tmp, final)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            os.rename(trash, final)  # the committed one goes back: a failed save harms nothing
+            raise
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.rename(tmp, final)

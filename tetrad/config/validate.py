@@ -232,6 +232,21 @@ def batch_errors(run_batch: int, s: StrategyConfig, dp: int) -> list[Problem]:
     return []
 
 
+def valid_world_sizes(run_batch: int, s: StrategyConfig) -> str:
+    """The world sizes on which run.global_batch_size splits into whole micro-batches (and,
+    with pp > 1, into at least pp of them): tp*pp*sp times each such dp. Named in the batch
+    error, so a job restarted on another world (a lost node) says which worlds can keep it."""
+    if run_batch % s.micro_batch_size:
+        return (f"none: strategy.micro_batch_size={s.micro_batch_size} does not divide "
+                f"run.global_batch_size={run_batch}")
+    n, mp = run_batch // s.micro_batch_size, s.model_parallel_size
+    small = [d for d in range(1, int(n ** 0.5) + 1) if n % d == 0]
+    dps = sorted(set(small) | {n // d for d in small})
+    worlds = [mp * d for d in dps if n // d >= s.pp]
+    shown = worlds if len(worlds) <= 12 else worlds[:6] + ["..."] + worlds[-6:]
+    return ", ".join(map(str, shown))
+
+
 # --- entry points --------------------------------------------------------------------------
 
 def problems(s: StrategyConfig, *, model: ModelShape | None = None, precision: str | None = None,
@@ -249,6 +264,9 @@ def problems(s: StrategyConfig, *, model: ModelShape | None = None, precision: s
         errors = strategy_world_errors(s, world)
         if global_batch is not None and not errors:
             errors = batch_errors(global_batch, s, world // s.model_parallel_size)
+            if errors and s.dp == "auto":  # the world decides dp: say which worlds keep the batch
+                errors = [Problem(e.rule, f"{e}; valid world sizes for this batch and layout: "
+                                          f"{valid_world_sizes(global_batch, s)}") for e in errors]
     return errors
 
 
