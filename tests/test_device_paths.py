@@ -67,7 +67,7 @@ def test_tf32_is_a_cuda_switch_only():
 
 
 def test_copies_on_the_cpu_move_nothing():
-    from tetrad.offload.copies import DeviceCopies, set_thread_device
+    from tetrad.device import DeviceCopies, set_thread_device
 
     copies = DeviceCopies(torch.device("cpu"))
     src = torch.arange(6, dtype=torch.float32)

@@ -5,7 +5,10 @@ the start of the next, so ``save()`` only starts a background thread and returns
 thread copies every piece into pre-allocated host buffers (reused from save to save) while
 the next forward and backward run, then writes and commits the files. The training loop
 calls ``wait_for_snapshot()`` right before the next optimizer step — the one moment the
-state would change under the copy — and it blocks only if the copy is unfinished. With
+state would change under the copy — and it blocks only if the copy is unfinished. On an
+accelerator the copies run on a stream of their own, ordered after an event the training
+thread records in ``save()``, and ``wait_for_snapshot`` only makes the compute stream wait for
+them (on the device): the CPU goes on, and nothing waits with a device-wide synchronize. With
 ``async_save=False`` the same work runs inline and ``save()`` returns once committed.
 
 A save that fails on the disk (full, I/O error, read-only, directory gone) removes what it
@@ -26,8 +29,9 @@ from pathlib import Path
 
 from tetrad.checkpoint.fileio import CheckpointError
 from tetrad.checkpoint.pieces import Piece
-from tetrad.checkpoint.writer import (TMP, SaveAborted, commit, rank_stem, snapshot_buffers, step_dirname,
-                                      total_bytes, write_rank)
+from tetrad.checkpoint.writer import (TMP, SaveAborted, commit, pieces_device, rank_stem, snapshot_buffers,
+                                      step_dirname, total_bytes, write_rank)
+from tetrad.device import DeviceCopies
 
 # What a full or broken disk raises; anything else from a save is a bug and is re-raised.
 _DISK_ERRORS = (OSError, CheckpointError)
@@ -72,6 +76,10 @@ class CheckpointManager:
         # system's mount point must not silently fill up instead).
         self.root.mkdir(parents=True, exist_ok=True)
         self._pool: dict = {}
+        self._copies: DeviceCopies | None = None  # made for the first save's device
+        self._queued = threading.Event()  # the snapshot's copies are all issued ...
+        self._queued.set()
+        self._last_copy = None            # ... and this handle covers them
         self._thread: threading.Thread | None = None
         self._snapshot_done = threading.Event()
         self._snapshot_done.set()
@@ -104,17 +112,28 @@ class CheckpointManager:
             self._raise_pending()
             return
         self._snapshot_done.clear()
-        self._thread = threading.Thread(target=self._run, args=(step, mine, extra, record),
+        self._queued.clear()
+        device = pieces_device(mine)
+        if self._copies is None or self._copies.device != device:
+            self._copies = DeviceCopies(device)
+        after = self._copies.mark()  # the state as of now, on the training thread's stream
+        self._thread = threading.Thread(target=self._run, args=(step, mine, extra, record, True, after),
                                         name=f"tetrad-ckpt-{step}", daemon=True)
         self._thread.start()
         record["stall_s"] = time.perf_counter() - start
 
     def wait_for_snapshot(self) -> None:
-        """Block until the host copy of the last save is complete (call before an optimizer step)."""
+        """Before an optimizer step: the host copy of the last save must be complete before the
+        state changes. On the CPU this blocks until it is; on an accelerator only until its
+        copies are queued, then the compute stream waits for them on the device."""
         if self._snapshot_done.is_set():
             return
         start = time.perf_counter()
-        self._snapshot_done.wait()
+        if self._copies is not None and not self._copies.on_host:
+            self._queued.wait()
+            self._copies.order_after(self._last_copy)
+        else:
+            self._snapshot_done.wait()
         if self.stats:
             self.stats[-1]["stall_s"] = self.stats[-1].get("stall_s", 0.0) + time.perf_counter() - start
         self._raise_pending()
@@ -156,14 +175,20 @@ class CheckpointManager:
         self.wait_for_flush(timeout)
 
     # ------------------------------------------------------------------ background side
-    def _run(self, step: int, pieces: list[Piece], extra: dict, record: dict, snapshot: bool = True) -> None:
+    def _issued(self, handle) -> None:
+        self._last_copy = handle
+        self._queued.set()
+
+    def _run(self, step: int, pieces: list[Piece], extra: dict, record: dict, snapshot: bool = True,
+             after=None) -> None:
         try:
             if snapshot:
                 try:
                     t0 = time.perf_counter()
-                    pieces = snapshot_buffers(pieces, self._pool)
+                    pieces = snapshot_buffers(pieces, self._pool, self._copies, after, self._issued)
                     record["snapshot_s"] = time.perf_counter() - t0
                 finally:
+                    self._queued.set()  # (also when the copy failed: never leave a waiter hanging)
                     self._snapshot_done.set()
             outcome = self._flush(step, pieces, extra, record)
         except BaseException as e:  # noqa: BLE001 - handed to the training thread

@@ -28,6 +28,7 @@ import torch
 from tetrad.checkpoint.fileio import (DTYPE_NAMES, CheckpointError, fsync_dir, read_json, write_json,
                                       write_safetensors)
 from tetrad.checkpoint.pieces import Piece
+from tetrad.device import DeviceCopies, Done, set_thread_device
 
 FORMAT, VERSION = "tetrad-checkpoint", 1
 TMP = ".tmp"
@@ -177,21 +178,33 @@ def prune(root: Path, keep: int, newest: int) -> None:
                 shutil.rmtree(d, ignore_errors=True)
 
 
-def snapshot_buffers(pieces: list[Piece], pool: dict) -> list[Piece]:
-    """Host copies of ``pieces`` in reused buffers (allocated once per name/shape/dtype, pinned
-    when an accelerator is present so the device-to-host copy can run asynchronously)."""
-    out = []
-    pin = torch.cuda.is_available()
+def pieces_device(pieces: list[Piece]) -> torch.device:
+    """Where the pieces' tensors live (the accelerator if any of them is on one)."""
+    return next((p.tensor.device for p in pieces if p.tensor.device.type != "cpu"), torch.device("cpu"))
+
+
+def snapshot_buffers(pieces: list[Piece], pool: dict, copies: DeviceCopies, after=None,
+                     issued: Callable | None = None) -> list[Piece]:
+    """Host copies of ``pieces`` in reused buffers (allocated once per name/shape/dtype,
+    pinned where the pieces are on an accelerator). On a background thread: the copies run on
+    the copier's own stream, after ``after`` (the event the training thread recorded when it
+    asked for the save); ``issued(handle)`` is told once every copy is queued (the training
+    thread can then order its next optimizer step after them on the device) and the copies
+    have landed when this returns."""
+    set_thread_device(copies.device)  # CUDA's current device is per thread
+    pin = not copies.on_host
+    out, last = [], Done()
     for i, p in enumerate(pieces):
         key = (i, p.name, tuple(p.tensor.shape), p.tensor.dtype)
         buf = pool.get(key)
         if buf is None:
             buf = pool[key] = torch.empty(p.tensor.shape, dtype=p.tensor.dtype, pin_memory=pin)
-        buf.copy_(p.tensor.detach(), non_blocking=pin)
+        last = copies.into_host(buf, p.tensor.detach(), after)
         out.append(Piece(p.name, buf, p.global_shape, p.box_offsets, p.box_shape, p.flat_start, p.write,
                          p.frame))
-    if pin:
-        torch.cuda.synchronize()
+    if issued is not None:
+        issued(last)  # one stream: the last copy's event covers every one before it
+    last.wait()
     return out
 
 

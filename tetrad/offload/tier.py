@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from tetrad.offload.copies import DeviceCopies
+from tetrad.device import DeviceCopies
 from tetrad.offload.host import HostState
 from tetrad.offload.kernel import PieceKernel, pieces_by_group, state_keys
 from tetrad.offload.params import ParamStore

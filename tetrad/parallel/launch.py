@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from tetrad.compat import default_backend
 from tetrad.parallel.slurm import LaunchError, SlurmStep, allocation_without_srun, slurm_step
 
 __all__ = ["LaunchEnv", "LaunchError", "detect_launch", "init_distributed", "pick_device"]
@@ -102,16 +103,36 @@ def _mpi_launch() -> LaunchEnv | None:
 
 
 def pick_device(local_rank: int) -> torch.device:
-    """The accelerator for this local rank if there is one (and TETRAD_DEVICE does not say cpu)."""
+    """This local rank's device, made the current one: the accelerator of index ``local_rank``
+    if there is one, else the CPU. ``TETRAD_DEVICE`` overrides: ``cpu``; an accelerator type
+    (``cuda``: index = local rank); or ``cuda:i`` (that index, for a single process)."""
     forced = os.environ.get("TETRAD_DEVICE", "").strip()
     if forced:
-        return torch.device(forced)
-    if torch.accelerator.is_available():
-        kind = torch.accelerator.current_accelerator().type
-        index = local_rank % torch.accelerator.device_count()
-        torch.accelerator.set_device_index(index)
-        return torch.device(kind, index)
-    return torch.device("cpu")
+        device = torch.device(forced)
+        if device.type == "cpu":
+            return device
+        index = local_rank if device.index is None else device.index
+    elif torch.accelerator.is_available():
+        device, index = torch.accelerator.current_accelerator(), local_rank
+    else:
+        return torch.device("cpu")
+    count = torch.accelerator.device_count()
+    if index >= count:
+        raise LaunchError(
+            f"local rank {local_rank} would use {device.type}:{index}, but this node has {count} "
+            f"{device.type} device(s): NCCL refuses two ranks on one GPU. Launch at most {count} "
+            f"ranks per node (torchrun --nproc_per_node {count}), or set TETRAD_DEVICE=cpu")
+    torch.accelerator.set_device_index(index)  # before the process group: NCCL uses the current one
+    return torch.device(device.type, index)
+
+
+def nccl_error_handling(backend: str) -> None:
+    """On NCCL, a failed or timed-out collective aborts the communicators and surfaces as an
+    exception in the training thread (``TORCH_NCCL_ASYNC_ERROR_HANDLING=2``), where the loop
+    names the dead ranks from the store (``tetrad.trainer.faults``), instead of the watchdog
+    killing the process without a word. A value the user set is kept."""
+    if backend == "nccl":
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
 
 
 def free_port() -> int:
@@ -160,10 +181,14 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[LaunchEnv, torch.device]
     device = pick_device(env.local_rank)
     if dist.is_initialized():
         return env, device
-    backend = dist.get_default_backend_for_device(device)
+    backend = default_backend(device)
+    nccl_error_handling(backend)
     timeout = datetime.timedelta(seconds=timeout_s)
+    # device_id: the communicator is made now on this device (not lazily, guessing it)
+    bound = {"device_id": device} if device.type != "cpu" else {}
     if env.launcher == "single" or (env.launcher == "slurm" and env.world_size == 1):
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout,
+                                **bound)
         return env, device
     if env.launcher == "mpi":
         _mpi_rendezvous(env)
@@ -172,11 +197,11 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[LaunchEnv, torch.device]
     prefix = _restart_prefix()
     if prefix is None:
         dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
-                                timeout=timeout)
+                                timeout=timeout, **bound)
         return env, device
     store, _, _ = next(dist.rendezvous("env://", env.rank, env.world_size, timeout=timeout))
     dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=env.rank,
-                            world_size=env.world_size, timeout=timeout)
+                            world_size=env.world_size, timeout=timeout, **bound)
     return env, device
 
 

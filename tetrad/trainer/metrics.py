@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from tetrad.compat import max_memory_allocated
+
 
 def peak_rss_mb() -> float:
     """This process's peak resident set size, MiB.
@@ -33,7 +35,7 @@ def peak_rss_mb() -> float:
 def peak_device_mb(device: torch.device) -> float | None:
     if device.type == "cpu":
         return None
-    return torch.accelerator.max_memory_allocated(device) / 2**20
+    return max_memory_allocated(device) / 2**20
 
 
 def _records_through(path: Path, step: int) -> list[dict]:
