@@ -237,9 +237,9 @@ def _sharding_errors(s: StrategyConfig, dp: int, world: int, rpn: int | None) ->
         ("zeropp.hpz_divides", hpz > 1 and shard % hpz != 0,
          f"strategy.zeropp.hpz={hpz} does not divide the ZeRO shard group of dp_shard={shard} dp ranks; "
          f"valid hpz: {_divisors(shard)}"),
-        ("world.ranks_per_node", rpn is not None and world % rpn != 0,
+        ("world.ranks_per_node", rpn is not None and world > rpn and world % rpn != 0,
          f"ranks_per_node={rpn} does not divide world_size={world}: every node must run the same number "
-         f"of ranks; valid: {_divisors(world)}"),
+         f"of ranks; valid: {_divisors(world)}, or at least the world size (one node)"),
     ])
     if errors or rpn is None or not s.zeropp.quantize_grads:
         return errors
