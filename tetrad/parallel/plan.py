@@ -303,10 +303,13 @@ def apply_plan(model: nn.Module, plan: list[tuple[str, Style]], layout: Layout,
                prefix: str = "", strict: bool = True) -> nn.Module:
     """Apply each (pattern, style) to every matching module; a pattern matching nothing is an error
     (the model's names drifted from the table) when ``strict``. Plans derived from a Hugging Face
-    config are not strict: they list modules that only some configs of the class build."""
+    config are not strict: they list modules that only some configs of the class build (but
+    one that matches nothing at all is an error: the names drifted from the config's plan)."""
+    matched = 0
     for pattern, style in plan:
         rx = _matcher(prefix + pattern)
         hits = [name for name, _ in model.named_modules() if rx.fullmatch(name)]
+        matched += len(hits)
         if not hits and (not strict or _dropped(model, prefix + pattern)):
             continue  # a pipeline stage set this module to None: absent on purpose
         if not hits:
@@ -319,6 +322,9 @@ def apply_plan(model: nn.Module, plan: list[tuple[str, Style]], layout: Layout,
             new = style(old, layout)
             if new is not old:
                 setattr(parent, attr, new)
+    if not matched:
+        raise PlanError(f"no pattern of the tensor-parallel plan of {type(model).__name__} matches any "
+                        f"of its modules; give it a table in tetrad/parallel/plan.py")
     return model
 
 
