@@ -85,14 +85,6 @@ class HFWeights:
         self.path, self.deferred = Path(path), deferred
         self.files = weight_map(self.path)
         self.name_of, self.aliases = to_checkpoint_name, aliases or {}
-        self._open: dict[str, object] = {}
-
-    def _handle(self, file: str):
-        from safetensors import safe_open
-
-        if file not in self._open:
-            self._open[file] = safe_open(str(self.path / file), framework="pt")
-        return self._open[file]
 
     def _locate(self, name: str) -> str:
         key = self.name_of(name)
@@ -105,16 +97,23 @@ class HFWeights:
 
     @torch.no_grad()
     def read(self, name: str, p: torch.Tensor) -> torch.Tensor:
-        """Parameter ``name``'s local tensor (its tp box), shaped and typed like ``p``, on the CPU."""
+        """Parameter ``name``'s local tensor (its tp box), shaped and typed like ``p``, on the CPU.
+
+        The file is opened (memory-mapped) for this one tensor and closed again: a column
+        slice touches every page of the tensor, and pages of a mapping kept open would stay
+        resident, so a long-lived handle would grow to the whole file."""
+        from safetensors import safe_open
+
         key = self._locate(name)
-        sl = self._handle(self.files[key]).get_slice(key)
-        stored = tuple(sl.get_shape())
-        logical = tp_shard(p).global_shape if tp_shard(p) is not None else tuple(p.shape)
-        if math.prod(stored) != math.prod(logical):
-            raise CheckpointError(f"{self.path}: {key} has shape {list(stored)} but the model's "
-                                  f"{name} is {list(logical)}; the checkpoint does not fit this config")
-        slices, dim = _box_slices(p, stored)
-        parts = [sl[s] for s in slices]
+        with safe_open(str(self.path / self.files[key]), framework="pt") as f:
+            sl = f.get_slice(key)
+            stored = tuple(sl.get_shape())
+            logical = tp_shard(p).global_shape if tp_shard(p) is not None else tuple(p.shape)
+            if math.prod(stored) != math.prod(logical):
+                raise CheckpointError(f"{self.path}: {key} has shape {list(stored)} but the model's "
+                                      f"{name} is {list(logical)}; the checkpoint does not fit this config")
+            slices, dim = _box_slices(p, stored)
+            parts = [sl[s].clone() for s in slices]
         t = parts[0] if len(parts) == 1 else torch.cat(parts, dim)
         return t.reshape(p.shape).to(p.dtype)
 
@@ -122,9 +121,6 @@ class HFWeights:
     def fill(self, name: str, p: torch.Tensor) -> None:
         """Copy parameter ``name``'s box into ``p`` (the ZeRO-3 ``param_init`` hook)."""
         p.copy_(self.read(name, p))
-
-    def close(self) -> None:
-        self._open.clear()
 
 
 def allocate(model: nn.Module, device: torch.device,

@@ -110,8 +110,6 @@ class Engine:
             self.model, optimizer=optimizer, optim_cfg=optim_cfg, stage=s.zero,
             group=self.layout.grad_group, dtype=self.layout.compute_dtype,
             bucket_bytes=int(s.bucket_mb * 2**20), tier=self.tier, param_init=param_init or stream_init)
-        if self.weights is not None:
-            self.weights.close()
         self.optimizer, self.scaler = self.data_parallel.optimizer, self.data_parallel.scaler
         self.step_count, self.micro_step = 0, 0
         self.last: dict = {}
