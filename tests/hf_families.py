@@ -40,3 +40,47 @@ def make_checkpoint(family: str, out: str | Path, seed: int = 0, max_shard_size:
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out, **kwargs)
     return out
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+                 "{% if m['role'] == 'assistant' %}<|endoftext|>{% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def corpus(n: int, seed: int = 0) -> list[str]:
+    """``n`` short English-like documents (the built-in grammar's lines)."""
+    from tetrad.data import builtin_text
+
+    lines = builtin_text(60 * n, seed).decode().splitlines()
+    return [line.split(": ", 1)[1] for line in lines[:n]]
+
+
+def make_tokenizer(out: str | Path, vocab_size: int = 301) -> Path:
+    """A byte-level BPE tokenizer trained here on the built-in text, with an EOS token and a
+    chat template, saved with save_pretrained (tokenizer.json, tokenizer_config.json)."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>", "<|user|>", "<|assistant|>"])
+    tok.train_from_iterator(corpus(2000, seed=9), trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(out))
+    return Path(out)
+
+
+def make_llama_for(tokenizer_dir: str | Path, out: str | Path, seed: int = 0, **shape) -> Path:
+    """A small llama whose vocabulary is the tokenizer's (len(tokenizer): odd for most)."""
+    import torch
+    import transformers
+
+    n = len(transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir)))
+    kw = dict(FAMILIES["llama"], vocab_size=n, bos_token_id=None, eos_token_id=0, pad_token_id=None, **shape)
+    cfg = transformers.AutoConfig.for_model("llama", **kw)
+    torch.manual_seed(seed)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    return Path(out)

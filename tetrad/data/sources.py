@@ -52,23 +52,34 @@ def source_files(kind: str, path: str) -> list[Path]:
 
 def _bad_json_line(path: Path) -> str:
     """'line N: <problem>' of the first line of ``path`` that is not a JSON object."""
+    seen = False
     with open(path, encoding="utf-8", errors="replace") as fh:
         for number, line in enumerate(fh, 1):
             if not line.strip():
                 continue
+            seen = True
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as e:
                 return f"line {number} is not JSON ({e.msg}): {line.strip()[:60]!r}"
             if not isinstance(value, dict):
                 return f"line {number} is {type(value).__name__}, not a JSON object"
-    return "pyarrow could not read it as JSON lines"
+    return "pyarrow could not read it as JSON lines" if seen else "empty dataset (no records, only blank lines)"
 
 
 def _load_file(kind: str, path: Path, cache_dir: str | None):
     datasets = _datasets()
     if path.stat().st_size == 0:
         raise DataError(f"{path}: empty file; expected {kind} records")
+    if kind == "parquet":  # datasets' reader fails obscurely on a table with no rows
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.read_metadata(path).num_rows
+        except Exception as e:  # noqa: BLE001 - pyarrow's error types vary by version
+            raise DataError(f"{path}: not a parquet file ({e})") from None
+        if rows == 0:
+            raise DataError(f"{path}: empty dataset (0 rows)")
     builder = {"jsonl": "json", "parquet": "parquet", "text": "text"}[kind]
     extra = {"keep_linebreaks": True} if kind == "text" else {}
     try:
@@ -93,6 +104,18 @@ def _check_columns(ds, columns: list[str], origin: str) -> None:
                             f"record to have it")
 
 
+def _check_saved(path: str) -> None:
+    """A saved dataset with no data files is empty (``load_from_disk`` fails on it obscurely)."""
+    state = Path(path) / "state.json"
+    if state.is_file():
+        try:
+            files = json.loads(state.read_text()).get("_data_files")
+        except (json.JSONDecodeError, AttributeError):
+            return
+        if files == []:
+            raise DataError(f"data.source 'hf:{path}': empty dataset (0 rows)")
+
+
 def load_records(kind: str, path: str, columns, cache_dir: str | None = None):
     """The records of ``kind:path`` as one ``datasets.Dataset`` with ``columns`` checked
     (a list, or a function of a file's dataset that says which columns it must have).
@@ -101,6 +124,7 @@ def load_records(kind: str, path: str, columns, cache_dir: str | None = None):
     datasets = _datasets()
     want = columns if callable(columns) else (lambda ds: columns)
     if kind == "hf":
+        _check_saved(path)
         try:
             ds = datasets.load_from_disk(path)
         except (FileNotFoundError, ValueError) as e:
