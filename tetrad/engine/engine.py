@@ -238,8 +238,8 @@ class Engine:
     def _tokens_scale(self, micro, group) -> float:
         """``G * n / N`` of ``loss``: N counts the labels != -100 that the ranks of the gradient
         group (dp x sp) hold after the sequence split, i.e. the global batch's, once."""
-        local = sum(int((self.shard_micro_batch(x, y)[1] != IGNORE_INDEX).sum()) for x, y in micro)
-        count = torch.tensor([local], dtype=torch.int64, device=self.device)
+        count = torch.stack([(self.shard_micro_batch(x, y)[1] != IGNORE_INDEX).sum() for x, y in micro]).sum()
+        count = count.reshape(1).to(device=self.device, dtype=torch.int64)  # counted where the labels are
         dist.all_reduce(count, group=group)
         self.last["loss_tokens"] = int(count)
         return dist.get_world_size(group) * len(micro) / max(int(count), 1)
