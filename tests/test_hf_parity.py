@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints of five families, loaded through ``model.hf_path``, reproduce one
+"""Hugging Face checkpoints of six families, loaded through ``model.hf_path``, reproduce one
 process's loss curve under tensor parallelism (odd vocabularies padded) and ZeRO-3, and the
 first step's loss is transformers' own loss on the same batch.
 
@@ -21,7 +21,7 @@ from hf_families import make_checkpoint
 pytest.importorskip("transformers")
 
 STEPS = 10
-FAMILIES = ("llama", "qwen2", "gpt2", "gemma", "phi3")  # phi3: fused q|k|v, gathered outputs
+FAMILIES = ("llama", "qwen2", "gpt2", "gemma", "phi3", "qwen3")  # phi3: fused q|k|v, gathered outputs; qwen3: per-head norms (gradients summed over tp)
 
 
 def config(out: str, ckpt: str, tokens: str, **strategy) -> dict:
