@@ -6,7 +6,8 @@ checkpoint as exactly its tensor-parallel box (``tp_shard(p)``), with safetensor
 ``get_slice``, which reads only those bytes from the memory-mapped file. No rank ever holds
 another rank's slice, nor the whole model: at ZeRO-0/1/2 the peak is this rank's share plus
 the tensor being read, at ZeRO-3 the engine hands :meth:`HFWeights.fill` to ZeRO as its
-``param_init`` hook, so each group is read just before it is sharded (its share plus one group).
+``param_init`` hook, so each group is read just before it is sharded (its share plus one group);
+until then the parameters have their shapes but no storage (``allocate(..., value=None)``).
 
 A checkpoint is a directory with ``model.safetensors``, or shards listed by
 ``model.safetensors.index.json`` (``weight_map``: tensor name -> file), as ``save_pretrained``
@@ -119,17 +120,23 @@ class HFWeights:
 
     @torch.no_grad()
     def fill(self, name: str, p: torch.Tensor) -> None:
-        """Copy parameter ``name``'s box into ``p`` (the ZeRO-3 ``param_init`` hook)."""
+        """Copy parameter ``name``'s box into ``p``, giving it its storage back first if
+        ``allocate`` left it without (the ZeRO-3 ``param_init`` hook)."""
+        storage = p.untyped_storage()
+        if storage.size() == 0:
+            storage.resize_(p.numel() * p.element_size())
         p.copy_(self.read(name, p))
 
 
 def allocate(model: nn.Module, device: torch.device,
              value: Callable[[str, nn.Parameter], torch.Tensor] | None = None) -> None:
-    """Give every meta parameter of ``model`` real storage on ``device``: ``value(name, p)``
-    (read now, one tensor at a time) or uninitialised. Each parameter becomes a new
-    ``nn.Parameter`` carrying the old one's attributes (its tp box), set on every module that
-    holds it, so ties (a head sharing the embedding's weight) survive; ``Module.to_empty``
-    would make one parameter per holder and drop the attributes."""
+    """Move every meta parameter of ``model`` to ``device``: with ``value(name, p)`` read now,
+    one tensor at a time; without, shaped but with its storage resized to nothing (ZeRO-3's own
+    trick for a freed unit), so that no device ever holds the whole model before
+    :meth:`HFWeights.fill` gives each group its storage and values. Each parameter becomes a
+    new ``nn.Parameter`` carrying the old one's attributes (its tp box), set on every module
+    that holds it, so ties (a head sharing the embedding's weight) survive;
+    ``Module.to_empty`` would make one parameter per holder and drop the attributes."""
     holders: dict[int, list[tuple[nn.Module, str]]] = {}
     for module in model.modules():
         for key, p in module._parameters.items():
@@ -138,8 +145,11 @@ def allocate(model: nn.Module, device: torch.device,
     for name, p in list(model.named_parameters()):
         if not p.is_meta:
             continue
-        data = value(name, p).to(device) if value is not None else torch.empty(p.shape, dtype=p.dtype,
-                                                                                device=device)
+        if value is not None:
+            data = value(name, p).to(device)
+        else:
+            data = torch.empty(p.shape, dtype=p.dtype, device=device)
+            data.untyped_storage().resize_(0)
         new = nn.Parameter(data, requires_grad=p.requires_grad)
         new.__dict__.update(p.__dict__)
         for module, key in holders[id(p)]:

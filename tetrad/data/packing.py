@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 
 from .errors import DataError
@@ -70,24 +71,34 @@ def _parts(kind: str, path: str, fmt: str, field: str, cache_dir: str | None) ->
 
 
 def pack(source: str, tokenizer, out: str | os.PathLike, *, fmt: str = "pretrain", text_field: str = "text",
-         workers: int = 1, progress: bool = False, cache_dir: str | None = None,
-         min_rows_per_worker: int = 1) -> int:
+         workers: int = 1, progress: bool = False, min_rows_per_worker: int = 1) -> int:
     """Tokenize ``source`` ('kind:PATH') into the token file ``out`` (and ``out``.mask for sft);
     returns the number of tokens. A part with fewer than ``min_rows_per_worker`` rows per
-    worker is tokenized in this process (starting workers would cost more than they save)."""
-    kind, _, path = source.partition(":")
+    worker is tokenized in this process (starting workers would cost more than they save).
+
+    The Arrow files ``datasets`` converts the records to, and its tokenized map output, go to a
+    temporary directory next to ``out``, removed at the end: never into ~/.cache or into a
+    saved dataset's own directory."""
     out = Path(out)
-    parts = _parts(kind, path, fmt, "text" if kind == "text" else text_field, cache_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as scratch:
+        return _pack(source, tokenizer, out, fmt, text_field, workers, progress, min_rows_per_worker, scratch)
+
+
+def _pack(source, tokenizer, out: Path, fmt, text_field, workers, progress, min_rows_per_worker, scratch) -> int:
+    kind, _, path = source.partition(":")
+    parts = _parts(kind, path, fmt, "text" if kind == "text" else text_field, scratch)
     fn = _encode(tokenizer, fmt, "text" if kind == "text" else text_field)
     bar = _bar(sum(len(p) for p in parts), progress)
     mask_path = out.with_name(out.name + ".mask")
     # EOS after every pretraining document; SFT records end with theirs; a text file is one document
     sep = [] if kind == "text" or fmt == "sft" else [tokenizer.eos_id]
     with TokenWriter(out, tokenizer.vocab_size) as tokens, _MaybeWriter(mask_path, fmt == "sft") as mask:
-        for part in parts:
+        for i, part in enumerate(parts):
+            parallel = workers > 1 and len(part) >= max(2, min_rows_per_worker) * workers
             encoded = part.map(fn, batched=True, batch_size=256, remove_columns=part.column_names,
-                               num_proc=workers if workers > 1 and len(part) >= max(2, min_rows_per_worker) * workers else None,
-                               desc="tokenizing")
+                               num_proc=workers if parallel else None, desc="tokenizing",
+                               cache_file_name=os.path.join(scratch, f"tokenized-{i}.arrow"))
             for batch in encoded.iter(batch_size=1024):
                 for i, ids in enumerate(batch["ids"]):
                     tokens.append(_array(ids + sep))
@@ -149,7 +160,7 @@ def cached_pack(source: str, tokenizer, cache_root: str | os.PathLike, *, fmt: s
     if not out.is_file() or (mask is not None and not mask.is_file()):
         root.mkdir(parents=True, exist_ok=True)
         pack(source, tokenizer, out, fmt=fmt, text_field=text_field, workers=workers, progress=progress,
-             cache_dir=str(root / "datasets"), min_rows_per_worker=2000)
+             min_rows_per_worker=2000)
     return out, mask
 
 

@@ -120,7 +120,7 @@ def load_records(kind: str, path: str, columns, cache_dir: str | None = None):
     """The records of ``kind:path`` as one ``datasets.Dataset`` with ``columns`` checked
     (a list, or a function of a file's dataset that says which columns it must have).
 
-    ``cache_dir`` is where ``datasets`` keeps the Arrow files it converts to (next to the run)."""
+    ``cache_dir`` is where ``datasets`` keeps the Arrow files it converts to."""
     datasets = _datasets()
     want = columns if callable(columns) else (lambda ds: columns)
     if kind == "hf":

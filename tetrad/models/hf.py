@@ -22,8 +22,6 @@ from tetrad.config.hf import load_hf_config, transformers_module
 
 from .args import ModelArgs
 
-_transformers = transformers_module
-
 # Config attributes that hold a dropout probability; `model.dropout` (a training choice, not
 # part of the architecture) sets every one the config has.
 _DROPOUTS = ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",
@@ -104,7 +102,7 @@ def _training_choices(cfg, model_cfg: Any):
 
 def _built_config(model_cfg: Any):
     """A transformers config of ``model.hf_model_type`` with the ``model`` section's shape."""
-    tf = _transformers()
+    tf = transformers_module()
     hf_type = _get(model_cfg, "hf_model_type") or "llama"
     args = ModelArgs.from_config(model_cfg)  # validates and fills n_kv_heads / d_ff defaults
     cfg = tf.AutoConfig.for_model(hf_type)
@@ -141,7 +139,7 @@ def hf_config(model_cfg: Any):
 def build_hf(model_cfg: Any, seed: int = 0) -> HFCausalLM:
     """An ``HFCausalLM``: on the meta device, to be streamed from ``hf_path``; or randomly
     initialised (``hf_model_type``), the same for a given seed whatever the global RNG."""
-    tf = _transformers()
+    tf = transformers_module()
     config = hf_config(model_cfg)
     path = _get(model_cfg, "hf_path")
     if path:

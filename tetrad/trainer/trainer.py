@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -37,10 +38,14 @@ class Trainer:
 
     def _build(self) -> None:
         cfg = self.config
-        init_distributed(timeout_s=cfg.run.collective_timeout_s)  # a dead peer fails, not hangs
+        _, device = init_distributed(timeout_s=cfg.run.collective_timeout_s)  # a dead peer fails, not hangs
         if cfg.strategy.auto:
             # The selector profiles this world and fills the layout before the engine exists.
             cfg.strategy = resolve_auto(cfg)
+        self.rank0 = dist.get_rank() == 0
+        # Data first: a bad source or a tokenizer too large for the model fails before any
+        # weight is loaded.
+        self.dataset = self._dataset(device)
         torch.manual_seed(cfg.run.seed)
         # With pipeline stages the model is built on the meta device: the engine prunes it to
         # this rank's stage and only then allocates and initialises (by parameter name).
@@ -50,8 +55,6 @@ class Trainer:
                              precision=cfg.run.precision, global_batch_size=cfg.run.global_batch_size,
                              total_steps=cfg.run.steps, collective_timeout_s=cfg.run.collective_timeout_s,
                              trace=self.trace)
-        self.rank0 = dist.get_rank() == 0
-        self.dataset = self._dataset()
         self.sampler = GlobalBatchSampler(len(self.dataset), cfg.run.global_batch_size, cfg.run.seed)
         self.out = Path(cfg.run.output_dir)
         if self.rank0:
@@ -59,7 +62,7 @@ class Trainer:
             (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         self.ckpt = TrainingCheckpoints(cfg, self.engine, self.sampler)
 
-    def _dataset(self):
+    def _dataset(self, device: torch.device):
         """The training windows. A raw source (jsonl/parquet/hf, or text for a Hugging Face
         tokenizer) is tokenized once into ``<run.output_dir>/data_cache`` by rank 0 while the
         others wait, then memory-mapped by every rank; later runs with the same inputs reuse it."""
@@ -73,10 +76,10 @@ class Trainer:
             if self.rank0:
                 try:
                     cached_pack(d.source, tokenizer, cache, workers=min(8, os.cpu_count() or 1),
-                                progress=cfg.logging.progress, **kw)
+                                progress=cfg.logging.progress and sys.stderr.isatty(), **kw)
                 except DataError as e:
                     error = e
-            failed = torch.tensor([error is not None], dtype=torch.int64, device=self.engine.device)
+            failed = torch.tensor([error is not None], dtype=torch.int64, device=device)
             dist.all_reduce(failed)  # also the barrier: the cache exists past this point
             if error is not None:
                 raise error
