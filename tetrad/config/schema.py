@@ -92,6 +92,10 @@ class RunConfig(Section):
                                           "before the run fails naming it; 1..86400", ge=1.0, le=86400.0)
     max_skipped_steps: int = setting(10, "stop after this many optimizer steps in a row skipped for a "
                                      "non-finite loss or gradient; 1..1e6", ge=1, le=10**6)
+    tf32: bool = setting(True, "fp32 matmuls and convolutions use TF32 tensor cores on CUDA "
+                               "(10-bit mantissa inputs, fp32 accumulation); no effect on the CPU")
+    compile: bool = setting(False, "torch.compile each transformer block (after recompute), as torchtitan "
+                                   "does; also runs on the CPU (inductor needs a C++ compiler)")
 
 
 @dataclasses.dataclass

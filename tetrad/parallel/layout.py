@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from tetrad.parallel.mesh import ParallelDims
+from tetrad.parallel.pipeline.p2p import ring_channels
 
 
 @dataclass(frozen=True)
@@ -24,8 +25,10 @@ class ResolvedLayout:
     megatron_sp: bool = False
     zero: int = 0
     compute_dtype: torch.dtype = torch.float32
+    device: torch.device = torch.device("cpu")  # this rank's compute device
     mesh: DeviceMesh | None = None   # None: a layout only checked, never run
     grad_group: object | None = None  # dp x sp: ranks that see different tokens of one replica
+    p2p_channels: dict | None = None  # pp > 1: one communicator per (sender, receiver) stage pair
 
     @classmethod
     def build(cls, strategy, world: int, device: torch.device, dtype: torch.dtype) -> "ResolvedLayout":
@@ -33,7 +36,8 @@ class ResolvedLayout:
                             tp=strategy.tp)
         mesh = dims.build_mesh(device)
         grad = _dp_sp_group(dims) if dims.sp_enabled else mesh.get_group("dp")
-        return cls(dims, strategy.megatron_sp, strategy.zero, dtype, mesh, grad)
+        channels = ring_channels(_pp_lines(dims)) if dims.pp_enabled else None
+        return cls(dims, strategy.megatron_sp, strategy.zero, dtype, device, mesh, grad, channels)
 
     # ------------------------------------------------------------------ degrees
     @property
@@ -87,6 +91,15 @@ class ResolvedLayout:
         """The layout as a checkpoint records it (RNG states are restored only when equal)."""
         return {"world_size": self.dims.world_size, "dp": self.dp, "tp": self.tp, "pp": self.pp,
                 "sp": self.sp, "zero": self.zero}
+
+
+def _pp_lines(dims: ParallelDims) -> list[list[int]]:
+    """Every pipeline line of the world: the global ranks of its stages, in stage order."""
+    lines: dict[tuple, list[int]] = {}
+    for rank in range(dims.world_size):
+        c = dims.coords(rank)
+        lines.setdefault((c["dp"], c["sp"], c["tp"]), []).append(rank)
+    return [lines[k] for k in sorted(lines)]
 
 
 def _dp_sp_group(dims: ParallelDims):

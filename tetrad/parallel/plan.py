@@ -23,7 +23,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
 from torch import nn
 
 from tetrad.parallel.layout import ResolvedLayout
@@ -338,9 +337,7 @@ def parallelize(model: nn.Module, layout: ResolvedLayout) -> nn.Module:
     family, prefix = model_family(model)
     check_layout(family, layout)
     tp_rank, sp_rank = layout.rank("tp"), layout.rank("sp")
-    device = next(model.parameters()).device
-    if device.type == "meta":  # weights streamed in after slicing: dropout runs on the mesh's device
-        device = _mesh_device(layout)
+    device = layout.device  # dropout masks are drawn where compute runs (the model may be on the host)
     ctx = Layout(layout.group("tp"), layout.group("sp"), tp, sp, layout.megatron_sp_active,
                  rng_sharded=RNGFork(tp_rank + tp * sp_rank, device),
                  rng_sp=RNGFork(tp * sp_rank, device))
@@ -354,7 +351,3 @@ def parallelize(model: nn.Module, layout: ResolvedLayout) -> nn.Module:
         return apply_plan(model, hf_plan(inner), ctx, prefix, strict=False)
     return apply_plan(model, PLANS[family], ctx, prefix)
 
-
-def _mesh_device(layout: ResolvedLayout) -> torch.device:
-    kind = layout.mesh.device_type
-    return torch.device(kind, torch.cuda.current_device()) if kind == "cuda" else torch.device(kind)

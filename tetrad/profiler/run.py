@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from tetrad.config.precision import compute_dtype
 from tetrad.models.args import ModelArgs
-from tetrad.profiler import collectives, layers, machine, store
+from tetrad.profiler import collectives, kernels, layers, machine, store
 
 
 @dataclass
@@ -89,6 +89,17 @@ def measure_layers(args: ModelArgs, precision: str, world: int, opts: ProfileOpt
     return {"layers": rows, "head": heads, "activations": acts, "micro_batch": micro}
 
 
+def measure_kernels(precision: str, device, reps: int) -> dict:
+    """GEMM, attention, element-wise and copy rates by size (tetrad.profiler.kernels), every
+    rank at once; the seconds are averaged over the ranks."""
+    out = kernels.measure_all(device, compute_dtype(precision), reps)
+    rows = out["gemm"] + out["attention"] + [out["memory"]]
+    keys = [(r, k) for r in rows for k in ("s", "fwd_s", "bwd_s") if k in r]
+    for (r, k), v in zip(keys, _mean_over_ranks([r[k] for r, k in keys])):
+        r[k] = v
+    return out
+
+
 def profile_world(args: ModelArgs, precision: str, opts: ProfileOptions) -> dict:
     """Measure everything on the current world; every rank returns the same profile."""
     start = time.perf_counter()
@@ -99,6 +110,7 @@ def profile_world(args: ModelArgs, precision: str, opts: ProfileOptions) -> dict
     with torch.random.fork_rng(devices=[]):  # profiling must not move training's RNG stream
         torch.manual_seed(0)
         measured = measure_layers(args, precision, world, opts, device)
+        measured["kernels"] = measure_kernels(precision, device, opts.reps)
         split = {"layers_s": time.perf_counter() - start}
         comm = collectives.measure_all(opts.comm_sizes, opts.comm_reps, device, local_world) if world > 1 else {}
         overlap = collectives.measure_overlap(device) if world > 1 else 1.0
@@ -112,6 +124,7 @@ def profile_world(args: ModelArgs, precision: str, opts: ProfileOptions) -> dict
             "contention": contention,
             "memory": machine.memory(), "host_device": machine.host_device_bandwidth(),
             "disk": machine.disk_bandwidth(opts.disk_dir, opts.disk_bytes),
+            "disk_by_size": machine.disk_read_by_size(opts.disk_dir, min(opts.disk_bytes, 1 << 25)),
             "options": asdict(opts), "seconds": time.perf_counter() - start, "split": split,
         }
     if dist.is_initialized() and dist.get_world_size() > 1:

@@ -54,7 +54,7 @@ class Trainer:
         self.engine = Engine(model, strategy=cfg.strategy, optim_cfg=cfg.optimizer,
                              precision=cfg.run.precision, global_batch_size=cfg.run.global_batch_size,
                              total_steps=cfg.run.steps, collective_timeout_s=cfg.run.collective_timeout_s,
-                             trace=self.trace)
+                             trace=self.trace, tf32=cfg.run.tf32, compile=cfg.run.compile)
         self.sampler = GlobalBatchSampler(len(self.dataset), cfg.run.global_batch_size, cfg.run.seed)
         self.out = Path(cfg.run.output_dir)
         if self.rank0:
