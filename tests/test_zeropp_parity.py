@@ -95,9 +95,10 @@ def _formula(run: dict, strategy: dict) -> float:
 
 
 def _loss_bytes(strategy: dict) -> float:
-    """The step's loss all-reduce over the dp group (8 bytes), counted as an all-reduce."""
+    """The step's two scalar all-reduces over the dp group (the global batch's token count,
+    8 bytes; the loss, fp64, 8), counted as all-reduces: 2/dp of them to each of the dp/2 far peers."""
     dp = WORLD // strategy.get("tp", 1)
-    return WORLD * (dp - dp // 2) * 2 * 8 / dp
+    return WORLD * (dp - dp // 2) * 2 * (8 + 8) / dp
 
 
 @pytest.mark.slow
