@@ -176,6 +176,21 @@ def _offload_errors(s: StrategyConfig) -> list[Problem]:
     ])
 
 
+def _zeropp_errors(s: StrategyConfig) -> list[Problem]:
+    z = s.zeropp
+    return _rules([
+        ("zeropp.hpz_zero3", z.hpz > 1 and s.zero != 3,
+         f"strategy.zeropp.hpz={z.hpz} needs strategy.zero=3 (got zero={s.zero}): hpZ keeps a secondary "
+         "copy of stage-3 parameter shards; valid: zero 3, or hpz 1"),
+        ("zeropp.qwz_zero3", z.quantize_weights and s.zero != 3,
+         f"strategy.zeropp.quantize_weights=true needs strategy.zero=3 (got zero={s.zero}): it quantizes "
+         "stage 3's parameter all-gathers; valid: zero 3, or quantize_weights false"),
+        ("zeropp.qgz_zero", z.quantize_grads and s.zero < 2,
+         f"strategy.zeropp.quantize_grads=true needs strategy.zero 2 or 3 (got zero={s.zero}): it replaces "
+         "the gradient reduce-scatter; valid: zero 2/3, or quantize_grads false"),
+    ])
+
+
 def strategy_errors(s: StrategyConfig) -> list[Problem]:
     return _rules([
         ("pipeline.virtual_stages", s.virtual_stages > 1 and s.pipeline_schedule != "interleaved",
@@ -190,7 +205,7 @@ def strategy_errors(s: StrategyConfig) -> list[Problem]:
         ("recompute.budget", s.recompute == "budget" and s.recompute_budget_mb is None,
          "strategy.recompute_budget_mb=None: required when strategy.recompute='budget'; "
          "valid: a number of MB > 0"),
-    ]) + _offload_errors(s)
+    ]) + _zeropp_errors(s) + _offload_errors(s)
 
 
 def training_errors(s: StrategyConfig, precision: str, grad_clip: float,
@@ -246,7 +261,9 @@ def layout_errors(m: ModelShape, s: StrategyConfig) -> list[Problem]:
 
 # --- against a world size and a batch -------------------------------------------------------
 
-def strategy_world_errors(s: StrategyConfig, world: int) -> list[Problem]:
+def strategy_world_errors(s: StrategyConfig, world: int, ranks_per_node: int | None = None) -> list[Problem]:
+    """The degrees against the world; with ``ranks_per_node`` (the strategy's, else the
+    launcher's or the cluster spec's) the node split too."""
     mp = s.model_parallel_size
     if world % mp:
         return [Problem("world.model_parallel",
@@ -255,7 +272,54 @@ def strategy_world_errors(s: StrategyConfig, world: int) -> list[Problem]:
     if s.dp != "auto" and mp * s.dp != world:
         return [Problem("world.dp", f"strategy.dp={s.dp}: strategy.tp*pp*sp*dp={mp}*{s.dp}={mp * s.dp} != "
                                     f"world_size={world}; valid: strategy.dp={world // mp} or 'auto'")]
-    return []
+    return _sharding_errors(s, world // mp, world,
+                            ranks_per_node if s.ranks_per_node == "auto" else s.ranks_per_node)
+
+
+def _sharding_errors(s: StrategyConfig, dp: int, world: int, rpn: int | None) -> list[Problem]:
+    """dp_shard and hpz against dp; qgZ's hierarchy against the nodes."""
+    shard = dp if s.dp_shard == "auto" else s.dp_shard
+    hpz = s.zeropp.hpz
+    errors = _rules([
+        ("world.dp_shard", dp % shard != 0,
+         f"strategy.dp_shard={shard} does not divide dp={dp}; valid dp_shard: {_divisors(dp)} or 'auto'"),
+        ("zero.dp_shard_stage", shard < dp and s.zero == 0,
+         f"strategy.dp_shard={shard} < dp={dp} needs strategy.zero 1, 2 or 3 (got 0): plain data "
+         "parallelism shards nothing; valid: zero >= 1, or dp_shard 'auto'"),
+        ("zeropp.hpz_divides", hpz > 1 and shard % hpz != 0,
+         f"strategy.zeropp.hpz={hpz} does not divide the ZeRO shard group of dp_shard={shard} dp ranks; "
+         f"valid hpz: {_divisors(shard)}"),
+        ("world.ranks_per_node", rpn is not None and world > rpn and world % rpn != 0,
+         f"ranks_per_node={rpn} does not divide world_size={world}: every node must run the same number "
+         f"of ranks; valid: {_divisors(world)}, or at least the world size (one node)"),
+    ])
+    if errors or rpn is None or not s.zeropp.quantize_grads:
+        return errors
+    return _rules([("zeropp.qgz_nodes", not _members_per_node(s, shard, dp, rpn),
+                    f"strategy.zeropp.quantize_grads=true needs each ZeRO shard group (dp_shard={shard} x "
+                    f"sp={s.sp} ranks, {s.tp} apart) to have the same number of members on every node, but "
+                    f"ranks_per_node={rpn} splits it unevenly (the hierarchical all-to-all pairs the members "
+                    f"of one node with those of every other); valid: quantize_grads false, or a layout "
+                    f"whose group takes the same share of each node it touches (tp dividing ranks_per_node)")])
+
+
+def _members_per_node(s: StrategyConfig, shard: int, dp: int, rpn: int) -> bool:
+    """Whether every ZeRO shard group has the same number of members on each node it touches
+    (it may differ between groups). Mesh order (pp, dp, sp, tp): a group's ranks are
+    ``start + i * tp`` for i < shard * sp, one group per (stage, block of shard dp ranks, tp
+    rank); the same enumeration as ``tetrad.parallel.nodes``, done on numbers only."""
+    width, stage = shard * s.sp, dp * s.sp * s.tp
+    for p in range(s.pp):
+        for block in range(dp // shard):
+            for t in range(s.tp):
+                start = p * stage + block * width * s.tp + t
+                nodes: dict[int, int] = {}
+                for i in range(width):
+                    node = (start + i * s.tp) // rpn
+                    nodes[node] = nodes.get(node, 0) + 1
+                if len(set(nodes.values())) != 1:
+                    return False
+    return True
 
 
 def batch_errors(run_batch: int, s: StrategyConfig, dp: int) -> list[Problem]:
@@ -303,9 +367,11 @@ def valid_world_sizes(run_batch: int, s: StrategyConfig) -> str:
 
 def problems(s: StrategyConfig, *, model: ModelShape | None = None, precision: str | None = None,
              grad_clip: float | None = None, world: int | None = None,
-             global_batch: int | None = None, compile: bool = False) -> list[Problem]:
+             global_batch: int | None = None, compile: bool = False,
+             ranks_per_node: int | None = None) -> list[Problem]:
     """Every rule ``s`` breaks, given what is known: the model's shape, what is computed
-    (precision, clipping), the world and the global batch. The one question config
+    (precision, clipping), the world, the global batch and the ranks per node (the launcher's
+    or the cluster spec's; ``strategy.ranks_per_node`` wins). The one question config
     validation, the engine and the search all ask."""
     errors = strategy_errors(s)
     if precision is not None or grad_clip is not None or compile:
@@ -313,7 +379,7 @@ def problems(s: StrategyConfig, *, model: ModelShape | None = None, precision: s
     if model is not None:
         errors += layout_errors(model, s)
     if world is not None and not errors:
-        errors = strategy_world_errors(s, world)
+        errors = strategy_world_errors(s, world, ranks_per_node)
         if global_batch is not None and not errors:
             errors = batch_errors(global_batch, s, world // s.model_parallel_size)
             if errors and s.dp == "auto":  # the world decides dp: say which worlds keep the batch

@@ -39,7 +39,7 @@ from tetrad.parallel.pipeline import build_pipeline, split_model
 from tetrad.parallel.plan import parallelize
 from tetrad.parallel.tensor import vocab_parallel_cross_entropy
 from tetrad.recompute import apply_recompute, find_blocks
-from tetrad.zero import build_data_parallel
+from tetrad.zero import Sharding, build_data_parallel
 from tetrad.zero.optim import lr_at
 
 
@@ -116,8 +116,10 @@ class Engine:
         self.shape = shape_of(model)
         raise_all(problems(s, model=self.shape, precision=precision,
                            grad_clip=optim_cfg.grad_clip if optim_cfg is not None else 0.0,
-                           world=dist.get_world_size(), global_batch=global_batch_size, compile=compile))
-        self.layout = ResolvedLayout.build(s, dist.get_world_size(), self.device, compute_dtype(precision))
+                           world=dist.get_world_size(), global_batch=global_batch_size, compile=compile,
+                           ranks_per_node=self.launch.local_world_size))
+        self.layout = ResolvedLayout.build(s, dist.get_world_size(), self.device, compute_dtype(precision),
+                                           ranks_per_node=self.launch.local_world_size)
         if self.layout.tp > 1 and loss_fn is not cross_entropy:
             raise ConfigError("strategy.tp > 1 computes the loss from vocabulary-split logits with "
                               "tetrad's vocab-parallel cross-entropy; a custom loss_fn would need full "
@@ -139,7 +141,7 @@ class Engine:
             self.model, optimizer=optimizer, optim_cfg=optim_cfg, stage=s.zero,
             group=self.layout.grad_group, dtype=self.layout.compute_dtype,
             bucket_bytes=int(s.bucket_mb * 2**20), tier=self.tier, param_init=param_init or stream_init,
-            device=self.device)
+            device=self.device, sharding=self._sharding())
         self.optimizer, self.scaler = self.data_parallel.optimizer, self.data_parallel.scaler
         self.step_count, self.micro_step = 0, 0
         self.last: dict = {}
@@ -163,7 +165,7 @@ class Engine:
                                   virtual_stages=s.virtual_stages, dtype=L.compute_dtype,
                                   device=self.device, loss_fn=self.loss, chunks=chunks,
                                   tp_group=L.group("tp") if L.scatter_boundaries else None, trace=trace,
-                                  channels=L.p2p_channels)
+                                  channels=L.p2p_channels, traffic=L.nodes.traffic)
         return model, PipelineRunner(self, executor, self.shape.d_model)
 
     def _stream(self, model: nn.Module) -> nn.Module:
@@ -180,6 +182,24 @@ class Engine:
         allocate(model, torch.device("cpu") if self.weights.deferred else self.device,
                  None if self.weights.deferred else self.weights.read)
         return model
+
+    def _sharding(self) -> Sharding:
+        """ZeRO's groups from the layout (ZeRO knows no mesh): hybrid sharding, hpZ, qgZ."""
+        n, z = self.layout.nodes, self.strategy.zeropp
+        return Sharding(shard=self.layout.shard_group, replicate=n.replicate_group, secondary=n.hpz_group,
+                        intra=n.dp_intra, inter=n.dp_inter, quantize_weights=z.quantize_weights,
+                        quantize_grads=z.quantize_grads, traffic=n.traffic)
+
+    def comm_bytes(self) -> dict[str, int]:
+        """Bytes every rank's collectives moved since the last call, summed over the world and
+        split into ``comm_bytes_intra_node`` / ``comm_bytes_inter_node`` (tetrad.traffic);
+        {} when the world is one node. Collective: every rank calls it once per step."""
+        if not self.layout.spans_nodes:
+            return {}
+        counts = self.layout.nodes.traffic.take()
+        t = torch.tensor([counts["intra"], counts["inter"]], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return {"comm_bytes_intra_node": int(t[0]), "comm_bytes_inter_node": int(t[1])}
 
     # ------------------------------------------------------------------ layout
     @property
@@ -265,6 +285,7 @@ class Engine:
             total = self.runner.run(micro)
         finally:
             self._token_scale = None
+        self.layout.nodes.traffic.all_reduce(group, total.numel() * total.element_size())
         dist.all_reduce(total, group=group)
         loss = (total / (len(micro) * dist.get_world_size(group))).item()
         self.last["loss"] = loss
@@ -275,6 +296,7 @@ class Engine:
         group (dp x sp) hold after the sequence split, i.e. the global batch's, once."""
         count = torch.stack([(self.shard_micro_batch(x, y)[1] != IGNORE_INDEX).sum() for x, y in micro]).sum()
         count = count.reshape(1).to(device=self.device, dtype=torch.int64)  # counted where the labels are
+        self.layout.nodes.traffic.all_reduce(group, 8)
         dist.all_reduce(count, group=group)
         self.last["loss_tokens"] = int(count)
         return dist.get_world_size(group) * len(micro) / max(int(count), 1)

@@ -4,7 +4,9 @@ Built from the strategy and the mesh right after the mesh exists, and handed to 
 tensor/sequence plan, recompute, the pipeline, ZeRO and the checkpoint layout record, so no
 part re-derives "is tp on", "how is the sequence split" or "which ranks average gradients"
 from the strategy. Immutable; its process groups come from the mesh (and one flattened group,
-dp x sp, made here with ``new_subgroups_by_enumeration`` on every rank).
+dp x sp, made here with ``new_subgroups_by_enumeration`` on every rank). ``nodes`` is the
+gradient group's split by node (``tetrad.parallel.nodes``: hybrid sharding, hpZ and qgZ
+groups, and the collectives' byte counter).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from tetrad.parallel.mesh import ParallelDims
+from tetrad.parallel.nodes import NodeSplit, build_node_split
 from tetrad.parallel.pipeline.p2p import ring_channels
 
 
@@ -29,15 +32,22 @@ class ResolvedLayout:
     mesh: DeviceMesh | None = None   # None: a layout only checked, never run
     grad_group: object | None = None  # dp x sp: ranks that see different tokens of one replica
     p2p_channels: dict | None = None  # pp > 1: one communicator per (sender, receiver) stage pair
+    nodes: NodeSplit | None = None    # the gradient group by node; None: a layout never run
 
     @classmethod
-    def build(cls, strategy, world: int, device: torch.device, dtype: torch.dtype) -> "ResolvedLayout":
+    def build(cls, strategy, world: int, device: torch.device, dtype: torch.dtype,
+              ranks_per_node: int | None = None) -> "ResolvedLayout":
+        """``ranks_per_node``: the launcher's (``strategy.ranks_per_node`` wins when given;
+        neither: the world is one node)."""
         dims = ParallelDims(world, pp=strategy.pp, dp=strategy.resolve_dp(world), sp=strategy.sp,
                             tp=strategy.tp)
         mesh = dims.build_mesh(device)
         grad = _dp_sp_group(dims) if dims.sp_enabled else mesh.get_group("dp")
         channels = ring_channels(_pp_lines(dims)) if dims.pp_enabled else None
-        return cls(dims, strategy.megatron_sp, strategy.zero, dtype, device, mesh, grad, channels)
+        nodes = build_node_split(dims, ranks_per_node=strategy.resolve_ranks_per_node(ranks_per_node or world),
+                                 dp_shard=strategy.resolve_dp_shard(world), hpz=strategy.zeropp.hpz,
+                                 quantize_grads=strategy.zeropp.quantize_grads)
+        return cls(dims, strategy.megatron_sp, strategy.zero, dtype, device, mesh, grad, channels, nodes)
 
     # ------------------------------------------------------------------ degrees
     @property
@@ -81,6 +91,15 @@ class ResolvedLayout:
         return self.mesh.get_local_rank(axis) if getattr(self.dims, f"{axis}_enabled") else 0
 
     @property
+    def shard_group(self):
+        """The ranks ZeRO shards over: groups of dp_shard under hybrid sharding, else the grad group."""
+        return self.nodes.shard_group if self.nodes and self.nodes.shard_group is not None else self.grad_group
+
+    @property
+    def spans_nodes(self) -> bool:
+        return self.nodes is not None and self.nodes.traffic.spans_nodes
+
+    @property
     def norm_groups(self) -> dict:
         """Where gradient squares are summed beyond ZeRO's group: tp (sharded parameters) and
         pp (each stage its own layers); None on an axis of degree 1."""
@@ -89,8 +108,11 @@ class ResolvedLayout:
 
     def record(self) -> dict:
         """The layout as a checkpoint records it (RNG states are restored only when equal)."""
-        return {"world_size": self.dims.world_size, "dp": self.dp, "tp": self.tp, "pp": self.pp,
-                "sp": self.sp, "zero": self.zero}
+        out = {"world_size": self.dims.world_size, "dp": self.dp, "tp": self.tp, "pp": self.pp,
+               "sp": self.sp, "zero": self.zero}
+        if self.nodes is not None and self.nodes.dp_shard != self.dp:
+            out["dp_shard"] = self.nodes.dp_shard
+        return out
 
 
 def _pp_lines(dims: ParallelDims) -> list[list[int]]:

@@ -16,6 +16,10 @@ interleaved (Korthikanti et al.); the last stage holds 1 (interleaved: ((v-1)p +
 A recomputing policy adds one layer's un-recomputed activations: the working set of the
 backward of the layer being recomputed.
 
+Hybrid sharding shards over N = dp_shard x sp instead; hpZ adds its secondary shards
+(P Ψ / (hpz x sp), on the device whatever the offload tiers), qwZ and qgZ their quantized
+buffers (``tetrad.strategy.sharding``).
+
 Buffers: the loss's logits on the last stage (``costs.loss_bytes_per_logit`` per logit of one
 micro-batch: tetrad's fp32 log-softmax and its gradients, see tetrad.strategy.software), the
 ZeRO-3 gathered units (the computing one plus ``zero3_prefetch`` ahead, and one unit's
@@ -32,6 +36,7 @@ from tetrad.config.schema import StrategyConfig
 from tetrad.models.args import ModelArgs
 from tetrad.models.counts import activation_bytes as layer_activation_bytes
 from tetrad.strategy.shapes import layers_per_stage, micro_batches, param_counts, shard_group
+from tetrad.strategy.sharding import extra_buffer_bytes, secondary_bytes
 
 
 def state_bytes(psi: float, zero: int, n: int, precision: str, m: int = 1,
@@ -102,6 +107,7 @@ def comm_bytes(a: ModelArgs, s: StrategyConfig, costs, elem: int) -> float:
         unit = param_counts(a).layer / s.tp
         depth = 1 + getattr(costs, "zero3_prefetch", 1)
         comm = depth * unit * getattr(costs, "gather_elem", elem) + unit * getattr(costs, "grad_reduce_elem", elem)
+        comm += extra_buffer_bytes(s, unit, elem)
     else:
         comm = s.bucket_mb * 2**20
     tokens = s.micro_batch_size * a.seq_len / s.sp
@@ -117,7 +123,8 @@ def stage_params(a: ModelArgs, s: StrategyConfig, stage: str) -> float:
 
 
 def process_groups(s: StrategyConfig, world: int) -> int:
-    return sum(1 for g in (s.tp, s.pp, s.sp, shard_group(s, world)) if g > 1)
+    zpp = [s.zeropp.hpz, 2 if s.zeropp.quantize_grads else 1, 1 if s.dp_shard == "auto" else 2]
+    return sum(1 for g in (s.tp, s.pp, s.sp, shard_group(s, world), *zpp) if g > 1)
 
 
 def stage_terms(a: ModelArgs, s: StrategyConfig, costs, world: int, m: int, precision: str,
@@ -130,6 +137,7 @@ def stage_terms(a: ModelArgs, s: StrategyConfig, costs, world: int, m: int, prec
     terms = {"params": 0.0, "grads": states["grads"], "optimizer": 0.0, "host": 0.0, "disk": 0.0}
     for part, tier in (("optimizer", s.offload.optimizer), ("params", s.offload.params)):
         terms[{"none": part, "cpu": "host", "nvme": "disk"}[tier]] += states[part]
+    terms["params"] += secondary_bytes(s, stage_params(a, s, stage), elem)  # hpZ: on the device
     terms["activations"] = activation_bytes(a, s, costs, m, stage)
     terms["loss"] = loss_bytes(a, s, costs) if stage == "last" or s.pp == 1 else 0.0
     terms["comm_buffers"] = comm_bytes(a, s, costs, elem)

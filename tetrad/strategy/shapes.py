@@ -55,6 +55,21 @@ def micro_batches(global_batch: int, s: StrategyConfig, world: int) -> int:
     return global_batch // (dp_degree(s, world) * s.micro_batch_size)
 
 
-def shard_group(s: StrategyConfig, world: int) -> int:
-    """Ranks ZeRO shards over: the gradient group, dp x sp (Ulysses ranks see other tokens)."""
+def grad_group(s: StrategyConfig, world: int) -> int:
+    """Ranks that average gradients: dp x sp (Ulysses ranks see other tokens)."""
     return dp_degree(s, world) * s.sp
+
+
+def dp_shard(s: StrategyConfig, world: int) -> int:
+    """dp ranks per ZeRO shard group: strategy.dp_shard, or dp (flat ZeRO)."""
+    return dp_degree(s, world) if s.dp_shard == "auto" else s.dp_shard
+
+
+def shard_group(s: StrategyConfig, world: int) -> int:
+    """Ranks ZeRO shards over: the gradient group, or under hybrid sharding dp_shard x sp."""
+    return dp_shard(s, world) * s.sp
+
+
+def replicas(s: StrategyConfig, world: int) -> int:
+    """Copies of the ZeRO state under hybrid sharding (1: flat ZeRO)."""
+    return dp_degree(s, world) // dp_shard(s, world)

@@ -9,6 +9,12 @@ the rules prune early (layouts, then bases); every candidate yielded passes all 
 8, and the recompute policies none/selective/full (`budget` needs a budget the user gives;
 it is searched only when set). At pp = 1 the schedules are identical, so only 1f1b is kept.
 Keys the user fixed (``StrategyConfig.fixed_keys``) take their given value only.
+
+Sharding across nodes (``ranks_per_node`` known, e.g. from a cluster spec; else the world is
+one node and none of it is searched): ``dp_shard`` auto (flat) or a node's dp ranks times a
+power of two below dp (one node, two, four, ... as MiCS groups them); ``zeropp.hpz`` 1 or a
+node's dp ranks, when that is smaller than the shard group; qwZ and qgZ on or off, where the
+ZeRO shard group spans nodes (inside one node NVLink leaves them little to win).
 """
 
 from __future__ import annotations
@@ -19,11 +25,14 @@ from collections.abc import Iterator
 from tetrad.config.schema import Config, OffloadConfig, StrategyConfig
 from tetrad.config.validate import (ModelShape, batch_errors, layout_errors, problems, strategy_errors,
                                     strategy_world_errors)
+from tetrad.strategy.hardware import members_per_node
 
 MAX_MBS = 32
 MAX_VIRTUAL = 8
 FREE_KEYS = ("tp", "pp", "sp", "megatron_sp", "zero", "micro_batch_size", "recompute",
-             "pipeline_schedule", "virtual_stages", "offload.optimizer", "offload.params")
+             "pipeline_schedule", "virtual_stages", "offload.optimizer", "offload.params",
+             "dp_shard", "zeropp.hpz", "zeropp.quantize_weights", "zeropp.quantize_grads")
+SHARDING_KEYS = FREE_KEYS[-4:]
 
 
 def divisors(n: int) -> list[int]:
@@ -33,9 +42,11 @@ def divisors(n: int) -> list[int]:
 class Space:
     """Enumerates candidates for ``cfg`` on ``world`` ranks; ``rejected`` collects (strategy, reason)."""
 
-    def __init__(self, cfg: Config, world: int):
+    def __init__(self, cfg: Config, world: int, ranks_per_node: int | None = None):
         self.cfg, self.world = cfg, world
         base = cfg.strategy
+        given = base.ranks_per_node
+        self.ranks_per_node = ranks_per_node if given == "auto" else given
         self.fixed = {k for k in base.fixed_keys() if k in FREE_KEYS or k == "dp"}
         self.base = dataclasses.replace(base, auto=False)
         self.shape = ModelShape.of_config(cfg.model)
@@ -91,7 +102,41 @@ class Space:
                         # offload rules wait for the tiers (offload_options / with_options)
                         errors = [e for e in strategy_errors(s) if not e.rule.startswith("offload.")]
                         if not self._reject(s, errors + batch_errors(batch, s, dp)):
-                            yield s
+                            yield from self.sharded(s, dp)
+
+    def sharded(self, s: StrategyConfig, dp: int) -> Iterator[StrategyConfig]:
+        """``s`` with each sharding-across-nodes choice (see the module doc) the rule book allows."""
+        for shard, hpz, qw, qg in self._sharding_options(s, dp):
+            c = dataclasses.replace(s, dp_shard=shard, zeropp=dataclasses.replace(
+                s.zeropp, hpz=hpz, quantize_weights=qw, quantize_grads=qg))
+            errors = strategy_world_errors(c, self.world, self.ranks_per_node) + [
+                e for e in strategy_errors(c) if e.rule.startswith("zeropp.")]
+            if not self._reject(c, errors):
+                yield c
+
+    def _sharding_options(self, s: StrategyConfig, dp: int) -> list[tuple]:
+        node = self._dp_per_node(s, dp)
+        shards = ["auto"] + [node * 2 ** i for i in range(dp.bit_length())
+                             if node > 0 and node * 2 ** i < dp and dp % (node * 2 ** i) == 0] if s.zero else ["auto"]
+        out = []
+        for shard in self._options("dp_shard", shards):
+            width = dp if shard == "auto" else shard
+            spans = node > 0 and width > node
+            hpz = [1] + ([node] if s.zero == 3 and spans and node > 1 and width % node == 0 else [])
+            qw = [False, True] if s.zero == 3 and spans else [False]
+            qg = [False, True] if s.zero >= 2 and spans else [False]
+            for h in self._options("zeropp.hpz", hpz):
+                for w in self._options("zeropp.quantize_weights", qw):
+                    for g in self._options("zeropp.quantize_grads", qg):
+                        out.append((shard, h, w, g))
+        return out
+
+    def _dp_per_node(self, s: StrategyConfig, dp: int) -> int:
+        """dp ranks of one gradient group on a node (0: the world is one node, or unknown)."""
+        rpn = self.ranks_per_node
+        if rpn is None or rpn >= self.world:
+            return 0
+        return members_per_node(dp * s.sp, s.tp, rpn) // s.sp
 
     def recompute_options(self) -> list[str]:
         if "recompute" in self.fixed:
@@ -135,7 +180,8 @@ class Space:
         """Every rule ``c`` breaks for this run: the engine's question, asked the same way."""
         run = self.cfg.run
         return problems(c, model=self.shape, precision=run.precision, grad_clip=self.cfg.optimizer.grad_clip,
-                        world=self.world, global_batch=run.global_batch_size, compile=run.compile)
+                        world=self.world, global_batch=run.global_batch_size, compile=run.compile,
+                        ranks_per_node=self.ranks_per_node)
 
 
 def _offload_rule(s: StrategyConfig, opt: str, par: str) -> str:

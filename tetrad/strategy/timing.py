@@ -46,7 +46,9 @@ from __future__ import annotations
 
 from tetrad.config.schema import StrategyConfig
 from tetrad.models.args import ModelArgs
-from tetrad.strategy.shapes import dp_degree, layers_per_stage, micro_batches, param_counts, rank_params, shard_group
+from tetrad.strategy.shapes import (dp_degree, grad_group, layers_per_stage, micro_batches, param_counts,
+                                   rank_params, replicas, shard_group)
+from tetrad.strategy.sharding import gather_times, reduce_time
 
 
 def _tp_comm(a: ModelArgs, s: StrategyConfig, costs, n_act: float, elem: int) -> tuple[float, float]:
@@ -138,9 +140,9 @@ def pipeline_time(s: StrategyConfig, mb: dict[str, float], m: int, costs=None) -
 
 def sync_time(s: StrategyConfig, costs, world: int) -> float:
     """The step's small synchronising collectives (loss and gradient-norm reductions)."""
-    t = costs.coll("all_reduce", shard_group(s, world), s.tp, 8)
+    t = costs.coll("all_reduce", grad_group(s, world), s.tp, 8)
     if s.zero:
-        t += costs.coll("all_reduce", dp_degree(s, world), s.tp * s.sp, 8)
+        t += costs.coll("all_reduce", shard_group(s, world), s.tp, 8)
     t += costs.coll("all_reduce", s.tp, 1, 8)
     t += 2 * costs.coll("all_reduce", s.pp, s.tp * s.sp * dp_degree(s, world), 8)
     return t
@@ -190,13 +192,13 @@ def dp_time(a: ModelArgs, s: StrategyConfig, costs, world: int, m: int, mb: dict
     the first unit of forward and the first of backward wait in full, the rest hide behind the
     neighbouring units' compute as far as the machine overlaps. Element sizes: gradients are
     reduced in ``costs.grad_reduce_elem`` bytes and parameters gathered in
-    ``costs.gather_elem`` (both the compute dtype's for tetrad).
+    ``costs.gather_elem`` (both the compute dtype's for tetrad). Hybrid sharding and ZeRO++
+    change what each collective is (``tetrad.strategy.sharding``), not when it runs.
     """
     n = shard_group(s, world)
-    if n == 1:
+    if n == 1 and replicas(s, world) == 1:
         return 0.0
     stride = s.tp
-    reduce = "all_reduce" if s.zero == 0 else "reduce_scatter"
     g_elem = getattr(costs, "grad_reduce_elem", elem)
     p_elem = getattr(costs, "gather_elem", elem)
     if s.zero == 3:
@@ -206,17 +208,17 @@ def dp_time(a: ModelArgs, s: StrategyConfig, costs, world: int, m: int, mb: dict
         bucket = min(grads, s.bucket_mb * 2**20)
         full, rest = divmod(grads, bucket)
         sizes = [(bucket / g_elem, int(full))] + ([(rest / g_elem, 1)] if rest else [])
-    total = sum(k * costs.coll(reduce, n, stride, x * g_elem) for x, k in sizes)
-    last = costs.coll(reduce, n, stride, sizes[-1][0] * g_elem)
+    total = sum(k * reduce_time(s, costs, world, x, g_elem) for x, k in sizes)
+    last = reduce_time(s, costs, world, sizes[-1][0], g_elem)
     exposed = max(last, _hidden(total, mb["bwd_layers"], getattr(costs, "grad_overlap", costs.overlap)))
     if s.zero >= 2 and getattr(costs, "reduce_every_micro_batch", False):
         exposed *= m  # FSDP: every micro-batch's backward reduce-scatters its gradients
     if s.zero in (1, 2):
         exposed += costs.coll("all_gather", n, stride, rank_params(a, s) * elem)
     if s.zero == 3:
-        gathers = [(costs.coll("all_gather", n, stride, x * p_elem), k) for x, k in sizes]
-        first = gathers[0][0] + gathers[-1][0]  # forward starts at the first unit, backward at the last
-        rest = 2 * sum(t * k for t, k in gathers) - first
+        gathers = [(gather_times(s, costs, world, x, p_elem), k) for x, k in sizes]
+        first = gathers[0][0][0] + gathers[-1][0][1]  # forward starts at the first unit, backward at the last
+        rest = sum((f + b) * k for (f, b), k in gathers) - first
         exposed += m * (first + _hidden(rest, mb["T_F"] + mb["T_B"], costs.overlap))
     return exposed
 

@@ -14,6 +14,11 @@ With gradient accumulation the earlier micro-batches accumulate full gradients l
 ``param.grad`` and only the last one communicates, as DeepSpeed does with
 ``reduce_scatter`` at the accumulation boundary: the same volume per step as without
 accumulation, at the cost of full-size gradients during accumulation.
+
+Under hybrid sharding (``Sharding.replicate``) each reduced shard is then averaged over the
+replicas holding the same shard (an all-reduce of 1/N of the gradients, the only gradient
+traffic that leaves the shard group); with qgZ (``Sharding.quantize_grads``) the
+reduce-scatter is ZeRO++'s hierarchical quantized all-to-all (``tetrad.zero.zeropp``).
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ from torch import nn
 
 from tetrad.zero.comm import all_reduce_avg, reduce_scatter_avg
 from tetrad.zero.flat import FlatGroup
+from tetrad.zero.sharding import Sharding
 from tetrad.zero.tier import GradSink
+from tetrad.zero.zeropp import quantized_reduce_scatter
 
 
 @dataclass
@@ -40,8 +47,10 @@ class _Sync:
 
 
 class _HookedGrads:
-    def __init__(self, groups: list[FlatGroup], group, dtype: torch.dtype):
+    def __init__(self, groups: list[FlatGroup], group, dtype: torch.dtype, sharding: Sharding | None = None):
         self.groups, self.group, self.dtype = groups, group, dtype
+        self.sharding = sharding or Sharding(shard=group)
+        self.traffic = self.sharding.traffic
         self.sync = False
         self._where: dict[nn.Parameter, tuple[FlatGroup, int]] = {}
         self._state: dict[int, _Sync] = {g.index: _Sync() for g in groups}
@@ -71,6 +80,11 @@ class _HookedGrads:
     def _arrived(self, g: FlatGroup, i: int, p: nn.Parameter) -> None:
         pass
 
+    def _across_replicas(self, shard: torch.Tensor) -> None:
+        """Hybrid sharding: average the reduced shard over the replicas holding it too."""
+        if self.sharding.replicate is not None:
+            all_reduce_avg(shard, self.sharding.replicate, self.traffic).wait()
+
     def finish(self) -> None:
         """Wait for every group; groups some of whose parameters got no gradient go now."""
         if not self.sync:
@@ -88,8 +102,9 @@ class _HookedGrads:
 
 
 class FullGrads(_HookedGrads):
-    def __init__(self, groups: list[FlatGroup], group, dtype: torch.dtype, scatter: bool):
-        super().__init__(groups, group, dtype)
+    def __init__(self, groups: list[FlatGroup], group, dtype: torch.dtype, scatter: bool,
+                 sharding: Sharding | None = None):
+        super().__init__(groups, group, dtype, sharding)
         self.scatter = scatter
         for g in groups:
             g.grad_full = torch.zeros(g.numel, dtype=dtype, device=g.params[0].device)
@@ -114,9 +129,9 @@ class FullGrads(_HookedGrads):
         st = self._state[g.index]
         if self.scatter:
             st.out = torch.empty_like(g.grad_shard)
-            st.handle = reduce_scatter_avg(st.out, g.grad_full, self.group)
+            st.handle = reduce_scatter_avg(st.out, g.grad_full, self.group, self.traffic)
         else:
-            st.handle = all_reduce_avg(g.grad_full, self.group)
+            st.handle = all_reduce_avg(g.grad_full, self.group, self.traffic)
 
     def _retire(self, g: FlatGroup) -> None:
         st = self._state[g.index]
@@ -125,6 +140,7 @@ class FullGrads(_HookedGrads):
         if self.scatter:
             g.grad_shard.copy_(st.out)
             st.out = None
+            self._across_replicas(g.grad_shard)
 
     def zero_grad(self) -> None:
         for g in self.groups:
@@ -137,8 +153,8 @@ class ShardedGrads(_HookedGrads):
     all at once."""
 
     def __init__(self, groups: list[FlatGroup], group, dtype: torch.dtype, max_inflight: int = 2,
-                 sink: GradSink | None = None):
-        super().__init__(groups, group, dtype)
+                 sink: GradSink | None = None, sharding: Sharding | None = None):
+        super().__init__(groups, group, dtype, sharding)
         self.max_inflight, self.sink = max_inflight, sink
         self._inflight: list[FlatGroup] = []
         for g in groups:
@@ -157,7 +173,10 @@ class ShardedGrads(_HookedGrads):
             g.grad_full = torch.zeros(g.numel, dtype=self.dtype, device=g.params[0].device)
         if g.grad_shard is None:
             g.grad_shard = torch.empty(g.shard_size, dtype=self.dtype, device=g.grad_full.device)
-        self._state[g.index].handle = reduce_scatter_avg(g.grad_shard, g.grad_full, self.group)
+        sh = self.sharding
+        self._state[g.index].handle = (
+            quantized_reduce_scatter(g.grad_shard, g.grad_full, sh.intra, sh.inter, self.traffic)
+            if sh.quantize_grads else reduce_scatter_avg(g.grad_shard, g.grad_full, self.group, self.traffic))
         self._inflight.append(g)
         while len(self._inflight) > self.max_inflight:
             self._retire(self._inflight[0])
@@ -167,6 +186,7 @@ class ShardedGrads(_HookedGrads):
         if st.handle is not None:
             st.handle.wait()
             st.handle = None
+            self._across_replicas(g.grad_shard)
             if self.sink is not None:  # the tier takes it now, during backward
                 self.sink.reduced(g, g.grad_shard)
                 g.grad_shard = None

@@ -59,7 +59,7 @@ def build_pipeline(model: torch.nn.Module, group, *, schedule: str, virtual_stag
                    act_shape: tuple[int, ...] | None = None, ranges: list[range] | None = None,
                    trace: str | None = None, instrument: bool = False,
                    chunks: list[Chunk] | None = None, tp_group=None,
-                   channels: dict | None = None) -> PipelineExecutor:
+                   channels: dict | None = None, traffic=None) -> PipelineExecutor:
     """Prune ``model`` in place to this rank's chunks of the pp ``group`` and return the
     executor that runs ``schedule`` over them (``chunks``: ``split_model`` already ran, e.g.
     on the meta device before materialising). ``act_shape`` ([micro_batch, local_seq, d_model])
@@ -67,7 +67,8 @@ def build_pipeline(model: torch.nn.Module, group, *, schedule: str, virtual_stag
     ``tp_group``: the boundary tensors are replicated over it, so each rank sends 1/tp of them
     and the receiver all-gathers (None: send whole, e.g. Megatron-SP's already-sharded ones).
     ``channels``: the p2p communicators of this rank's line (``p2p.ring_channels``; made from
-    ``group`` alone when None, which every rank of the world must then call together)."""
+    ``group`` alone when None, which every rank of the world must then call together).
+    ``traffic``: a ``tetrad.traffic.Traffic`` told the bytes of every send."""
     import torch.distributed as dist
 
     p, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -76,6 +77,7 @@ def build_pipeline(model: torch.nn.Module, group, *, schedule: str, virtual_stag
     if chunks is None:
         chunks = split_model(model, rank, p, v, ranges)
     comm = StageComm(group, act_shape, dtype, device, tp_group=tp_group, channels=channels)
+    comm.traffic = traffic
     timeline = Timeline(dist.get_rank(), trace) if (trace or instrument) else None
     cache: dict[int, list[Action]] = {}
 

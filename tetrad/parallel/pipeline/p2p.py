@@ -78,6 +78,7 @@ class StageComm:
         self.tp_group = tp_group if tp > 1 else None
         self.tp, self.tp_rank = tp, (dist.get_rank(tp_group) if tp > 1 else 0)
         self.sent_bytes = self.sent_messages = 0
+        self.traffic = None  # a tetrad.traffic.Traffic: each send counted intra/inter node
         self._sends: list = []
         self._outbox: list[dist.P2POp] = []
 
@@ -113,6 +114,8 @@ class StageComm:
             t = t.contiguous()
         self.sent_bytes += t.numel() * t.element_size()
         self.sent_messages += 1
+        if self.traffic is not None:
+            self.traffic.send(self.peer(to_chunk), t.numel() * t.element_size())
         dst = to_chunk % self.size
         self._outbox.append(dist.P2POp(dist.isend, t, self.peer(to_chunk), self.channels[(self.rank, dst)],
                                        self.tag(kind, from_chunk, mb)))
