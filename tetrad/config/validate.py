@@ -9,6 +9,7 @@ string that also carries the rule's identity (``problem.rule``) for code that fi
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -41,10 +42,11 @@ class ModelShape:
     n_layers: int
     vocab_size: int
     d_model: int
+    attn_dropout: float = 0.0  # dropout on the attention probabilities (ring attention has none)
 
     @classmethod
     def of_config(cls, m: ModelConfig) -> "ModelShape":
-        return cls(m.n_heads, m.n_kv_heads, m.seq_len, m.n_layers, m.vocab_size, m.d_model)
+        return cls(m.n_heads, m.n_kv_heads, m.seq_len, m.n_layers, m.vocab_size, m.d_model, m.dropout)
 
 
 def raise_all(errors: list[str]) -> None:
@@ -124,17 +126,38 @@ def _offload_errors(s: StrategyConfig) -> list[Problem]:
     ])
 
 
-def strategy_errors(s: StrategyConfig) -> list[Problem]:
+# Schedules with more than one chunk per rank, and those that split backward into B and W.
+MULTI_CHUNK = ("interleaved", "zero_bubble_v", "breadth_first")
+SPLIT_BACKWARD = ("zero_bubble", "zero_bubble_v")
+
+
+def _pipeline_errors(s: StrategyConfig) -> list[Problem]:
+    """Schedules against pp, chunks and ZeRO. ZeRO-2 runs under any schedule: gradients
+    accumulate locally over the step's micro-batches and are reduce-scattered once after the
+    schedule (tetrad.zero.grads), so pp changes nothing for it. ZeRO-3 gathers a unit before
+    its forward and its backward and frees it after; that is exact under every schedule whose
+    backward is one pass.
+    Under zero_bubble / zero_bubble_v the deferred weight-gradient pass W runs after B freed
+    the unit, on parameters no longer there."""
+    sched, chunks = s.pipeline_schedule, s.virtual_stages
+    looped = ("interleaved", "breadth_first")
     return _rules([
-        ("pipeline.virtual_stages", s.virtual_stages > 1 and s.pipeline_schedule != "interleaved",
-         f"strategy.virtual_stages={s.virtual_stages} needs strategy.pipeline_schedule='interleaved' "
-         f"(got {s.pipeline_schedule!r}); valid: virtual_stages 1, or the interleaved schedule"),
-        ("pipeline.interleaved_pp", s.pipeline_schedule == "interleaved" and s.pp == 1,
-         "strategy.pipeline_schedule='interleaved' needs strategy.pp >= 2 (got pp=1); "
+        ("pipeline.virtual_stages", chunks > 1 and sched not in looped,
+         f"strategy.virtual_stages={chunks} needs strategy.pipeline_schedule 'interleaved' or "
+         f"'breadth_first' (got {sched!r}; zero_bubble_v always holds 2 chunks per rank); valid: "
+         f"virtual_stages 1, or a looped schedule"),
+        ("pipeline.interleaved_pp", sched in MULTI_CHUNK and s.pp == 1,
+         f"strategy.pipeline_schedule={sched!r} needs strategy.pp >= 2 (got pp=1); "
          "valid: pp >= 2, or pipeline_schedule '1f1b'"),
-        ("zero.pp", s.zero >= 2 and s.pp > 1,
-         f"strategy.zero={s.zero} with strategy.pp={s.pp} is not supported: ZeRO-2/3 would "
-         "reduce-scatter gradients every micro-batch; valid: zero 0 or 1 with pp > 1, or pp 1"),
+        ("zero.pp", s.zero == 3 and s.pp > 1 and sched in SPLIT_BACKWARD,
+         f"strategy.zero=3 with strategy.pipeline_schedule={sched!r} is not supported: its weight-"
+         f"gradient pass runs after the backward freed the gathered ZeRO-3 parameters; valid: zero "
+         f"0-2, or pipeline_schedule 'breadth_first' (or gpipe, 1f1b, interleaved) with zero 3"),
+    ])
+
+
+def strategy_errors(s: StrategyConfig) -> list[Problem]:
+    return _pipeline_errors(s) + _rules([
         ("recompute.budget", s.recompute == "budget" and s.recompute_budget_mb is None,
          "strategy.recompute_budget_mb=None: required when strategy.recompute='budget'; "
          "valid: a number of MB > 0"),
@@ -168,21 +191,50 @@ def layout_errors(m: ModelShape, s: StrategyConfig) -> list[Problem]:
               f"model.n_heads={m.n_heads} is not divisible by strategy.tp*strategy.sp={s.tp}*{s.sp}; "
               f"valid strategy.sp: {_divisors(max(1, m.n_heads // s.tp))}")]
     first = next(([h] for h in heads if h[1]), [])  # the later head rules assume the earlier
-    split = s.sp * (s.tp if s.megatron_sp else 1)
-    by = (f"strategy.sp={s.sp} * strategy.tp={s.tp} (strategy.megatron_sp=True) = {split}"
-          if s.megatron_sp else f"strategy.sp={s.sp}")
-    chunks = s.pp * s.virtual_stages
+    split, by = sequence_unit(s)
+    chunks = s.pp * s.chunks_per_rank
     per_rank = -(-m.vocab_size // s.tp)
     return _rules(first + [
         ("layout.seq_split", m.seq_len % split != 0,
          f"model.seq_len={m.seq_len} is not divisible by {by}; valid seq_len: {_multiples_near(m.seq_len, split)}"),
         ("layout.layers_chunks", m.n_layers < chunks,
-         f"model.n_layers={m.n_layers} < strategy.pp*strategy.virtual_stages={s.pp}*{s.virtual_stages}="
+         f"model.n_layers={m.n_layers} < strategy.pp*chunks per rank={s.pp}*{s.chunks_per_rank}="
          f"{chunks}: every pipeline chunk needs a layer; valid: n_layers >= {chunks}, "
-         f"or pp*virtual_stages <= {m.n_layers}"),
+         f"or fewer stages / virtual_stages"),
         ("layout.vocab_tp", (s.tp - 1) * per_rank >= m.vocab_size,
          f"model.vocab_size={m.vocab_size} is too small for strategy.tp={s.tp}: the last tp rank would "
          f"hold no rows; valid strategy.tp <= {max(1, m.vocab_size // per_rank)}"),
+        # Ring attention merges exact softmax blocks; a dropout mask over probabilities it never
+        # holds whole would need every rank's RNG in step (not built).
+        ("layout.cp_dropout", s.cp > 1 and m.attn_dropout > 0,
+         f"strategy.cp={s.cp} needs attention dropout 0 (model.dropout={m.attn_dropout}): ring attention "
+         f"has no dropout on the attention probabilities; valid: model.dropout 0, or strategy.cp 1"),
+    ]) + _split_errors(m, s, chunks)
+
+
+def sequence_unit(s: StrategyConfig) -> tuple[int, str]:
+    """(tokens a sequence length must be a multiple of, the keys that make it): the cp split
+    (2*cp chunks under the zigzag load balance), then Ulysses sp, then Megatron-SP's tp."""
+    cp_parts = 2 * s.cp if s.cp > 1 and s.cp_load_balance else s.cp
+    inner = s.cp * s.sp * (s.tp if s.megatron_sp else 1)
+    unit = cp_parts * inner // math.gcd(cp_parts, inner)
+    keys = [f"strategy.sp={s.sp}"] + ([f"strategy.tp={s.tp} (megatron_sp)"] if s.megatron_sp else [])
+    if s.cp > 1:
+        keys.insert(0, f"strategy.cp={s.cp}" + (" (2*cp chunks, cp_load_balance)" if s.cp_load_balance else ""))
+    return unit, (" x ".join(keys) + f" = {unit}" if len(keys) > 1 or s.cp > 1 else keys[0])
+
+
+def _split_errors(m: ModelShape, s: StrategyConfig, chunks: int) -> list[Problem]:
+    b = s.pp_split
+    if b is None:
+        return []
+    ok = len(b) == chunks - 1 and all(x < y for x, y in zip((0, *b), (*b, m.n_layers)))
+    return _rules([
+        ("pipeline.pp_split", not ok,
+         f"strategy.pp_split={list(b)} is not valid for {chunks} pipeline chunks of model.n_layers="
+         f"{m.n_layers}; valid: {chunks - 1} strictly increasing layer indices between 1 and "
+         f"{m.n_layers - 1} (chunk i runs layers [b_(i-1), b_i)), e.g. "
+         f"{[round(m.n_layers * (i + 1) / chunks) for i in range(chunks - 1)]}"),
     ])
 
 
@@ -190,12 +242,13 @@ def layout_errors(m: ModelShape, s: StrategyConfig) -> list[Problem]:
 
 def strategy_world_errors(s: StrategyConfig, world: int) -> list[Problem]:
     mp = s.model_parallel_size
+    degrees = f"strategy.tp*pp*sp*cp={s.tp}*{s.pp}*{s.sp}*{s.cp}"
     if world % mp:
         return [Problem("world.model_parallel",
-                        f"world_size={world} is not divisible by strategy.tp*pp*sp={s.tp}*{s.pp}*{s.sp}={mp}; "
+                        f"world_size={world} is not divisible by {degrees}={mp}; "
                         f"valid world sizes: multiples of {mp}")]
     if s.dp != "auto" and mp * s.dp != world:
-        return [Problem("world.dp", f"strategy.dp={s.dp}: strategy.tp*pp*sp*dp={mp}*{s.dp}={mp * s.dp} != "
+        return [Problem("world.dp", f"strategy.dp={s.dp}: {degrees}*dp={mp * s.dp} != "
                                     f"world_size={world}; valid: strategy.dp={world // mp} or 'auto'")]
     return []
 

@@ -125,15 +125,16 @@ class Engine:
         return getattr(self.runner, "executor", None)
 
     def shard_micro_batch(self, input_ids: torch.Tensor, labels: torch.Tensor):
-        """This rank's part of a micro-batch (a slice of the sequence under Ulysses sp; a
-        Megatron-SP model shards after the embedding itself)."""
-        sp = self.layout.sp
-        if sp == 1:
+        """This rank's part of a micro-batch (its tokens under context parallelism and Ulysses
+        sp, ``ResolvedLayout.shard_tokens``; a Megatron-SP model shards after the embedding
+        itself)."""
+        L = self.layout
+        if L.token_shards == 1:
             return input_ids, labels
-        if input_ids.shape[1] % sp:
-            raise ValueError(f"sequence length {input_ids.shape[1]} is not divisible by strategy.sp={sp}")
-        rank = self.layout.rank("sp")
-        return input_ids.chunk(sp, 1)[rank], labels.chunk(sp, 1)[rank]
+        if input_ids.shape[1] % L.token_shards:
+            raise ValueError(f"sequence length {input_ids.shape[1]} is not divisible by "
+                             f"strategy.cp*sp={L.cp}*{L.sp}")
+        return L.shard_tokens(input_ids), L.shard_tokens(labels)
 
     def loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The layout's loss for one micro-batch: mean over the micro-batch's (local) tokens.

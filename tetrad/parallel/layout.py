@@ -4,7 +4,13 @@ Built from the strategy and the mesh right after the mesh exists, and handed to 
 tensor/sequence plan, recompute, the pipeline, ZeRO and the checkpoint layout record, so no
 part re-derives "is tp on", "how is the sequence split" or "which ranks average gradients"
 from the strategy. Immutable; its process groups come from the mesh (and one flattened group,
-dp x sp, made here with ``new_subgroups_by_enumeration`` on every rank).
+dp x cp x sp, made here with ``new_subgroups_by_enumeration`` on every rank).
+
+How a sequence is split: context parallelism first (rank r of cp holds chunks r and
+2cp-1-r of 2cp under the load balance, chunk r of cp without), then Ulysses sp takes a
+contiguous slice of that, then Megatron-SP shards between tensor-parallel regions. Token ids
+and labels are split by ``shard_tokens``; the positions of a rank's tokens (RoPE, learned
+positions) are ``positions`` of the sp-local sequence.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
+from tetrad.parallel.context import local_positions, shard_sequence
 from tetrad.parallel.mesh import ParallelDims
 
 
@@ -25,15 +32,16 @@ class ResolvedLayout:
     zero: int = 0
     compute_dtype: torch.dtype = torch.float32
     mesh: DeviceMesh | None = None   # None: a layout only checked, never run
-    grad_group: object | None = None  # dp x sp: ranks that see different tokens of one replica
+    grad_group: object | None = None  # dp x cp x sp: ranks that see different tokens of one replica
+    cp_load_balance: bool = True
 
     @classmethod
     def build(cls, strategy, world: int, device: torch.device, dtype: torch.dtype) -> "ResolvedLayout":
         dims = ParallelDims(world, pp=strategy.pp, dp=strategy.resolve_dp(world), sp=strategy.sp,
-                            tp=strategy.tp)
+                            tp=strategy.tp, cp=strategy.cp)
         mesh = dims.build_mesh(device)
-        grad = _dp_sp_group(dims) if dims.sp_enabled else mesh.get_group("dp")
-        return cls(dims, strategy.megatron_sp, strategy.zero, dtype, mesh, grad)
+        grad = _token_group(dims) if dims.sp_enabled or dims.cp_enabled else mesh.get_group("dp")
+        return cls(dims, strategy.megatron_sp, strategy.zero, dtype, mesh, grad, strategy.cp_load_balance)
 
     # ------------------------------------------------------------------ degrees
     @property
@@ -53,14 +61,36 @@ class ResolvedLayout:
         return self.dims.dp
 
     @property
+    def cp(self) -> int:
+        return self.dims.cp
+
+    @property
+    def token_shards(self) -> int:
+        """How many ranks split one sequence's tokens before the first block (cp x sp)."""
+        return self.cp * self.sp
+
+    def shard_tokens(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """This rank's tokens of ``x`` (ids, labels): its cp part, then its sp slice of that."""
+        x = shard_sequence(x, dim, self.cp, self.rank("cp"), self.cp_load_balance)
+        return x.chunk(self.sp, dim)[self.rank("sp")] if self.sp > 1 else x
+
+    def positions(self, n: int, device=None, *, over_sp: bool = True) -> torch.Tensor:
+        """Global positions of this rank's ``n`` local tokens: ``n`` tokens of the sp slice
+        (``over_sp``), or ``n`` tokens of the whole cp-local sequence (inside Ulysses'
+        attention, which holds all of it)."""
+        local = n * (self.sp if over_sp else 1)
+        pos = local_positions(local * self.cp, self.cp, self.rank("cp"), self.cp_load_balance, device)
+        return pos.chunk(self.sp, 0)[self.rank("sp")] if over_sp and self.sp > 1 else pos
+
+    @property
     def megatron_sp_active(self) -> bool:
         """Megatron-SP is on and means something (it needs tp > 1)."""
         return self.megatron_sp and self.dims.tp_enabled
 
     @property
     def seq_shards(self) -> int:
-        """How many ranks split one sequence between transformer blocks (sp x Megatron-SP tp)."""
-        return self.sp * (self.tp if self.megatron_sp_active else 1)
+        """How many ranks split one sequence between transformer blocks (cp x sp x Megatron-SP tp)."""
+        return self.cp * self.sp * (self.tp if self.megatron_sp_active else 1)
 
     @property
     def scatter_boundaries(self) -> bool:
@@ -85,12 +115,15 @@ class ResolvedLayout:
 
     def record(self) -> dict:
         """The layout as a checkpoint records it (RNG states are restored only when equal)."""
-        return {"world_size": self.dims.world_size, "dp": self.dp, "tp": self.tp, "pp": self.pp,
-                "sp": self.sp, "zero": self.zero}
+        out = {"world_size": self.dims.world_size, "dp": self.dp, "tp": self.tp, "pp": self.pp,
+               "sp": self.sp, "zero": self.zero}
+        if self.cp > 1:  # absent at cp 1, so checkpoints written before cp existed still match
+            out.update(cp=self.cp, cp_load_balance=self.cp_load_balance)
+        return out
 
 
-def _dp_sp_group(dims: ParallelDims):
-    """The flattened dp x sp group of this rank: every rank enumerates all of them (the
+def _token_group(dims: ParallelDims):
+    """The flattened dp x cp x sp group of this rank: every rank enumerates all of them (the
     public c10d call; DeviceMesh's own flatten is private)."""
     by_key: dict[tuple[int, int], list[int]] = {}
     for rank in range(dims.world_size):
