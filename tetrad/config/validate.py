@@ -126,19 +126,23 @@ def _offload_errors(s: StrategyConfig) -> list[Problem]:
     ])
 
 
-# Schedules with more than one chunk per rank, and those that split backward into B and W.
+# Schedules with more than one chunk per rank.
 MULTI_CHUNK = ("interleaved", "zero_bubble_v", "breadth_first")
-SPLIT_BACKWARD = ("zero_bubble", "zero_bubble_v")
 
 
 def _pipeline_errors(s: StrategyConfig) -> list[Problem]:
-    """Schedules against pp, chunks and ZeRO. ZeRO-2 runs under any schedule: gradients
-    accumulate locally over the step's micro-batches and are reduce-scattered once after the
-    schedule (tetrad.zero.grads), so pp changes nothing for it. ZeRO-3 gathers a unit before
-    its forward and its backward and frees it after; that is exact under every schedule whose
-    backward is one pass.
-    Under zero_bubble / zero_bubble_v the deferred weight-gradient pass W runs after B freed
-    the unit, on parameters no longer there."""
+    """Schedules against pp and chunks per rank.
+
+    No rule ties ZeRO to pp (the old ``zero.pp`` refused stages 2-3 with pipelines): every
+    schedule runs all its micro-batches with gradient synchronisation off and reduces once
+    after the schedule, and ZeRO-2/3 accumulate full local gradients until then
+    (``tetrad.zero.grads``), so each stage's reduce-scatter sums exactly what one process
+    computes. Stage 3 gathers a unit before its forward and its backward; the deferred
+    weight-gradient pass of the zero-bubble schedules needs only the saved inputs and output
+    gradients, never the weights, so it is exact after the unit is freed. All of it is
+    checked against one process in tests/test_pipeline_parity.py. Breadth-first is the
+    schedule made for sharded data parallelism: each chunk's micro-batches run back to back,
+    so a unit is needed in one unbroken run per pass."""
     sched, chunks = s.pipeline_schedule, s.virtual_stages
     looped = ("interleaved", "breadth_first")
     return _rules([
@@ -149,10 +153,6 @@ def _pipeline_errors(s: StrategyConfig) -> list[Problem]:
         ("pipeline.interleaved_pp", sched in MULTI_CHUNK and s.pp == 1,
          f"strategy.pipeline_schedule={sched!r} needs strategy.pp >= 2 (got pp=1); "
          "valid: pp >= 2, or pipeline_schedule '1f1b'"),
-        ("zero.pp", s.zero == 3 and s.pp > 1 and sched in SPLIT_BACKWARD,
-         f"strategy.zero=3 with strategy.pipeline_schedule={sched!r} is not supported: its weight-"
-         f"gradient pass runs after the backward freed the gathered ZeRO-3 parameters; valid: zero "
-         f"0-2, or pipeline_schedule 'breadth_first' (or gpipe, 1f1b, interleaved) with zero 3"),
     ])
 
 

@@ -126,7 +126,7 @@ class OffloadedMasters:
                                     dp_group=self.p.dp_group, norm_groups=norm_groups)
         sq = torch.zeros(2, dtype=torch.float64)
         for g, s in zip(self.p.groups, squares):
-            if s is not None and g.shard_size:
+            if s is not None and g.shard_size and g.counted:  # a stage replica is counted by its owner
                 sq[0 if g.tensor_parallel else 1] += s
         norm = reduce_squares(sq, sharded=self.p.sharded, dp_group=self.p.dp_group,
                               norm_groups=norm_groups)

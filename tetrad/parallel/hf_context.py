@@ -75,7 +75,8 @@ def apply_hf_context(model: nn.Module, layout) -> nn.Module:
         if type(m).__name__.endswith("RotaryEmbedding") or name.endswith("wpe"):
             m.register_forward_pre_hook(_positions_hook(layout.positions), with_kwargs=True)
             hooked += 1
-    if not hooked:
+    split = hasattr(model, "stage_replicas")  # a pipeline stage: positions may live on another one
+    if not hooked and not split:
         raise TypeError(f"strategy.cp > 1: {type(hf).__name__} has no rotary embedding or position "
                         f"table ('*RotaryEmbedding', '*.wpe') whose positions tetrad can set")
     return model

@@ -122,6 +122,19 @@ class ResolvedLayout:
         return out
 
 
+def stage_pair_group(dims: ParallelDims, a: int, b: int):
+    """The group of this rank's replica at pipeline ranks ``a`` and ``b`` (same dp, cp, sp
+    and tp coordinates): tied embeddings sum their gradients over it. Every rank calls this
+    (it enumerates every pair); a rank on neither stage gets None."""
+    by_key: dict[tuple, list[int]] = {}
+    for rank in range(dims.world_size):
+        c = dims.coords(rank)
+        if c["pp"] in (a, b):
+            by_key.setdefault(tuple(v for k, v in c.items() if k != "pp"), []).append(rank)
+    group, _ = dist.new_subgroups_by_enumeration(sorted(by_key.values()))
+    return group
+
+
 def _token_group(dims: ParallelDims):
     """The flattened dp x cp x sp group of this rank: every rank enumerates all of them (the
     public c10d call; DeviceMesh's own flatten is private)."""

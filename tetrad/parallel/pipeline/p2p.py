@@ -40,8 +40,9 @@ class StageComm:
     """
 
     def __init__(self, group, shape: tuple[int, ...] | None, dtype: torch.dtype, device: torch.device,
-                 *, tp_group=None):
+                 *, tp_group=None, owner=None):
         self.group, self.dtype, self.device = group, dtype, device
+        self.owner = owner  # global chunk -> pp rank holding it (None: round-robin, chunk % size)
         self.shape = tuple(shape) if shape is not None else None
         self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
         tp = dist.get_world_size(tp_group) if tp_group is not None else 1
@@ -60,7 +61,8 @@ class StageComm:
 
     def peer(self, global_chunk: int) -> int:
         """Global rank of the pp rank holding ``global_chunk``."""
-        return dist.get_global_rank(self.group, global_chunk % self.size)
+        pp_rank = self.owner(global_chunk) if self.owner else global_chunk % self.size
+        return dist.get_global_rank(self.group, pp_rank)
 
     @staticmethod
     def tag(kind: int, chunk: int, mb: int) -> int:
