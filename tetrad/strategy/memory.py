@@ -10,12 +10,18 @@ Offloading the optimizer moves the K part to the host (cpu) or the drive (nvme);
 parameters (stage 3) moves the P part likewise.
 
 Activations: the measured (or formula) bytes of one layer for one micro-batch, times the
-layers on the rank, times the micro-batches in flight: 1 without a pipeline, m under GPipe,
-min(p, m) under 1F1B and ZB-H1 (the first stage holds p micro-batches of L/p layers: L layers in
-total), times (1 + (p-1)/(p v)) for the interleaved schedule (Korthikanti et al.); full
-recompute adds one layer's un-recomputed activations as the working set of its backward.
+layers on the rank, times the micro-batches in flight: 1 without a pipeline, m under GPipe and
+breadth-first (every micro-batch of every chunk before the first backward), min(p, m) under
+1F1B, ZB-H1 and ZB-V (the first stage holds p micro-batches of L/p layers: L layers in total;
+ZB-V's 2p half-stage chunks hold the same on every rank), times (1 + (p-1)/(p v)) for the
+interleaved schedule (Korthikanti et al.); full recompute adds one layer's un-recomputed
+activations as the working set of its backward. Context parallelism divides every term by cp:
+a rank holds s/cp tokens everywhere, and ring attention keeps q, k, v, the output and its
+log-sum-exp of those tokens only (no s x s scores), like a flash kernel.
 Buffers: fp32 logits and their gradient on the last stage, one gradient bucket in flight
-(stages 0-2) or two gathered layers (stage 3, current + prefetch), pipeline send/recv buffers.
+(stages 0-2) or two gathered layers (stage 3, current + prefetch), pipeline send/recv buffers,
+and under cp the ring's K/V blocks (the one in use and the one arriving) and, in backward,
+their fp32 dK/dV accumulators.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ def in_flight(s: StrategyConfig, m: int) -> float:
     p = s.pp
     if p == 1:
         return 1.0
-    if s.pipeline_schedule == "gpipe":
+    if s.pipeline_schedule in ("gpipe", "breadth_first"):
         return float(m)
     base = float(min(p, m))
     if s.pipeline_schedule == "interleaved":
@@ -57,28 +63,37 @@ def msp_ratio(a: ModelArgs, s: StrategyConfig, costs) -> float:
     """Megatron-SP's activation saving, from the formulas (measured bytes are without it)."""
     if not (s.megatron_sp and s.tp > 1):
         return 1.0
-    seq = a.seq_len / s.sp
+    seq = a.seq_len / (s.sp * s.cp)
     with_sp = layer_activation_bytes(seq, 1, a.d_model, a.n_heads, t=s.tp, policy=s.recompute, megatron_sp=True)
     return with_sp / layer_activation_bytes(seq, 1, a.d_model, a.n_heads, t=s.tp, policy=s.recompute)
 
 
 def activation_bytes(a: ModelArgs, s: StrategyConfig, costs, m: int) -> float:
-    per_layer = costs.act_bytes(s.tp, s.sp, s.micro_batch_size, s.recompute) * msp_ratio(a, s, costs)
+    per_layer = costs.act_bytes(s.tp, s.sp, s.micro_batch_size, s.recompute) * msp_ratio(a, s, costs) / s.cp
     total = layers_per_stage(a, s) * per_layer * in_flight(s, m)
     if s.recompute == "full":
-        total += costs.act_bytes(s.tp, s.sp, s.micro_batch_size, "none")
+        total += costs.act_bytes(s.tp, s.sp, s.micro_batch_size, "none") / s.cp
     return total
 
 
+def ring_buffer_bytes(a: ModelArgs, s: StrategyConfig, elem: int) -> float:
+    """Ring attention's working buffers on one rank (0 without cp): two K/V blocks of the
+    cp-local sequence for this rank's heads, and in backward two fp32 dK/dV accumulators."""
+    if s.cp == 1:
+        return 0.0
+    kv = 2 * s.micro_batch_size * a.seq_len / s.cp * a.n_kv_heads / (s.tp * s.sp) * a.head_dim
+    return 2 * kv * elem + 2 * kv * 4
+
+
 def buffer_bytes(a: ModelArgs, s: StrategyConfig, elem: int) -> float:
-    tokens = s.micro_batch_size * a.seq_len / s.sp
+    tokens = s.micro_batch_size * a.seq_len / (s.sp * s.cp)
     logits = 2 * 4 * tokens * a.vocab_size / s.tp
     if s.zero == 3:
         comm = 2 * param_counts(a).layer / s.tp * elem
     else:
         comm = s.bucket_mb * 2**20
-    p2p = 2 * tokens * a.d_model * elem * s.virtual_stages if s.pp > 1 else 0.0
-    return logits + comm + p2p
+    p2p = 2 * tokens * a.d_model * elem * s.chunks_per_rank if s.pp > 1 else 0.0
+    return logits + comm + p2p + ring_buffer_bytes(a, s, elem)
 
 
 def per_rank(a: ModelArgs, s: StrategyConfig, costs, world: int, global_batch: int,

@@ -12,8 +12,11 @@ from tetrad.strategy.shapes import dp_degree
 
 
 def layout(s: StrategyConfig, world: int) -> str:
-    """'tp2 pp4 sp1 dp8 msp z1 mbs2 selective interleaved/v2 off:cpu/none' (defaults left out)."""
-    parts = [f"tp{s.tp}", f"pp{s.pp}", f"sp{s.sp}", f"dp{dp_degree(s, world)}"]
+    """'tp2 pp4 sp1 cp2 dp8 msp z1 mbs2 selective interleaved/v2 off:cpu/none' (cp 1 and
+    other defaults left out; 'cp2/contig' without the zigzag load balance)."""
+    parts = [f"tp{s.tp}", f"pp{s.pp}", f"sp{s.sp}"]
+    parts += [f"cp{s.cp}" + ("" if s.cp_load_balance else "/contig")] if s.cp > 1 else []
+    parts += [f"dp{dp_degree(s, world)}"]
     parts += ["msp"] if s.megatron_sp else []
     parts += [f"z{s.zero}", f"mbs{s.micro_batch_size}", s.recompute]
     if s.pp > 1:
