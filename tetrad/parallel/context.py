@@ -170,9 +170,10 @@ class _RingAttention(Function):
                 _merge(out[:, :, :, rows], lse[:, :, :, rows], o, l)
             if pending is not None:
                 kv = pending.wait()
-        ctx.save_for_backward(q, k, v, out, lse)
+        result = out.to(q.dtype)  # saved in the activation dtype, as flash attention does
+        ctx.save_for_backward(q, k, v, result, lse)
         ctx.group, ctx.causal, ctx.balance, ctx.scale = group, causal, balance, scale
-        return out.to(q.dtype)
+        return result
 
     @staticmethod
     def backward(ctx, dout):
@@ -180,14 +181,15 @@ class _RingAttention(Function):
         group, scale = ctx.group, ctx.scale
         cp, rank = dist.get_world_size(group), dist.get_rank(group)
         kv_ring, grad_ring = RingPass(group, tag=1), RingPass(group, tag=2)
-        do = dout.to(out.dtype)
-        delta = (do * out).sum(-1)
-        dq = torch.zeros(q.shape, dtype=out.dtype, device=q.device)
+        acc = lse.dtype
+        do = dout.to(acc)
+        delta = (do * out.to(acc)).sum(-1)
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         kv = torch.stack((k, v)).contiguous()
         incoming = None  # the dK/dV accumulator of the block I hold, from the previous rank
         for i in range(cp):
             pending = kv_ring.start(kv) if i < cp - 1 else None
-            dkv = torch.zeros((2, *k.shape), dtype=out.dtype, device=k.device)
+            dkv = torch.zeros((2, *k.shape), dtype=acc, device=k.device)
             part = _parts(step_kind(rank, (rank - i) % cp, ctx.causal, ctx.balance), q, kv)
             if part is not None:
                 rows, block, diag = part

@@ -61,10 +61,13 @@ class StageView:
 
 
 class TetradStages(StageView):
+    """tetrad's Transformer, and any model with its ``embed`` / ``layers`` / ``head`` protocol
+    (e.g. ``pipeline.synthetic.SleepModel``); modules it lacks are simply not there to drop."""
+
     embed, head, layers, tied = ("tok_emb", "pos_emb"), ("norm", "lm_head"), "layers", "tok_emb"
 
     def is_tied(self, model: nn.Module) -> bool:
-        return bool(model.args.tie_embeddings)
+        return bool(getattr(getattr(model, "args", None), "tie_embeddings", False))
 
     def run(self, model, layers, x, first, last):
         h = model.embed(x) if first else x
@@ -138,7 +141,7 @@ class GPT2Stages(StageView):
 
 def stage_view(model: nn.Module) -> StageView:
     """The view of ``model`` (a tetrad Transformer, an HFCausalLM or a bare HF causal LM)."""
-    if type(model).__name__ == "Transformer" and hasattr(model, "args"):
+    if all(hasattr(model, a) for a in ("embed", "layers", "head")):
         return TetradStages()
     inner, prefix = (model.hf, "hf.") if hasattr(model, "hf") else (model, "")
     if type(inner).__name__ == "GPT2LMHeadModel":
