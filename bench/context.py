@@ -11,8 +11,10 @@ Prints one JSON line per result (rank 0).
   Korthikanti et al.'s formula on the rank's own tokens beside it: sbh(10 + 24/t), or 34sbh/t
   with Megatron-SP, at fp32 (x2), s = seq_len / (cp * sp); no s x s term, since neither the
   CPU flash kernel (cp 1) nor the ring's blocks keep scores.
-* ``imbalance``: per rank, the seconds spent inside ring attention's block kernels (forward
-  and backward, the work the split decides) over ``--reps`` calls on [1, 8, s/cp, 16]
+* ``imbalance``: per rank, the CPU seconds (``thread_time``: torch runs one thread per rank,
+  so a rank descheduled while others use the shared cores is not charged) spent inside ring
+  attention's block kernels (forward and backward, the work the split decides) per call, over
+  ``--reps`` calls on [1, 8, s/cp, 16]
   tensors; ``max_over_mean`` across ranks, and the whole call's time (every rank waits for
   the slowest at each ring step). ``predicted`` is ``block_work``'s max/mean: 1 for the
   zigzag split, 2cp/(cp+1) for the contiguous one.
@@ -71,10 +73,10 @@ def imbalance(a, cp: int, balance: bool) -> dict:
     spent = [0.0]
 
     def timed(fn):
-        def inner(*args):
-            t = time.perf_counter()
+        def inner(*args):  # CPU time of this (single-threaded) rank: not stretched when
+            t = time.thread_time()  # the shared cores run other ranks meanwhile
             out = fn(*args)
-            spent[0] += time.perf_counter() - t
+            spent[0] += time.thread_time() - t
             return out
         return inner
 
