@@ -218,10 +218,10 @@ def sequence_unit(s: StrategyConfig) -> tuple[int, str]:
     cp_parts = 2 * s.cp if s.cp > 1 and s.cp_load_balance else s.cp
     inner = s.cp * s.sp * (s.tp if s.megatron_sp else 1)
     unit = cp_parts * inner // math.gcd(cp_parts, inner)
-    keys = [f"strategy.sp={s.sp}"] + ([f"strategy.tp={s.tp} (megatron_sp)"] if s.megatron_sp else [])
+    keys = [f"strategy.sp={s.sp}"] + ([f"strategy.tp={s.tp} (strategy.megatron_sp=True)"] if s.megatron_sp else [])
     if s.cp > 1:
         keys.insert(0, f"strategy.cp={s.cp}" + (" (2*cp chunks, cp_load_balance)" if s.cp_load_balance else ""))
-    return unit, (" x ".join(keys) + f" = {unit}" if len(keys) > 1 or s.cp > 1 else keys[0])
+    return unit, (" * ".join(keys) + f" = {unit}" if len(keys) > 1 else keys[0])
 
 
 def _split_errors(m: ModelShape, s: StrategyConfig, chunks: int) -> list[Problem]:
