@@ -170,7 +170,10 @@ class _RingAttention(Function):
                 _merge(out[:, :, :, rows], lse[:, :, :, rows], o, l)
             if pending is not None:
                 kv = pending.wait()
-        result = out.to(q.dtype)  # saved in the activation dtype, as flash attention does
+        # Saved in the activation dtype, as flash attention does, and laid out [b, n, heads, d]
+        # in memory (as SDPA's output is): the model's transpose to [b, n, heads * d] for the
+        # output projection is then a view, so that projection's saved input is this tensor.
+        result = out.permute(0, 3, 1, 2, 4).to(q.dtype).contiguous().permute(0, 2, 3, 1, 4)
         ctx.save_for_backward(q, k, v, result, lse)
         ctx.group, ctx.causal, ctx.balance, ctx.scale = group, causal, balance, scale
         return result

@@ -74,13 +74,11 @@ class ResolvedLayout:
         x = shard_sequence(x, dim, self.cp, self.rank("cp"), self.cp_load_balance)
         return x.chunk(self.sp, dim)[self.rank("sp")] if self.sp > 1 else x
 
-    def positions(self, n: int, device=None, *, over_sp: bool = True) -> torch.Tensor:
-        """Global positions of this rank's ``n`` local tokens: ``n`` tokens of the sp slice
-        (``over_sp``), or ``n`` tokens of the whole cp-local sequence (inside Ulysses'
-        attention, which holds all of it)."""
-        local = n * (self.sp if over_sp else 1)
-        pos = local_positions(local * self.cp, self.cp, self.rank("cp"), self.cp_load_balance, device)
-        return pos.chunk(self.sp, 0)[self.rank("sp")] if over_sp and self.sp > 1 else pos
+    def positions(self, n: int, device=None) -> torch.Tensor:
+        """Global positions of this rank's ``n`` local tokens (its sp slice of its cp part; RoPE
+        is applied there, before Ulysses' all-to-all gathers the cp-local sequence)."""
+        pos = local_positions(n * self.sp * self.cp, self.cp, self.rank("cp"), self.cp_load_balance, device)
+        return pos.chunk(self.sp, 0)[self.rank("sp")] if self.sp > 1 else pos
 
     @property
     def megatron_sp_active(self) -> bool:

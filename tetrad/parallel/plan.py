@@ -270,17 +270,27 @@ def parallelize(model: nn.Module, layout: ResolvedLayout) -> nn.Module:
     tp, sp, cp = layout.tp, layout.sp, layout.cp
     if tp == 1 and sp == 1 and cp == 1:
         return model
+    if tp == 1 and sp == 1 and hasattr(getattr(model, "hf", model), "config"):
+        # cp alone on a Hugging Face model needs no table: ring attention enters through the
+        # attention-function interface every HF attention module calls.
+        return apply_hf_context(model, _context(layout, model))
     family, prefix = model_family(model)
     check_layout(family, layout)
-    tp_rank = layout.rank("tp")
-    tokens = layout.rank("sp") + sp * layout.rank("cp")  # which token shard this rank holds
-    device = next(model.parameters()).device
-    shape = shape_of(model)
-    ctx = Layout(layout.group("tp"), layout.group("sp"), tp, sp, layout.megatron_sp_active,
-                 rng_sharded=RNGFork(tp_rank + tp * tokens, device), rng_sp=RNGFork(tp * tokens, device),
-                 cp=cp, cp_group=layout.group("cp"), cp_balance=layout.cp_load_balance,
-                 kv_groups=shape.n_heads // shape.n_kv_heads if shape else 1, positions=layout.positions)
+    ctx = _context(layout, model)
     model = apply_plan(model, PLANS[family], ctx, prefix)
     if cp > 1 and family not in SEQUENCE_SHARDABLE:
         apply_hf_context(model, ctx)
     return model
+
+
+def _context(layout: ResolvedLayout, model: nn.Module) -> Layout:
+    """The styles' view of the resolved layout for ``model``."""
+    tp, sp = layout.tp, layout.sp
+    tokens = layout.rank("sp") + sp * layout.rank("cp")  # which token shard this rank holds
+    device = next(model.parameters()).device
+    shape = shape_of(model)
+    return Layout(layout.group("tp"), layout.group("sp"), tp, sp, layout.megatron_sp_active,
+                  rng_sharded=RNGFork(layout.rank("tp") + tp * tokens, device),
+                  rng_sp=RNGFork(tp * tokens, device), cp=layout.cp, cp_group=layout.group("cp"),
+                  cp_balance=layout.cp_load_balance,
+                  kv_groups=shape.n_heads // shape.n_kv_heads if shape else 1, positions=layout.positions)

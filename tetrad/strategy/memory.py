@@ -1,6 +1,6 @@
 """Memory per rank of a candidate: model states + activations + buffers.
 
-Model states follow ZeRO (Rajbhandari et al.) over the gradient group of N = dp*sp ranks (stages
+Model states follow ZeRO (Rajbhandari et al.) over the gradient group of N = dp*cp*sp ranks (stages
 2-3 keep full gradients while accumulating micro-batches: see state_bytes), with
 P bytes per compute parameter, G per gradient and K of optimizer state per parameter
 (mixed precision: P = G = 2, K = 12 = fp32 master + two Adam moments; fp32: P = G = 4, K = 8):

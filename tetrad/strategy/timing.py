@@ -44,7 +44,7 @@ What the model assumes (Narayanan et al., Korthikanti et al., Qi et al., Rajbhan
   whose kernels are priced from FLOPs and whose host overhead hides behind asynchronous
   launches).
 * Per-step synchronisation (tetrad.engine): the loss is all-reduced over the gradient
-  group (dp x sp), the gradient norm's squares over the dp group (ZeRO >= 1), the tp group and
+  group (dp x cp x sp), the gradient norm's squares over the dp group (ZeRO >= 1), the tp group and
   the pp group, and the last stage broadcasts the loss to its pp group: one small-message
   latency (the alpha of the fit) each, exposed (each waits for the slowest rank).
 * Optimizer: AdamW over the rank's shard (on the host when offloaded); offload moves

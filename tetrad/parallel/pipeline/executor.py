@@ -146,4 +146,5 @@ class PipelineExecutor:
     def _check_done(self) -> None:
         if self._saved or self.store.pending() or self._local:
             raise RuntimeError(f"pipeline schedule left work undone: activations of "
-                               f"{sorted(self._saved)}, weight gradients of {self.store.pending()}")
+                               f"{sorted(self._saved)}, weight gradients of {self.store.pending()}, "
+                               f"hand-overs {sorted(self._local)}")
