@@ -94,7 +94,6 @@ def main(argv=None) -> int:
     from tetrad.models.args import ModelArgs
     from tetrad.profiler import ProfileOptions, load_or_profile
     from tetrad.profiler.spawn import run_local
-    from tetrad.strategy.available import unavailable_reason
     from tetrad.strategy.measured import MeasuredCosts
     from tetrad.strategy.report import layout
     from tetrad.strategy.search import search
@@ -105,7 +104,7 @@ def main(argv=None) -> int:
                                       opts=ProfileOptions(mbs=[1, 2, 4], reps=5))
     print(json.dumps({"profile_s": profile["seconds"], "reused": reused, "load_average": os.getloadavg()[0],
                       "contention": profile.get("contention")}), flush=True)
-    plan = search(cfg, args.world, MeasuredCosts(profile, margs, "fp32"), available=unavailable_reason)
+    plan = search(cfg, args.world, MeasuredCosts(profile, margs, "fp32"))
     picked = _pick(plan, args.max_layouts)
     raws = [dataclasses.replace(e.strategy, dp="auto").to_dict(full=True) for e in picked]
     measured = run_local(_run_all, args.world, cfg.to_dict(), raws, args.steps, args.rounds, timeout=1800)
@@ -125,7 +124,6 @@ def main(argv=None) -> int:
 def _reprice(args) -> int:
     from tetrad.models.args import ModelArgs
     from tetrad.profiler import store
-    from tetrad.strategy.available import unavailable_reason
     from tetrad.strategy.measured import MeasuredCosts
     from tetrad.strategy.report import layout
     from tetrad.strategy.search import search
@@ -135,7 +133,7 @@ def _reprice(args) -> int:
     profile = store.load(args.profile)
     if profile is None:
         raise SystemExit(f"{args.profile}: no profile of this version to reprice from")
-    plan = search(cfg, args.world, MeasuredCosts(profile, margs, "fp32"), available=unavailable_reason)
+    plan = search(cfg, args.world, MeasuredCosts(profile, margs, "fp32"))
     by_layout = {layout(e.strategy, args.world): e for e in plan.ranked}
     rows = []
     with open(args.reprice) as f:

@@ -82,12 +82,13 @@ def _odd_shape(rank: int) -> bool:
     import torch
     import torch.distributed as dist
 
-    from tetrad.parallel.pipeline.p2p import ACT, StageComm
+    from tetrad.parallel.pipeline.p2p import ACT, StageComm, ring_channels
 
     pp_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
     tp_groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
     pp, tp = pp_groups[rank // 2], tp_groups[rank % 2]
-    comm = StageComm(pp, (1, 3, 5), torch.float32, torch.device("cpu"), tp_group=tp)
+    channels = ring_channels([[0, 1], [2, 3]])  # every rank builds every line's channels
+    comm = StageComm(pp, (1, 3, 5), torch.float32, torch.device("cpu"), tp_group=tp, channels=channels)
     x = torch.arange(15, dtype=torch.float32).view(1, 3, 5)
     if dist.get_rank(pp) == 0:
         comm.send(x, ACT, 0, 1, 0)

@@ -57,16 +57,18 @@ def _run_cases(rank: int, world: int, arch: str) -> list[tuple]:
     import torch.distributed as dist
     from tetrad.models import cross_entropy
     from tetrad.parallel.pipeline import build_pipeline
+    from tetrad.parallel.pipeline.p2p import ring_channels
 
     ref_loss, ref_grads = _reference(arch)
     groups = {pp: _groups(world, pp) for pp in (2, 4)}
+    channels = {pp: ring_channels([list(range(s, s + pp)) for s in range(0, world, pp)]) for pp in (2, 4)}
     inputs, labels = _data()
     out = []
     for pp, schedule, v in CASES:
         model = _model(arch)
         ex = build_pipeline(model, groups[pp], schedule=schedule, virtual_stages=v,
                             act_shape=(2, 16, 32), dtype=torch.float32, device=torch.device("cpu"),
-                            loss_fn=cross_entropy, instrument=True)
+                            loss_fn=cross_entropy, instrument=True, channels=channels[pp])
         total = ex.run(inputs, labels, scale=lambda loss: loss / M)
         last = dist.get_rank(groups[pp]) == pp - 1
         grads = {n: p.grad for n, p in model.named_parameters()}

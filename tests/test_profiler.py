@@ -39,6 +39,8 @@ def test_a_profile_is_reused_only_when_it_matches(tmp_path):
     assert not reused and first["version"] == store.VERSION and first["layers"]
     assert [r["mbs"] for r in first["micro_batch"]] == [1]  # the whole model, per micro-batch size
     assert all(r["fwd_s"] > 0 and r["bwd_s"] > 0 for r in first["micro_batch"])
+    # kernel rates by size, the points a spec of this machine is fitted to
+    assert first["kernels"]["gemm"] and first["kernels"]["attention"] and first["disk_by_size"]
     again, reused = load_or_profile(TINY, "fp32", 1, path=path, opts=opts)
     assert reused and again["key"] == first["key"]
     wider = ModelArgs(arch="llama", vocab_size=64, d_model=64, n_layers=2, n_heads=4, seq_len=32)

@@ -7,7 +7,8 @@ import yaml
 from tetrad.cli import main
 from tetrad.config import ConfigError, load_config
 from tetrad.models.args import ModelArgs
-from tetrad.strategy.hardware import SpecCosts, load_hardware
+from tetrad.strategy.hardware import load_hardware
+from tetrad.strategy.spec_costs import SpecCosts
 from tetrad.strategy.search import search
 from tetrad.strategy.space import Space
 

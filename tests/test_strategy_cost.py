@@ -5,7 +5,8 @@ import pytest
 from tetrad.config import load_config
 from tetrad.models import Transformer, num_params
 from tetrad.models.args import ModelArgs
-from tetrad.strategy.hardware import SpecCosts, load_hardware, members_per_node
+from tetrad.strategy.hardware import load_hardware, members_per_node
+from tetrad.strategy.spec_costs import SpecCosts
 from tetrad.strategy.memory import state_bytes
 from tetrad.strategy.search import search
 from tetrad.strategy.shapes import param_counts
@@ -52,7 +53,7 @@ def test_gpt3_175b_on_1024_a100s_is_sane():
     s = plan.chosen.strategy
     # Model parallelism stays inside a node (NVLink); the rest is pipelined and data parallel.
     assert s.tp * s.sp <= 8 and s.tp > 1 and s.pp > 1
-    assert plan.chosen.memory["device"] <= 80e9 * 0.92
+    assert plan.chosen.memory["device"] <= plan.budget <= 80 * 2**30
     # Published Megatron-LM runs of this model: ~52% MFU at 3072 GPUs (Korthikanti et al.);
     # a generous range, since the cost model ignores stragglers, launch gaps and imperfect NCCL.
     assert 0.30 <= plan.mfu(plan.chosen) <= 0.65

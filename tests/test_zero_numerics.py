@@ -63,7 +63,7 @@ def _norms(rank: int, world: int) -> float:
     tp_grad = torch.tensor([3.0 * (rank + 1)])       # squares 9, 36 summed over tp
     rep_grad = torch.tensor([4.0])                    # identical on both tp ranks: 16 once
     norm = global_grad_norm([group(True), group(False)], [tp_grad, rep_grad], sharded=False,
-                            dp_group=None, norm_groups={"tp": dist.group.WORLD})
+                            dp_group=None, norm_groups={"tp": dist.group.WORLD}, device=torch.device("cpu"))
     return float(norm)
 
 

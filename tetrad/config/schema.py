@@ -83,6 +83,10 @@ class RunConfig(Section):
                                           "before the run fails naming it; 1..86400", ge=1.0, le=86400.0)
     max_skipped_steps: int = setting(10, "stop after this many optimizer steps in a row skipped for a "
                                      "non-finite loss or gradient; 1..1e6", ge=1, le=10**6)
+    tf32: bool = setting(True, "fp32 matmuls and convolutions use TF32 tensor cores on CUDA "
+                               "(10-bit mantissa inputs, fp32 accumulation); no effect on the CPU")
+    compile: bool = setting(False, "torch.compile each transformer block (after recompute), as torchtitan "
+                                   "does; also runs on the CPU (inductor needs a C++ compiler)")
 
 
 @dataclasses.dataclass
@@ -248,10 +252,14 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 class CheckpointConfig(Section):
     dir: Optional[str] = setting(None, "checkpoint directory: absolute, or relative to run.output_dir "
                                  "without '..'; null = <run.output_dir>/checkpoints", check=_inside_output)
-    every: int = setting(0, "save every N steps; 0..2**31-1, 0 = never", ge=0, le=MAX_SIZE)
+    every: int = setting(0, "save every N steps; 0..2**31-1, 0 = only when a preemption signal "
+                         "(SIGTERM/SIGINT/SIGUSR1) stops the run", ge=0, le=MAX_SIZE)
     keep: int = setting(2, "most recent checkpoints kept on disk; 1..2**31-1", ge=1, le=MAX_SIZE)
     async_save: bool = setting(True, "flush to disk in the background while training continues", key="async")
     resume: str = setting("auto", "'auto' (latest in dir, if any), 'none', or a checkpoint path", check=_nonempty)
+    max_failures: int = setting(3, "stop the run after this many checkpoint saves in a row fail (full disk, "
+                                "I/O error, lost directory); a failed save never harms the last committed "
+                                "one; 1..1e6", ge=1, le=10**6)
 
     def resolve_dir(self, output_dir: str) -> str:
         """`dir` (a relative one under `output_dir`), or `<output_dir>/checkpoints` when unset."""

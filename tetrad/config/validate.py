@@ -164,11 +164,17 @@ def strategy_errors(s: StrategyConfig) -> list[Problem]:
     ]) + _offload_errors(s)
 
 
-def training_errors(s: StrategyConfig, precision: str, grad_clip: float) -> list[Problem]:
-    """The strategy against what is computed: the overlapped offload step applies each bucket
-    before the global gradient norm exists, which clipping and the fp16 loss scale need."""
+def training_errors(s: StrategyConfig, precision: str, grad_clip: float,
+                    compile: bool = False) -> list[Problem]:
+    """The strategy against what is computed and how: the overlapped offload step applies each
+    bucket before the global gradient norm exists, which clipping and the fp16 loss scale
+    need; compiled blocks cannot follow ZeRO-3's storage games."""
     overlap = s.offload.step == "overlap" and s.offload.optimizer != "none"
     return _rules([
+        ("run.compile_zero3", compile and s.zero == 3,
+         "run.compile=true cannot run with strategy.zero=3: ZeRO-3 frees and re-gathers parameter "
+         "storage from module hooks around each block, which a compiled block cannot follow (seen "
+         "here: a crash in the compiled backward); valid: zero 0, 1 or 2 with compile, or compile false"),
         ("offload.overlap_clip", overlap and grad_clip > 0,
          f"strategy.offload.step='overlap' cannot run with optimizer.grad_clip={grad_clip}: each bucket "
          "is stepped during backward, before the global norm is known; valid: grad_clip 0, or step 'sync'"),
@@ -279,23 +285,41 @@ def batch_errors(run_batch: int, s: StrategyConfig, dp: int) -> list[Problem]:
     return []
 
 
+def valid_world_sizes(run_batch: int, s: StrategyConfig) -> str:
+    """The world sizes on which run.global_batch_size splits into whole micro-batches (and,
+    with pp > 1, into at least pp of them): tp*pp*sp times each such dp. Named in the batch
+    error, so a job restarted on another world (a lost node) says which worlds can keep it."""
+    if run_batch % s.micro_batch_size:
+        return (f"none: strategy.micro_batch_size={s.micro_batch_size} does not divide "
+                f"run.global_batch_size={run_batch}")
+    n, mp = run_batch // s.micro_batch_size, s.model_parallel_size
+    small = [d for d in range(1, int(n ** 0.5) + 1) if n % d == 0]
+    dps = sorted(set(small) | {n // d for d in small})
+    worlds = [mp * d for d in dps if n // d >= s.pp]
+    shown = worlds if len(worlds) <= 12 else worlds[:6] + ["..."] + worlds[-6:]
+    return ", ".join(map(str, shown))
+
+
 # --- entry points --------------------------------------------------------------------------
 
 def problems(s: StrategyConfig, *, model: ModelShape | None = None, precision: str | None = None,
              grad_clip: float | None = None, world: int | None = None,
-             global_batch: int | None = None) -> list[Problem]:
+             global_batch: int | None = None, compile: bool = False) -> list[Problem]:
     """Every rule ``s`` breaks, given what is known: the model's shape, what is computed
     (precision, clipping), the world and the global batch. The one question config
     validation, the engine and the search all ask."""
     errors = strategy_errors(s)
-    if precision is not None or grad_clip is not None:
-        errors += training_errors(s, precision or "fp32", grad_clip or 0.0)
+    if precision is not None or grad_clip is not None or compile:
+        errors += training_errors(s, precision or "fp32", grad_clip or 0.0, compile)
     if model is not None:
         errors += layout_errors(model, s)
     if world is not None and not errors:
         errors = strategy_world_errors(s, world)
         if global_batch is not None and not errors:
             errors = batch_errors(global_batch, s, world // s.model_parallel_size)
+            if errors and s.dp == "auto":  # the world decides dp: say which worlds keep the batch
+                errors = [Problem(e.rule, f"{e}; valid world sizes for this batch and layout: "
+                                          f"{valid_world_sizes(global_batch, s)}") for e in errors]
     return errors
 
 
@@ -321,5 +345,5 @@ def validate_config(cfg: Config, world_size: int | None = None) -> None:
     if not cfg.strategy.auto:  # the world is checked once the rest is valid
         errors += problems(cfg.strategy, model=ModelShape.of_config(cfg.model), precision=cfg.run.precision,
                            grad_clip=cfg.optimizer.grad_clip, world=None if errors else world_size,
-                           global_batch=cfg.run.global_batch_size)
+                           global_batch=cfg.run.global_batch_size, compile=cfg.run.compile)
     raise_all(errors)

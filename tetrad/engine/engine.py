@@ -37,7 +37,7 @@ from tetrad.parallel.pipeline import (TiedWeights, build_pipeline, partition, pl
                                       stage_replicas, stage_ties)
 from tetrad.parallel.plan import parallelize
 from tetrad.parallel.tensor import vocab_parallel_cross_entropy
-from tetrad.recompute import apply_recompute
+from tetrad.recompute import apply_recompute, find_blocks
 from tetrad.zero import build_data_parallel
 from tetrad.zero.optim import lr_at
 
@@ -52,16 +52,42 @@ def _strategy(strategy: StrategyConfig | str | dict | None) -> StrategyConfig:
     return s
 
 
-def _materialize(model: nn.Module, device: torch.device) -> nn.Module:
+def set_tf32(device: torch.device, on: bool) -> None:
+    """``run.tf32``: fp32 matmuls and convolutions on TF32 tensor cores, on CUDA only (the CPU
+    switch, ``set_float32_matmul_precision``, would change CPU numerics too)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = on
+        torch.backends.cudnn.allow_tf32 = on
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """``run.compile``: each transformer block compiled in place (``nn.Module.compile``: the
+    module, its hooks and parameter names stay), so identical blocks share one graph and a
+    graph break in one block costs that block only."""
+    for block in find_blocks(model):
+        block.compile()
+
+
+def _materialize(model: nn.Module, device: torch.device, zero: int) -> nn.Module:
     """``model`` on ``device``: a model built on the meta device is allocated there and
-    initialised (``model.materialize``, tetrad's per-name init); any other is moved."""
-    if not any(p.is_meta for p in model.parameters()):
+    initialised (``model.materialize``, tetrad's per-name init); any other is moved. Under
+    ZeRO-3 the parameters stay on (or are materialised on) the host and only the buffers move:
+    ZeRO-3 takes each group to the device as it shards it, so a model whose weights exceed
+    one device's memory still trains."""
+    params_to = torch.device("cpu") if zero == 3 else device
+    if any(p.is_meta for p in model.parameters()):
+        if not hasattr(model, "materialize"):
+            raise ConfigError(f"{type(model).__name__} was built on the meta device but has no "
+                              f"materialize(device) to allocate and initialise it; build it on a real "
+                              f"device (tetrad's Transformer supports meta builds)")
+        model = model.materialize(params_to)
+    if zero != 3:
         return model.to(device)
-    if not hasattr(model, "materialize"):
-        raise ConfigError(f"{type(model).__name__} was built on the meta device but has no "
-                          f"materialize(device) to allocate and initialise it; build it on a real "
-                          f"device (tetrad's Transformer supports meta builds)")
-    return model.materialize(device)
+    for module in model.modules():
+        for name, buf in module._buffers.items():
+            if buf is not None:
+                module._buffers[name] = buf.to(device)
+    return model
 
 
 class Engine:
@@ -72,15 +98,18 @@ class Engine:
                  optim_cfg: OptimizerConfig | None = None, precision: str = "fp32",
                  global_batch_size: int | None = None, total_steps: int | None = None,
                  loss_fn: Callable = cross_entropy, param_init: Callable | None = None,
-                 collective_timeout_s: float = 600.0, trace: str | None = None):
+                 collective_timeout_s: float = 600.0, trace: str | None = None,
+                 tf32: bool = True, compile: bool = False):
         self.strategy = s = _strategy(strategy)
         self.precision, self.optim_cfg, self.total_steps = precision, optim_cfg, total_steps
         self.loss_fn = loss_fn
         self.launch, self.device = init_distributed(timeout_s=collective_timeout_s)
+        set_tf32(self.device, tf32)
+        self.compile = compile
         self.shape = shape_of(model)
         raise_all(problems(s, model=self.shape, precision=precision,
                            grad_clip=optim_cfg.grad_clip if optim_cfg is not None else 0.0,
-                           world=dist.get_world_size(), global_batch=global_batch_size))
+                           world=dist.get_world_size(), global_batch=global_batch_size, compile=compile))
         self.layout = ResolvedLayout.build(s, dist.get_world_size(), self.device, compute_dtype(precision))
         if self.layout.tp > 1 and loss_fn is not cross_entropy:
             raise ConfigError("strategy.tp > 1 computes the loss from vocabulary-split logits with "
@@ -95,7 +124,8 @@ class Engine:
         self.data_parallel = build_data_parallel(
             self.model, optimizer=optimizer, optim_cfg=optim_cfg, stage=s.zero,
             group=self.layout.grad_group, dtype=self.layout.compute_dtype,
-            bucket_bytes=int(s.bucket_mb * 2**20), tier=self.tier, param_init=param_init)
+            bucket_bytes=int(s.bucket_mb * 2**20), tier=self.tier, param_init=param_init,
+            device=self.device)
         self.optimizer, self.scaler = self.data_parallel.optimizer, self.data_parallel.scaler
         self.step_count, self.micro_step = 0, 0
         self.last: dict = {}
@@ -112,18 +142,21 @@ class Engine:
             place = placement(s.pipeline_schedule, L.pp, s.virtual_stages)
             ranges = partition(model, place.n_chunks, self.shape.seq_len, s.pp_split)
             chunks = split_model(model, L.rank("pp"), L.pp, ranges=ranges, placement=place)
-        model = parallelize(_materialize(model, self.device), L)
+        model = parallelize(_materialize(model, self.device, s.zero), L)
         if getattr(model, "pipeline_tied", False):  # every rank helps build the pairs' groups
             group = stage_pair_group(L.dims, place.rank_of(0), place.rank_of(place.n_chunks - 1))
             self.ties = TiedWeights.build(model, stage_ties(model), stage_replicas(model), group)
         budget = None if s.recompute_budget_mb is None else int(s.recompute_budget_mb * 2**20)
         apply_recompute(model, s.recompute, budget, batch_size=s.micro_batch_size, seq_shards=L.seq_shards)
+        if self.compile:
+            compile_blocks(model)
         if chunks is None:
             return model, MicroBatchRunner(self)
         executor = build_pipeline(model, L.group("pp"), schedule=s.pipeline_schedule,
                                   virtual_stages=s.virtual_stages, dtype=L.compute_dtype,
                                   device=self.device, loss_fn=self.loss, chunks=chunks,
-                                  tp_group=L.group("tp") if L.scatter_boundaries else None, trace=trace)
+                                  tp_group=L.group("tp") if L.scatter_boundaries else None, trace=trace,
+                                  channels=L.p2p_channels)
         return model, PipelineRunner(self, executor, self.shape.d_model)
 
     # ------------------------------------------------------------------ layout

@@ -9,11 +9,12 @@ it a useful check of that path (and what ``test_offload_parity`` compares).
 
 from __future__ import annotations
 
+import threading
 from typing import Iterable, Iterator, Protocol
 
 import torch
 
-from tetrad.zero.comm import Done
+from tetrad.device import Done
 
 
 class StateStore(Protocol):
@@ -35,40 +36,60 @@ class StateStore(Protocol):
     def close(self) -> None: ...
 
 
-def _host_zeros(n: int) -> torch.Tensor:
-    pin = torch.cuda.is_available()  # page-locked only where there is a device to copy to
-    return torch.zeros(n, dtype=torch.float32, pin_memory=pin)
-
-
 class HostState:
-    def __init__(self, numels: list[int], keys: Iterable[str]):
-        self.numels, self.keys = list(numels), tuple(keys)
+    """``copies`` (``tetrad.device.DeviceCopies``) moves what comes from the device:
+    its tensors are pinned only where there is a device to copy from, and a bucket is read on
+    the CPU only after the copies into it have landed (their events, not a device-wide
+    synchronize, which from another thread would wait for device 0)."""
+
+    def __init__(self, numels: list[int], keys: Iterable[str], copies=None):
+        self.numels, self.keys, self.copies = list(numels), tuple(keys), copies
+        self.pin = copies is not None and not copies.on_host
         self.tensors: dict[tuple[int, str], torch.Tensor] = {}
+        self._pending: dict[tuple[int, str], object] = {}
+        self._lock = threading.Lock()  # puts on the main thread, reads on the optimizer thread
 
     def _tensor(self, bucket: int, key: str) -> torch.Tensor:
         t = self.tensors.get((bucket, key))
         if t is None:
-            t = self.tensors[(bucket, key)] = _host_zeros(self.numels[bucket])
+            t = self.tensors[(bucket, key)] = torch.zeros(self.numels[bucket], dtype=torch.float32,
+                                                          pin_memory=self.pin)
         return t
 
     def put(self, bucket: int, key: str, t: torch.Tensor):
-        """Copy ``t`` in (non-blocking from a device; returns an already-finished handle)."""
-        self._tensor(bucket, key).copy_(t.reshape(-1), non_blocking=t.device.type != "cpu")
-        return Done()
+        """Copy ``t`` in (asynchronously from a device); the handle says when it has landed."""
+        dst = self._tensor(bucket, key)
+        if self.copies is None or t.device.type == "cpu":
+            dst.copy_(t.reshape(-1))
+            return Done()
+        ready = self.copies.into_host(dst, t.reshape(-1))
+        with self._lock:
+            self._pending[(bucket, key)] = ready
+        return ready
+
+    def _landed(self, bucket: int, key: str) -> torch.Tensor:
+        with self._lock:
+            ready = self._pending.pop((bucket, key), None)
+        if ready is not None:
+            ready.wait()
+        return self._tensor(bucket, key)
 
     def get(self, bucket: int, key: str, out: torch.Tensor) -> torch.Tensor:
-        return out.copy_(self._tensor(bucket, key))
+        return out.copy_(self._landed(bucket, key))
 
     def flush(self) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()  # device-to-host copies of gradients have landed
+        """Every copy from the device has landed."""
+        with self._lock:
+            pending = list(self._pending)
+        for bucket, key in pending:
+            self._landed(bucket, key)
 
     def stream(self, order: Iterable[int], keys: Iterable[str] | None = None,
                write: Iterable[str] | None = None) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-        self.flush()
         keys = self.keys if keys is None else tuple(keys)
         for b in order:
-            yield b, {k: self._tensor(b, k) for k in keys}
+            yield b, {k: self._landed(b, k) for k in keys}
 
     def close(self) -> None:
+        self.flush()
         self.tensors.clear()

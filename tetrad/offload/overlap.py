@@ -21,15 +21,18 @@ from typing import Callable
 
 import torch
 
+from tetrad.device import set_thread_device
+
 MAX_WAITING = 2  # gradients handed over but not yet consumed before backward pauses
 
 
 class OverlapStream:
     def __init__(self, pieces, by_group: dict[int, list[int]], tier, keys: list[str],
-                 step_piece: Callable, after_group: Callable | None):
+                 step_piece: Callable, after_group: Callable | None, device: torch.device | None = None):
         self.pieces, self.by_group, self.tier, self.keys = pieces, by_group, tier, keys
         self.step_piece, self.after_group = step_piece, after_group
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="tetrad-optim")
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="tetrad-optim", initializer=set_thread_device,
+                                          initargs=(device or torch.device("cpu"),))
         self._cv = threading.Condition()
         self._arrived: dict[int, torch.Tensor] = {}
         self._wanted: int | None = None  # the group the thread is waiting for
@@ -45,9 +48,11 @@ class OverlapStream:
         if self._order is not None:
             self._jobs.append(self._thread.submit(self._stream, self._order))
 
-    def arrive(self, gi: int, grad: torch.Tensor, finite: bool = True) -> None:
+    def arrive(self, gi: int, grad: torch.Tensor, finite: bool | Callable[[], bool] = True) -> None:
         """Group ``gi``'s fp32 gradient shard (kept unchanged until its pieces are stepped);
-        ``finite`` False: it holds an inf or nan, so its pieces are left as they are."""
+        ``finite`` False: it holds an inf or nan, so its pieces are left as they are. A callable
+        is asked on the optimizer thread, before the first piece (it may wait for the copy
+        that brings the gradient and its norm to the host: the main thread never does)."""
         self._seen.append(gi)
         self._finite[gi] = finite
         if self._order is None:  # first step: one stream per group, at most 2 queued
@@ -116,12 +121,18 @@ class OverlapStream:
             self._after(done)  # resumed: the previous piece's writes are submitted now
             gi, lo, hi = self.pieces[k]
             grad = self._take(gi, given)
-            if self._finite[gi]:  # a non-finite gradient never reaches the state
+            if self._is_finite(gi):  # a non-finite gradient never reaches the state
                 self.step_piece(k, views, grad[lo:hi])
             if k == self.by_group[gi][-1]:
                 self._release(gi)
                 done.append(gi)
         self._after(done)
+
+    def _is_finite(self, gi: int) -> bool:
+        finite = self._finite[gi]
+        if callable(finite):
+            finite = self._finite[gi] = finite()
+        return finite
 
     def _after(self, done: list[int]) -> None:
         """Groups whose master writes are all submitted (what ``after_group`` needs)."""

@@ -26,7 +26,7 @@ class FileShards:
         self.params, self.n_groups = params, n_groups
 
     def adopt(self, g: FlatGroup, shard: torch.Tensor) -> None:
-        self.params.adopt(g.index, shard)
+        self.params.adopt(g.index, shard.cpu())  # the files take host tensors
         return None  # the group keeps no copy
 
     def get(self, g: FlatGroup) -> torch.Tensor:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from tetrad.checkpoint.pieces import OPTIM_STEP, Piece
+from tetrad.device import DeviceCopies, set_thread_device
 from tetrad.offload.kernel import PieceKernel
 from tetrad.offload.overlap import OverlapStream
 from tetrad.offload.pool import BufferPool, typed
@@ -58,8 +59,13 @@ class Parts:
     sharded: bool
     rank: int
     spilled: bool               # reduced gradients come to the sink (stages 2-3)
+    copies: DeviceCopies        # host <-> device on a side stream (nothing moves on the CPU)
     grad_pool: BufferPool | None = None
     files: object | None = None  # FileShards when stage-3 parameters live in files
+
+    @property
+    def device(self) -> torch.device:
+        return self.copies.device
 
 
 class SpillSink:
@@ -83,15 +89,16 @@ class SpillSink:
 
     @torch.no_grad()
     def reduced(self, g: FlatGroup, grad: torch.Tensor) -> None:
-        self.squares[g.index] = squares64(grad.float())
+        grad = grad.float()  # on the device: one cast there, then fp32 copies down
+        self.squares[g.index] = squares64(grad)  # stays on the device until the norm needs it
         for k in self.p.by_group[g.index]:
             _, lo, hi = self.p.pieces[k]
-            if self.p.grad_pool is None:  # host tier: a copy (device-to-host on an accelerator)
-                self.p.state.put(k, self.key, grad[lo:hi].float())
+            if self.p.grad_pool is None:  # host tier: an asynchronous copy into pinned memory
+                self.p.state.put(k, self.key, grad[lo:hi])
                 continue
             buf = self.p.grad_pool.acquire()  # aligned, so the write can bypass the page cache
             part = typed(buf, torch.float32, hi - lo)
-            part.copy_(grad[lo:hi])
+            part.copy_(grad[lo:hi])  # (device-to-host: the file write needs the bytes now)
             self.p.state.put(k, self.key, part).add_done_callback(
                 lambda _t, b=buf: self.p.grad_pool.release(b))
 
@@ -117,17 +124,33 @@ class OffloadedMasters:
         self.settle()
 
     # ------------------------------------------------------------------ norm and gradients
+    def _begin(self, lr, grad_clip: float, norm_groups, copy: bool = False):
+        """(global norm, clipping factor) from the gradients in hand (the sink's squares, or
+        the resident shards); the factor is None when the step is skipped (not finite)."""
+        norm = self._norm(norm_groups, self.sink.squares if self.sink else None, copy=copy)
+        if self.sink:
+            self.sink.squares = [None] * len(self.p.groups)
+        if skip_step(norm, self.scaler):
+            self._grads = None
+            return norm, None
+        if lr is not None:
+            set_lr(self.optimizer, lr)
+        return norm, (grad_clip / (float(norm) + 1e-6) if grad_clip > 0 else 1.0)
+
     def _norm(self, norm_groups, squares: list | None, copy: bool = False) -> torch.Tensor:
         if squares is None:  # resident gradients: exactly MasterOptimizer's arithmetic
             # (a copy when the step runs late: the next backward accumulates into the shard)
             self._grads = grads = [g.grad_shard.to(torch.float32, copy=copy) for g in self.p.groups]
             unscale(grads, self.scaler)
             return global_grad_norm(self.p.groups, grads, sharded=self.p.sharded,
-                                    dp_group=self.p.dp_group, norm_groups=norm_groups)
-        sq = torch.zeros(2, dtype=torch.float64)
+                                    dp_group=self.p.dp_group, norm_groups=norm_groups,
+                                    device=self.p.device)
+        # on the compute device: the squares are there (or moved there), and NCCL reduces
+        # nothing else (a CPU tensor has no backend on an NCCL group)
+        sq = torch.zeros(2, dtype=torch.float64, device=self.p.device)
         for g, s in zip(self.p.groups, squares):
             if s is not None and g.shard_size and g.counted:  # a stage replica is counted by its owner
-                sq[0 if g.tensor_parallel else 1] += s
+                sq[0 if g.tensor_parallel else 1] += s.to(self.p.device)
         norm = reduce_squares(sq, sharded=self.p.sharded, dp_group=self.p.dp_group,
                               norm_groups=norm_groups)
         return norm / self.scaler.scale if self.scaler is not None else norm
@@ -199,16 +222,9 @@ class SyncStep(OffloadedMasters):
         self.sink = SpillSink(parts, ["grad"]) if parts.spilled else None
 
     def step(self, lr, grad_clip: float, norm_groups, publisher: Publisher) -> tuple[float, bool]:
-        squares = self.sink.squares if self.sink else None
-        norm = self._norm(norm_groups, squares)
-        if self.sink:
-            self.sink.squares = [None] * len(self.p.groups)
-        if skip_step(norm, self.scaler):
-            self._grads = None
+        norm, coef = self._begin(lr, grad_clip, norm_groups)
+        if coef is None:
             return float(norm), True
-        if lr is not None:
-            set_lr(self.optimizer, lr)
-        coef = grad_clip / (float(norm) + 1e-6) if grad_clip > 0 else 1.0
         self._step_all(coef, self.sink.key if self.sink else None, publisher, When.NOW)
         publisher.finish()
         return float(norm), False
@@ -218,20 +234,15 @@ class DelayedStep(OffloadedMasters):
     def __init__(self, parts: Parts):
         super().__init__(parts)
         self.sink = SpillSink(parts, ["grad", "grad1"]) if parts.spilled else None
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="tetrad-optim")
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="tetrad-optim",
+                                          initializer=set_thread_device, initargs=(parts.device,))
         self._running: tuple[Future, Publisher] | None = None  # the step in flight
 
     def step(self, lr, grad_clip: float, norm_groups, publisher: Publisher) -> tuple[float, bool]:
         self.settle()  # the previous step's update becomes the parameters now
-        norm = self._norm(norm_groups, self.sink.squares if self.sink else None, copy=True)
-        if self.sink:
-            self.sink.squares = [None] * len(self.p.groups)
-        if skip_step(norm, self.scaler):
-            self._grads = None
+        norm, coef = self._begin(lr, grad_clip, norm_groups, copy=True)
+        if coef is None:
             return float(norm), True
-        if lr is not None:
-            set_lr(self.optimizer, lr)
-        coef = grad_clip / (float(norm) + 1e-6) if grad_clip > 0 else 1.0
         key = self.sink.take() if self.sink else None
         job = self._thread.submit(self._step_all, coef, key, publisher, When.IN_USE)
         self._running = (job, publisher)
@@ -260,7 +271,8 @@ class OverlapStep(OffloadedMasters):
         self._publisher: Publisher | None = None  # of the step whose backward is running
         self._stream = OverlapStream(parts.pieces, parts.by_group, parts.state,
                                      ["master"] + parts.kernel.keys, self._step_piece,
-                                     self._after_group if parts.files is not None else None)
+                                     self._after_group if parts.files is not None else None,
+                                     device=parts.device)
 
     def prepare(self, lr: float | None, publisher: Publisher) -> None:
         """Before the synchronising backward: the step's learning rate (the buckets are stepped
@@ -271,15 +283,24 @@ class OverlapStep(OffloadedMasters):
         self._stream.start()
 
     def reduced(self, g: FlatGroup, grad: torch.Tensor) -> None:
-        """Group ``g``'s reduced gradient shard is ready: the optimizer thread steps its pieces."""
+        """Group ``g``'s reduced gradient shard is ready: the optimizer thread steps its pieces.
+
+        Nothing here waits for the device: the gradient and its squared norm go down to pinned
+        memory on the side stream, and the optimizer thread waits for that copy's event."""
         grad = grad.float()
-        self.squares[g.index] = squares64(grad)
-        # fp64 squares of fp32 values overflow only if an element is inf or nan
-        self._stream.arrive(g.index, grad, finite=bool(torch.isfinite(self.squares[g.index])))
+        sq = squares64(grad)
+        host, ready = self.p.copies.to_host(grad)
+        host_sq, ready_sq = self.p.copies.to_host(sq)
+        self.squares[g.index] = host_sq
+
+        def finite() -> bool:  # fp64 squares of fp32 values overflow only at an inf or nan
+            ready.wait()
+            ready_sq.wait()
+            return bool(torch.isfinite(host_sq).all())
+        self._stream.arrive(g.index, host, finite=finite)
 
     def _step_piece(self, k: int, views: dict, grad: torch.Tensor) -> None:
-        # (to the host, on an accelerator: the store is there)
-        self.kernel.step(k, views, grad.to(views["master"].device), 1.0)
+        self.kernel.step(k, views, grad, 1.0)  # the gradient is on the host already
         gi, lo, _ = self.p.pieces[k]
         self._publisher.put(self.p.groups[gi], lo, views["master"], When.AFTER_USE)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from tetrad.device import DeviceCopies
 from tetrad.offload.host import HostState
 from tetrad.offload.kernel import PieceKernel, pieces_by_group, state_keys
 from tetrad.offload.params import ParamStore
@@ -71,9 +72,11 @@ class OffloadTier:
         self.placements: list[OffloadPlacement] = []
 
     def place(self, groups: list[FlatGroup], *, builder, options: list[dict], scaler, dp_group,
-              sharded: bool, grads_to_sink: bool, dtype: torch.dtype, rank: int) -> "OffloadPlacement":
+              sharded: bool, grads_to_sink: bool, dtype: torch.dtype, rank: int,
+              device: torch.device) -> "OffloadPlacement":
         placement = OffloadPlacement(self, groups, builder, options, scaler=scaler, dp_group=dp_group,
-                                     sharded=sharded, spilled=grads_to_sink, dtype=dtype, rank=rank)
+                                     sharded=sharded, spilled=grads_to_sink, dtype=dtype, rank=rank,
+                                     device=device)
         self.placements.append(placement)
         return placement
 
@@ -87,8 +90,10 @@ class OffloadTier:
 
 class OffloadPlacement:
     def __init__(self, tier: OffloadTier, groups: list[FlatGroup], builder, options: list[dict], *,
-                 scaler, dp_group, sharded: bool, spilled: bool, dtype: torch.dtype, rank: int):
+                 scaler, dp_group, sharded: bool, spilled: bool, dtype: torch.dtype, rank: int,
+                 device: torch.device):
         cfg = tier.cfg
+        self.copies = DeviceCopies(device)
         self.pieces = cut_pieces([g.shard_size for g in groups])
         self.by_group = pieces_by_group(self.pieces)
         keys = ["master"] + state_keys(builder, options) + (GRAD_KEYS[cfg.step] if spilled else [])
@@ -101,12 +106,12 @@ class OffloadPlacement:
             self.state = StateSwapper(tier.store, sizes, keys, ahead=ahead)
             grad_pool = BufferPool(4, max(sizes, default=1) * 4)
         else:
-            self.state = HostState(sizes, keys)
+            self.state = HostState(sizes, keys, self.copies)
         self.files = self._param_files(tier, groups, dtype)
         self.shards = self.files or (HostShards() if cfg.params == "cpu" else ResidentShards())
         kernel = PieceKernel(groups, self.pieces, options, builder)
         parts = Parts(groups, self.pieces, self.by_group, self.state, kernel, scaler, dp_group,
-                      sharded, rank, spilled, grad_pool, self.files)
+                      sharded, rank, spilled, self.copies, grad_pool, self.files)
         self._masters = STEPS[cfg.step](parts)
         self.sink = self._masters.sink if spilled else None
 
@@ -123,11 +128,12 @@ class OffloadPlacement:
 
     @torch.no_grad()
     def adopt_master(self, g: FlatGroup, master: torch.Tensor) -> None:
-        """The group's fresh fp32 master goes to the store; the group keeps none."""
+        """The group's fresh fp32 master goes to the store (through host memory: the NVMe store
+        writes host tensors); the group keeps none."""
         master = master.float()
         for k in self.by_group[g.index]:
             _, lo, hi = self.pieces[k]
-            self.state.put(k, "master", master[lo:hi]).wait()
+            self.state.put(k, "master", master[lo:hi].cpu()).wait()
         return None
 
     def masters(self):

@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 from torch.autograd import Function
 
+from tetrad.compat import all_gather_single, reduce_scatter_single
+
 SEQ_DIM = 1  # activations are [batch, seq, hidden]
 
 
@@ -58,7 +60,7 @@ def all_gather_tensor(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     """Concatenate every rank's `x` along `dim` (collectives work on dim 0, so move it there)."""
     src = x.movedim(dim, 0).contiguous()
     out = src.new_empty((_world(group) * src.shape[0], *src.shape[1:]))
-    dist.all_gather_single(out, src, group=group)
+    all_gather_single(out, src, group=group)
     return out.movedim(0, dim)
 
 
@@ -69,7 +71,7 @@ def reduce_scatter_tensor(x: torch.Tensor, dim: int, group) -> torch.Tensor:
         raise ValueError(f"cannot reduce-scatter dim {dim} of size {x.shape[dim]} over {world} ranks")
     src = x.movedim(dim, 0).contiguous()
     out = src.new_empty((src.shape[0] // world, *src.shape[1:]))
-    dist.reduce_scatter_single(out, src, group=group)
+    reduce_scatter_single(out, src, group=group)
     return out.movedim(0, dim)
 
 

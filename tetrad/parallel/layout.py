@@ -23,6 +23,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from tetrad.parallel.context import local_positions, shard_sequence
 from tetrad.parallel.mesh import ParallelDims
+from tetrad.parallel.pipeline.p2p import ring_channels
 
 
 @dataclass(frozen=True)
@@ -31,8 +32,10 @@ class ResolvedLayout:
     megatron_sp: bool = False
     zero: int = 0
     compute_dtype: torch.dtype = torch.float32
+    device: torch.device = torch.device("cpu")  # this rank's compute device
     mesh: DeviceMesh | None = None   # None: a layout only checked, never run
     grad_group: object | None = None  # dp x cp x sp: ranks that see different tokens of one replica
+    p2p_channels: dict | None = None  # pp > 1: one communicator per (sender, receiver) stage pair
     cp_load_balance: bool = True
 
     @classmethod
@@ -41,7 +44,9 @@ class ResolvedLayout:
                             tp=strategy.tp, cp=strategy.cp)
         mesh = dims.build_mesh(device)
         grad = _token_group(dims) if dims.sp_enabled or dims.cp_enabled else mesh.get_group("dp")
-        return cls(dims, strategy.megatron_sp, strategy.zero, dtype, mesh, grad, strategy.cp_load_balance)
+        channels = ring_channels(_pp_lines(dims)) if dims.pp_enabled else None
+        return cls(dims, strategy.megatron_sp, strategy.zero, dtype, device, mesh, grad, channels,
+                   strategy.cp_load_balance)
 
     # ------------------------------------------------------------------ degrees
     @property
@@ -131,6 +136,15 @@ def stage_pair_group(dims: ParallelDims, a: int, b: int):
             by_key.setdefault(tuple(v for k, v in c.items() if k != "pp"), []).append(rank)
     group, _ = dist.new_subgroups_by_enumeration(sorted(by_key.values()))
     return group
+
+
+def _pp_lines(dims: ParallelDims) -> list[list[int]]:
+    """Every pipeline line of the world: the global ranks of its stages, in stage order."""
+    lines: dict[tuple, list[int]] = {}
+    for rank in range(dims.world_size):
+        c = dims.coords(rank)
+        lines.setdefault((c["dp"], c["cp"], c["sp"], c["tp"]), []).append(rank)
+    return [lines[k] for k in sorted(lines)]
 
 
 def _token_group(dims: ParallelDims):

@@ -287,7 +287,7 @@ def _context(layout: ResolvedLayout, model: nn.Module) -> Layout:
     """The styles' view of the resolved layout for ``model``."""
     tp, sp = layout.tp, layout.sp
     tokens = layout.rank("sp") + sp * layout.rank("cp")  # which token shard this rank holds
-    device = next(model.parameters()).device
+    device = layout.device  # dropout masks are drawn where compute runs (the model may be on the host)
     shape = shape_of(model)
     return Layout(layout.group("tp"), layout.group("sp"), tp, sp, layout.megatron_sp_active,
                   rng_sharded=RNGFork(layout.rank("tp") + tp * tokens, device),

@@ -124,3 +124,33 @@ def disk_bandwidth(directory: str | None = None, nbytes: int = 1 << 27, chunk: i
         os.unlink(path)
     return {"dir": directory, "write_Bps": write, "read_Bps": read, "read_cached": not dropped,
             "bytes": nbytes}
+
+
+def disk_read_by_size(directory: str | None = None, nbytes: int = 1 << 25,
+                      chunks=(1 << 16, 1 << 20, 1 << 23)) -> list[dict]:
+    """Seconds to read a ``nbytes`` file in pieces of each chunk size, the page cache dropped
+    before each pass where the OS allows it (what one read of that size costs, times the count)."""
+    directory = directory or tempfile.gettempdir()
+    fd, path = tempfile.mkstemp(prefix="tetrad-disk-", dir=directory)
+    out = []
+    try:
+        data = os.urandom(1 << 20)
+        for _ in range(max(1, nbytes >> 20)):
+            os.write(fd, data)
+        os.fsync(fd)
+        for chunk in chunks:
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.lseek(fd, 0, os.SEEK_SET)
+            t0 = time.perf_counter()
+            n = 0
+            while True:
+                got = os.read(fd, chunk)
+                if not got:
+                    break
+                n += 1
+            out.append({"bytes": chunk, "reads": n, "s": (time.perf_counter() - t0) / max(n, 1)})
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return out

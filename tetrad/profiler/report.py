@@ -33,6 +33,7 @@ def summary(profile: dict, args: ModelArgs, precision: str) -> str:
         for where, f in fits.items():
             bw = 1 / f["beta_s_per_byte"] / 1e9 if f["beta_s_per_byte"] else float("inf")
             lines.append(f"  {kind:<15} {where:<10} {1e6 * f['alpha_s']:9.1f} {bw:9.3f}")
+    lines += _kernel_lines(profile.get("kernels"))
     mem, disk = profile["memory"], profile["disk"]
     lines.append(f"memory: {mem['device']} free {mem['device_free_bytes'] / 1e9:.1f} GB of "
                  f"{mem['device_total_bytes'] / 1e9:.1f} GB")
@@ -46,3 +47,21 @@ def summary(profile: dict, args: ModelArgs, precision: str) -> str:
     lines.append(f"ranks sharing cores: all {contention.get('ranks', 1)} busy run "
                  f"{contention.get('slowdown', 1.0):.2f}x slower than one alone")
     return "\n".join(lines)
+
+
+def _kernel_lines(k: dict | None) -> list[str]:
+    """Measured kernel rates by size (the points tetrad.strategy.machine_spec fits)."""
+    if not k:
+        return ["kernels: not measured (a profile from before kernel rates; re-profile with --force)"]
+    lines = [f"GEMM ({k['dtype']}, m x n x k): GFLOP/s"]
+    for p in k["gemm"]:
+        lines.append(f"  {p['m']:>5} x {p['n']:>5} x {p['k']:>5} {2 * p['m'] * p['n'] * p['k'] / p['s'] / 1e9:10.2f}")
+    lines.append("causal attention (seq): forward GFLOP/s (the causal half), backward / forward time")
+    for p in k["attention"]:
+        work = 2 * p["seq"] ** 2 * p["heads"] * p["head_dim"]
+        lines.append(f"  {p['seq']:>6} {work / p['fwd_s'] / 1e9:10.2f} {p['bwd_s'] / p['fwd_s']:8.2f}")
+    m = k["memory"]
+    lines.append(f"element-wise add: {m['bytes'] / m['s'] / 1e9:.2f} GB/s")
+    for p in k.get("host_device") or []:
+        lines.append(f"  host->device {p['bytes']:>10} B: {p['bytes'] / p['s'] / 1e9:.2f} GB/s")
+    return lines

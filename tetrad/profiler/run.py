@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from tetrad.config.precision import compute_dtype
 from tetrad.models.args import ModelArgs
-from tetrad.profiler import collectives, layers, machine, store
+from tetrad.profiler import collectives, kernels, layers, machine, store
 
 
 @dataclass
@@ -50,12 +50,9 @@ def shard_shapes(args: ModelArgs, world: int) -> list[tuple[int, int]]:
     return out
 
 
-def _mean_over_ranks(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return t.tolist()
+def _mean_over_ranks(values: list[float], device) -> list[float]:
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return [v / world for v in collectives.reduce_floats(values, dist.ReduceOp.SUM, device)]
 
 
 def measure_layers(args: ModelArgs, precision: str, world: int, opts: ProfileOptions, device) -> dict:
@@ -83,10 +80,21 @@ def measure_layers(args: ModelArgs, precision: str, world: int, opts: ProfileOpt
     layers.measure_micro_batch(args, max(opts.mbs), precision, device, 1, built)  # warm-up
     micro = [layers.measure_micro_batch(args, b, precision, device, opts.reps, built) for b in opts.mbs]
     timed = rows + heads + micro
-    flat = _mean_over_ranks([r[k] for r in timed for k in ("fwd_s", "bwd_s")])
+    flat = _mean_over_ranks([r[k] for r in timed for k in ("fwd_s", "bwd_s")], device)
     for i, r in enumerate(timed):
         r["fwd_s"], r["bwd_s"] = flat[2 * i], flat[2 * i + 1]
     return {"layers": rows, "head": heads, "activations": acts, "micro_batch": micro}
+
+
+def measure_kernels(precision: str, device, reps: int) -> dict:
+    """GEMM, attention, element-wise and copy rates by size (tetrad.profiler.kernels), every
+    rank at once; the seconds are averaged over the ranks."""
+    out = kernels.measure_all(device, compute_dtype(precision), reps)
+    rows = out["gemm"] + out["attention"] + [out["memory"]]
+    keys = [(r, k) for r in rows for k in ("s", "fwd_s", "bwd_s") if k in r]
+    for (r, k), v in zip(keys, _mean_over_ranks([r[k] for r, k in keys], device)):
+        r[k] = v
+    return out
 
 
 def profile_world(args: ModelArgs, precision: str, opts: ProfileOptions) -> dict:
@@ -99,11 +107,12 @@ def profile_world(args: ModelArgs, precision: str, opts: ProfileOptions) -> dict
     with torch.random.fork_rng(devices=[]):  # profiling must not move training's RNG stream
         torch.manual_seed(0)
         measured = measure_layers(args, precision, world, opts, device)
+        measured["kernels"] = measure_kernels(precision, device, opts.reps)
         split = {"layers_s": time.perf_counter() - start}
         comm = collectives.measure_all(opts.comm_sizes, opts.comm_reps, device, local_world) if world > 1 else {}
         overlap = collectives.measure_overlap(device) if world > 1 else 1.0
         split["collectives_s"] = time.perf_counter() - start - split["layers_s"]
-        adam = _mean_over_ranks([layers.measure_optimizer(precision, device)])[0]
+        adam = _mean_over_ranks([layers.measure_optimizer(precision, device)], device)[0]
         contention = layers.measure_contention(device)
     if not dist.is_initialized() or dist.get_rank() == 0:
         profile = {
@@ -112,6 +121,7 @@ def profile_world(args: ModelArgs, precision: str, opts: ProfileOptions) -> dict
             "contention": contention,
             "memory": machine.memory(), "host_device": machine.host_device_bandwidth(),
             "disk": machine.disk_bandwidth(opts.disk_dir, opts.disk_bytes),
+            "disk_by_size": machine.disk_read_by_size(opts.disk_dir, min(opts.disk_bytes, 1 << 25)),
             "options": asdict(opts), "seconds": time.perf_counter() - start, "split": split,
         }
     if dist.is_initialized() and dist.get_world_size() > 1:

@@ -134,7 +134,9 @@ class MeasuredCosts:
     def has_shape(self, tp: int, sp: int) -> bool:
         return (tp, sp, "none") in self._layer
 
-    def layer(self, tp: int, sp: int, b: int, policy: str) -> tuple[float, float]:
+    def layer(self, tp: int, sp: int, b: int, policy: str, msp: bool = False) -> tuple[float, float]:
+        """Measured without Megatron-SP (``msp`` is accepted and not priced: its norm-region
+        saving is a few percent of a layer, inside this machine's noise)."""
         (fa, fb), (ba, bb) = self._layer[(tp, sp, policy)]
         return fa + fb * b, ba + bb * b
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 
 import yaml
 
-from tetrad.config.schema import StrategyConfig
+from tetrad.config import ConfigError
+from tetrad.config.schema import OffloadConfig, StrategyConfig
 from tetrad.strategy.search import Estimate, Plan
 from tetrad.strategy.shapes import dp_degree
 
@@ -88,3 +91,66 @@ def strategy_yaml(s: StrategyConfig) -> str:
     body = s.to_dict(full=True)
     body.pop("auto", None)
     return yaml.safe_dump({"strategy": body}, sort_keys=False)
+
+
+_SCHEDULES = ("gpipe", "1f1b", "interleaved", "zero_bubble")
+_POLICIES = ("none", "selective", "full")
+
+
+def parse_layout(text: str, base: StrategyConfig | None = None) -> StrategyConfig:
+    """The inverse of ``layout``: 'tp2 pp4 dp8 msp z1 mbs2 full interleaved/v2 off:cpu/none'.
+    Tokens may come in any order; keys not given keep ``base``'s value (default: defaults)."""
+    s = dataclasses.replace(base or StrategyConfig(), auto=False)
+    seen = []
+    for tok in text.replace(",", " ").split():
+        m = re.fullmatch(r"(tp|pp|sp|dp|z|mbs)(\d+)", tok)
+        if m:
+            key = {"z": "zero", "mbs": "micro_batch_size"}.get(m.group(1), m.group(1))
+            s = dataclasses.replace(s, **{key: int(m.group(2))})
+        elif tok == "msp":
+            s = dataclasses.replace(s, megatron_sp=True)
+        elif tok in _POLICIES:
+            s = dataclasses.replace(s, recompute=tok)
+        elif tok.split("/")[0] in _SCHEDULES:
+            name, _, v = tok.partition("/")
+            if v and not re.fullmatch(r"v\d+", v):
+                raise ConfigError(f"--explain: {tok!r}: the schedule's chunks are written /vN, e.g. interleaved/v2")
+            s = dataclasses.replace(s, pipeline_schedule=name, virtual_stages=int(v[1:]) if v else 1)
+        elif tok.startswith("off:") and tok.count("/") == 1:
+            opt, par = tok[4:].split("/")
+            s = dataclasses.replace(s, offload=OffloadConfig(optimizer=opt, params=par,
+                                                             nvme_dir=s.offload.nvme_dir))
+        else:
+            raise ConfigError(f"--explain: {tok!r} is not a layout token; valid: tpN ppN spN dpN msp zN mbsN, "
+                              f"{'|'.join(_POLICIES)}, {'|'.join(_SCHEDULES)}[/vN], off:OPT/PARAMS")
+        seen.append(tok)
+    if not seen:
+        raise ConfigError("--explain: an empty layout; e.g. --explain 'tp2 pp2 z1 mbs1 full'")
+    return s
+
+
+def _share(part: float, whole: float) -> str:
+    return f"{100 * part / whole:5.1f}%" if whole else "   - "
+
+
+def explain(plan: Plan, e: Estimate) -> str:
+    """Where one layout's predicted step time and memory go, term by term."""
+    world = plan.world
+    t = e.time
+    lines = [f"layout: {layout(e.strategy, world)}  ({e.status}{': ' + e.reason if e.reason else ''})",
+             f"step time {t['total']:.4g} s, {plan.tokens_per_s(e):.4g} tokens/s"
+             + (f", MFU {100 * plan.mfu(e):.1f}%" if plan.mfu(e) is not None else "")]
+    for key, value in t.items():
+        if key != "total":
+            lines.append(f"  {key:<22} {value:>10.4g} s  {_share(value, t['total'])}")
+    mem = e.memory
+    terms = mem.get("terms", {})
+    lines.append(f"memory per rank on the {mem.get('stage', 'only')} pipeline stage: "
+                 f"{_gb(mem['device'])} GB of {_gb(plan.budget)} GB"
+                 + (f" (the allocator reserves {_gb(mem['allocator'])} GB)" if "allocator" in mem else ""))
+    for key, value in terms.items():
+        if key in ("host", "disk") and not value:
+            continue
+        where = {"host": " (host memory)", "disk": " (NVMe)"}.get(key, "")
+        lines.append(f"  {key:<22} {_gb(value):>10} GB {_share(value, mem['device']) if not where else ''}{where}")
+    return "\n".join(lines)

@@ -148,7 +148,7 @@ class Space:
         """Every rule ``c`` breaks for this run: the engine's question, asked the same way."""
         run = self.cfg.run
         return problems(c, model=self.shape, precision=run.precision, grad_clip=self.cfg.optimizer.grad_clip,
-                        world=self.world, global_batch=run.global_batch_size)
+                        world=self.world, global_batch=run.global_batch_size, compile=run.compile)
 
 
 def _offload_rule(s: StrategyConfig, opt: str, par: str) -> str:

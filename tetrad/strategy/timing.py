@@ -141,14 +141,15 @@ def _core_share(a: ModelArgs) -> float:
 def micro_batch_times(a: ModelArgs, s: StrategyConfig, costs, elem: int) -> dict[str, float]:
     """T_F, T_B (compute + exposed tp/sp/cp communication) and T_W of one micro-batch on the busiest rank."""
     b, layers, cp = s.micro_batch_size, layers_per_stage(a, s), s.cp
-    f_l, b_l = (t / cp for t in costs.layer(s.tp, s.sp, b, s.recompute))
+    msp = s.megatron_sp and s.tp > 1
+    f_l, b_l = (t / cp for t in costs.layer(s.tp, s.sp, b, s.recompute, msp=msp))
     f_h, b_h = (t / cp for t in costs.head(s.tp, s.sp, b))
     n_act = b * a.seq_len / (s.sp * cp) * a.d_model * elem
     tp_f, tp_b = _tp_comm(a, s, costs, n_act, elem)
     sp_f, sp_b = _sp_comm(a, s, costs, elem)
-    cp_f, cp_b = _cp_comm(a, s, costs, elem, _core_share(a) * costs.layer(s.tp, s.sp, b, "none")[0])
+    cp_f, cp_b = _cp_comm(a, s, costs, elem, _core_share(a) * costs.layer(s.tp, s.sp, b, "none", msp=msp)[0])
     sp_f, sp_b = sp_f + cp_f, sp_b + cp_b
-    f_none = costs.layer(s.tp, s.sp, b, "none")[0] / cp
+    f_none = costs.layer(s.tp, s.sp, b, "none", msp=msp)[0] / cp
     w_share = 24 * a.d_model / (48 * a.d_model + 8 * a.seq_len)
     over = getattr(costs, "micro_batch_overhead", None)
     o_f, o_b = over(s.tp, s.sp * cp, b, layers / a.n_layers) if over else (0.0, 0.0)
@@ -223,55 +224,74 @@ def dp_time(a: ModelArgs, s: StrategyConfig, costs, world: int, m: int, mb: dict
     Gradients are reduced on the step's last micro-batch only (``begin_backward(sync=...)``),
     one collective per flat group (stages 0-2: buckets of ``bucket_mb``; stage 3: one per
     unit), each paying its alpha; all but the last hide behind that backward as far as the
-    machine overlaps (the last waits). Stages 1-2 all-gather the updated parameters after the
-    optimizer (exposed). Stage 3 (tetrad.zero.stage3) gathers every unit before its forward
-    and again before its backward in every micro-batch, prefetching one unit ahead: the first
-    unit of forward and the first of backward wait in full, the rest hide behind the
-    neighbouring units' compute as far as the machine overlaps.
+    machine overlaps (the last waits; a framework that reduces after backward,
+    ``costs.grad_overlap`` 0, hides nothing). Stages 1-2 all-gather the updated parameters
+    after the optimizer (exposed). Stage 3 (tetrad.zero.stage3) gathers every unit before its
+    forward and again before its backward in every micro-batch, prefetching one unit ahead:
+    the first unit of forward and the first of backward wait in full, the rest hide behind the
+    neighbouring units' compute as far as the machine overlaps. Element sizes: gradients are
+    reduced in ``costs.grad_reduce_elem`` bytes and parameters gathered in
+    ``costs.gather_elem`` (both the compute dtype's for tetrad).
     """
     n = shard_group(s, world)
     if n == 1:
         return 0.0
     stride = s.tp
     reduce = "all_reduce" if s.zero == 0 else "reduce_scatter"
+    g_elem = getattr(costs, "grad_reduce_elem", elem)
+    p_elem = getattr(costs, "gather_elem", elem)
     if s.zero == 3:
-        sizes = [(u * elem, k) for u, k in _stage_units(a, s)]
+        sizes = [(u, k) for u, k in _stage_units(a, s)]
     else:
-        grads = rank_params(a, s) * elem
+        grads = rank_params(a, s) * g_elem
         bucket = min(grads, s.bucket_mb * 2**20)
         full, rest = divmod(grads, bucket)
-        sizes = [(bucket, int(full))] + ([(rest, 1)] if rest else [])
-    total = sum(k * costs.coll(reduce, n, stride, x) for x, k in sizes)
-    last = costs.coll(reduce, n, stride, sizes[-1][0])
-    exposed = max(last, _hidden(total, mb["bwd_layers"], costs.overlap))
+        sizes = [(bucket / g_elem, int(full))] + ([(rest / g_elem, 1)] if rest else [])
+    total = sum(k * costs.coll(reduce, n, stride, x * g_elem) for x, k in sizes)
+    last = costs.coll(reduce, n, stride, sizes[-1][0] * g_elem)
+    exposed = max(last, _hidden(total, mb["bwd_layers"], getattr(costs, "grad_overlap", costs.overlap)))
+    if s.zero >= 2 and getattr(costs, "reduce_every_micro_batch", False):
+        exposed *= m  # FSDP: every micro-batch's backward reduce-scatters its gradients
     if s.zero in (1, 2):
         exposed += costs.coll("all_gather", n, stride, rank_params(a, s) * elem)
     if s.zero == 3:
-        gathers = [(costs.coll("all_gather", n, stride, x), k) for x, k in sizes]
+        gathers = [(costs.coll("all_gather", n, stride, x * p_elem), k) for x, k in sizes]
         first = gathers[0][0] + gathers[-1][0]  # forward starts at the first unit, backward at the last
         rest = 2 * sum(t * k for t, k in gathers) - first
         exposed += m * (first + _hidden(rest, mb["T_F"] + mb["T_B"], costs.overlap))
     return exposed
 
 
+def _copy(costs, kind: str, nbytes: float, chunk: float) -> float:
+    """Seconds of a host<->device or disk transfer, by transfer size where the costs know it."""
+    by_size = getattr(costs, "transfer", None)
+    if by_size is not None:
+        return by_size(kind, nbytes, chunk)
+    rate = {"host_device": costs.host_device_Bps, "disk_read": costs.disk_read_Bps,
+            "disk_write": costs.disk_write_Bps}[kind]
+    return nbytes / rate if rate else 0.0
+
+
 def optimizer_time(a: ModelArgs, s: StrategyConfig, costs, world: int, precision: str, m: int) -> float:
-    """AdamW over the shard, plus offload traffic (host-device and NVMe), exposed."""
+    """AdamW over the shard, plus offload traffic (host-device and NVMe, in bucket-sized
+    pieces), exposed."""
     shard = rank_params(a, s) / (shard_group(s, world) if s.zero else 1)
     elem = 4 if precision == "fp32" else 2
     k = 8 if precision == "fp32" else 12
+    chunk = s.bucket_mb * 2**20
     t = 0.0
     if s.offload.optimizer == "none":
         t += costs.adam(shard)
     else:
         t += costs.host_adam(shard)
         if costs.host_device_Bps:
-            t += 2 * elem * shard / costs.host_device_Bps
+            t += _copy(costs, "host_device", 2 * elem * shard, chunk)
         if s.offload.optimizer == "nvme":
-            t += k * shard / costs.disk_read_Bps + k * shard / costs.disk_write_Bps
+            t += _copy(costs, "disk_read", k * shard, chunk) + _copy(costs, "disk_write", k * shard, chunk)
     if s.offload.params != "none":
-        bw = costs.disk_read_Bps if s.offload.params == "nvme" else costs.host_device_Bps
-        if bw:
-            t += m * 2 * elem * shard / bw
+        kind = "disk_read" if s.offload.params == "nvme" else "host_device"
+        if kind == "disk_read" or costs.host_device_Bps:
+            t += m * _copy(costs, kind, 2 * elem * shard, chunk)
     return t
 
 

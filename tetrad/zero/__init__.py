@@ -30,10 +30,17 @@ from tetrad.zero.units import find_units
 STAGES = (0, 1, 2, 3)
 
 
+def _device(model: nn.Module) -> torch.device:
+    """The compute device: where the model's parameters (or buffers) are."""
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
 def build_data_parallel(model: nn.Module, *, optimizer: torch.optim.Optimizer | None = None,
                         optim_cfg=None, stage: int = 0, group=None, dtype: torch.dtype = torch.float32,
                         bucket_bytes: int = 25 * 2**20, tier: Tier | None = None,
-                        param_init=None) -> DataParallel:
+                        param_init=None, device: torch.device | None = None) -> DataParallel:
     """Take ownership of ``model``'s parameters, gradients and optimizer for ZeRO ``stage``.
 
     The parameters are cast to the compute ``dtype`` in place (buffers are left alone: RoPE
@@ -41,17 +48,20 @@ def build_data_parallel(model: nn.Module, *, optimizer: torch.optim.Optimizer | 
     ``optimizer`` (a fresh instance) or ``optim_cfg`` (tetrad AdamW) says what to build over
     the master shards. ``param_init(name, param)``, stage 3 only, fills each parameter of a
     model built with untouched storage just before its group is sharded (deferred init of
-    models larger than memory).
+    models larger than memory). ``device`` (default: where the model is) is the compute
+    device; at stage 3 the model may still be on the host: each group moves to the device as
+    it is sharded, so the whole model never has to fit there.
     """
     if stage not in STAGES:
         raise ValueError(f"strategy.zero={stage!r} is not valid; use one of {STAGES}")
+    device = device or _device(model)
     template, builder = optimizer_template(model, optimizer, optim_cfg)
     opt_index = {p: i for i, g in enumerate(template) for p in g["params"]}
     trained = [(n, p) for n, p in model.named_parameters() if p in opt_index]
-    with torch.no_grad():  # frozen parameters only change dtype
+    with torch.no_grad():  # frozen parameters only change dtype (and move, at stage 3)
         for p in model.parameters():
-            if p not in opt_index and p.is_floating_point():
-                p.data = p.data.to(dtype)
+            if p not in opt_index:
+                p.data = p.data.to(device=device, dtype=dtype if p.is_floating_point() else p.dtype)
     world, rank = (group_size(group), group_rank(group)) if stage > 0 else (1, 0)
     size = torch.tensor([], dtype=dtype).element_size()
     if stage < 3:
@@ -65,7 +75,8 @@ def build_data_parallel(model: nn.Module, *, optimizer: torch.optim.Optimizer | 
     scaler = DynamicLossScaler() if dtype == torch.float16 else None
     placement = (tier or ResidentTier()).place(
         groups, builder=builder, options=group_options(template), scaler=scaler, dp_group=group,
-        sharded=stage > 0, grads_to_sink=stage >= 2, dtype=dtype, rank=group_rank(group))
+        sharded=stage > 0, grads_to_sink=stage >= 2, dtype=dtype, rank=group_rank(group),
+        device=device)
     if stage < 3:
         params = ReplicatedParams(model, groups, dtype=dtype, placement=placement)
         publisher = ReplicatedPublisher(group, dtype)
@@ -77,7 +88,7 @@ def build_data_parallel(model: nn.Module, *, optimizer: torch.optim.Optimizer | 
         # hooks that free the unit.
         grads = ShardedGrads(groups, group, dtype, sink=placement.sink)
         params = ShardedParams(model, units, group=group, dtype=dtype, placement=placement,
-                               param_init=param_init)
+                               param_init=param_init, device=device)
         publisher = ShardedPublisher(placement.shards, dtype)
     return DataParallel(model, stage=stage, params=params, grads=grads, master=placement.masters(),
                         publisher=publisher, scaler=scaler)

@@ -1,7 +1,7 @@
 """The two flat collectives ZeRO needs, with explicit groups.
 
-``reduce_scatter_tensor`` / ``all_gather_into_tensor`` are deprecated in favour of the
-``*_single`` names in recent torch; both are tried so the package runs on either. Gradients are divided by the group size
+Both go through ``tetrad.compat`` (the ``*_single`` names of recent torch, the older ones on
+the declared floor). Gradients are divided by the group size
 *before* the sum (SUM rather than AVG, which gloo lacks), so low-precision sums of N
 gradients cannot overflow where the average would not.
 """
@@ -11,23 +11,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+from tetrad.compat import all_gather_single, reduce_scatter_single
+from tetrad.device import Done
 
 
-class Done:
-    """A handle of work that finished when it was issued: a collective with nothing to
-    communicate (a group of one), a host-memory copy. Same surface as the async handles it
-    stands in for (c10d ``Work.wait``, offload ``Transfer.done``/``add_done_callback``)."""
 
-    def wait(self) -> bool:
-        return True
-
-    def done(self) -> bool:
-        return True
-
-    def add_done_callback(self, cb) -> None:
-        cb(self)
 
 
 def group_size(group) -> int:
@@ -45,7 +33,7 @@ def reduce_scatter_avg(out: torch.Tensor, flat: torch.Tensor, group):
         out.copy_(flat)
         return Done()
     flat.div_(world)
-    return _reduce_scatter(out, flat, group=group, async_op=True)
+    return reduce_scatter_single(out, flat, group=group, async_op=True)
 
 
 def all_gather(out: torch.Tensor, shard: torch.Tensor, group):
@@ -53,7 +41,7 @@ def all_gather(out: torch.Tensor, shard: torch.Tensor, group):
     if group_size(group) == 1:
         out.copy_(shard)
         return Done()
-    return _all_gather(out, shard, group=group, async_op=True)
+    return all_gather_single(out, shard, group=group, async_op=True)
 
 
 def all_reduce_avg(flat: torch.Tensor, group):

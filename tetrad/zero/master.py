@@ -39,9 +39,10 @@ def skip_step(norm: torch.Tensor, scaler: DynamicLossScaler | None) -> bool:
 
 class MasterOptimizer:
     def __init__(self, groups: list[FlatGroup], options: list[dict], builder: Builder, *,
-                 sharded: bool, dp_group, scaler: DynamicLossScaler | None, rank: int):
+                 sharded: bool, dp_group, scaler: DynamicLossScaler | None, rank: int,
+                 device: torch.device):
         self.groups, self.sharded, self.dp_group, self.scaler = groups, sharded, dp_group, scaler
-        self.rank = rank
+        self.rank, self.device = rank, device
         shard_groups = []
         for i, opts in enumerate(options):
             masters = [g.master for g in groups if g.opt_index == i]
@@ -59,7 +60,7 @@ class MasterOptimizer:
                  for g in self.groups]
         unscale(grads, self.scaler)
         norm = global_grad_norm(self.groups, grads, sharded=self.sharded, dp_group=self.dp_group,
-                                norm_groups=norm_groups)
+                                norm_groups=norm_groups, device=self.device)
         if skip_step(norm, self.scaler):
             return float(norm), True
         clip_(grads, norm, grad_clip)
@@ -114,9 +115,9 @@ class ResidentPlacement:
     sink = None
 
     def __init__(self, groups: list[FlatGroup], options: list[dict], builder: Builder, *,
-                 sharded: bool, dp_group, scaler, rank: int):
+                 sharded: bool, dp_group, scaler, rank: int, device: torch.device):
         self.groups, self.options, self.builder = groups, options, builder
-        self.kw = dict(sharded=sharded, dp_group=dp_group, scaler=scaler, rank=rank)
+        self.kw = dict(sharded=sharded, dp_group=dp_group, scaler=scaler, rank=rank, device=device)
         self.shards = ResidentShards()
 
     def adopt_master(self, g: FlatGroup, master: torch.Tensor) -> torch.Tensor:
@@ -130,9 +131,10 @@ class ResidentTier:
     """The default tier: nothing leaves device memory (plain ZeRO)."""
 
     def place(self, groups: list[FlatGroup], *, builder, options: list[dict], scaler, dp_group,
-              sharded: bool, grads_to_sink: bool, dtype: torch.dtype, rank: int) -> ResidentPlacement:
+              sharded: bool, grads_to_sink: bool, dtype: torch.dtype, rank: int,
+              device: torch.device) -> ResidentPlacement:
         return ResidentPlacement(groups, options, builder, sharded=sharded, dp_group=dp_group,
-                                 scaler=scaler, rank=rank)
+                                 scaler=scaler, rank=rank, device=device)
 
     def close(self) -> None:
         pass

@@ -16,7 +16,8 @@ import torch.distributed as dist
 from tetrad.zero.flat import FlatGroup
 
 
-CHUNK = 1 << 20  # elements per fp64 partial sum
+CHUNK = 1 << 20  # elements per fp64 partial sum on the CPU
+DEVICE_CHUNK = 1 << 26  # on an accelerator: a few large kernels per bucket, not thousands
 
 
 def squares64(t: torch.Tensor) -> torch.Tensor:
@@ -25,19 +26,23 @@ def squares64(t: torch.Tensor) -> torch.Tensor:
     ``vector_norm(t, dtype=float64)`` converts the whole tensor to fp64 first: for a
     100M-element bucket that is an 800 MB temporary and 0.5-2 s on this 2-core machine,
     spent once per bucket per step. Chunks of 1M elements give the same sum to ~1e-12 in
-    about a fifth of the time, with an 8 MB temporary.
+    about a fifth of the time, with an 8 MB temporary. On an accelerator the same small
+    chunks would mean ~1000 tiny kernels per 1 B parameters per step: there they are 64M
+    elements (a 512 MB fp64 temporary at most, on a device that has tens of GB).
     """
     flat = t.reshape(-1)
-    if flat.numel() <= CHUNK:
+    chunk = CHUNK if flat.device.type == "cpu" else DEVICE_CHUNK
+    if flat.numel() <= chunk:
         return torch.linalg.vector_norm(flat, dtype=torch.float64) ** 2
-    parts = [torch.linalg.vector_norm(c, dtype=torch.float64) for c in flat.split(CHUNK)]
+    parts = [torch.linalg.vector_norm(c, dtype=torch.float64) for c in flat.split(chunk)]
     return torch.linalg.vector_norm(torch.stack(parts)) ** 2
 
 
 def global_grad_norm(groups: list[FlatGroup], grads: list[torch.Tensor], *, sharded: bool,
-                     dp_group, norm_groups: dict | None) -> torch.Tensor:
-    """sqrt of the sum of squares of every gradient of the model, as an fp64 scalar."""
-    device = grads[0].device if grads else torch.device("cpu")
+                     dp_group, norm_groups: dict | None, device: torch.device) -> torch.Tensor:
+    """sqrt of the sum of squares of every gradient of the model, as an fp64 scalar on
+    ``device`` (the compute device even for a rank that holds no gradient: the reductions run
+    on every rank, and NCCL reduces device tensors only)."""
     sq = torch.zeros(2, dtype=torch.float64, device=device)  # [tensor-parallel, replicated]
     for g, grad in zip(groups, grads):
         if grad.numel() and g.counted:  # a stage replica's squares are its owner's

@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_leaves
 
 from tetrad.zero.comm import all_gather
 from tetrad.zero.flat import FlatGroup
-from tetrad.zero.stage012 import flat_fp32, new_master
+from tetrad.zero.stage012 import flat_fp32
 from tetrad.zero.tier import Placement
 from tetrad.zero.units import UnitSpec
 
@@ -43,8 +43,10 @@ class ShardedParams:
     are gathered around their use by the hooks below."""
 
     def __init__(self, model: nn.Module, units: list[tuple[UnitSpec, list[FlatGroup]]], *,
-                 group, dtype: torch.dtype, placement: Placement, param_init=None):
+                 group, dtype: torch.dtype, placement: Placement, param_init=None,
+                 device: torch.device | None = None):
         self.model, self.group, self.dtype = model, group, dtype
+        self.device = device or self.groups_device(units)
         self.groups = [g for _, gs in units for g in gs]
         self.units = [Unit(spec, gs) for spec, gs in units]
         # Each group's shard and master go to their tier as soon as they exist, so
@@ -67,14 +69,20 @@ class ShardedParams:
             for p in unit.params:  # registered after ShardedGrads' hooks, so runs after them
                 p.register_post_accumulate_grad_hook(lambda p, u=unit: self._on_grad(u))
 
+    @staticmethod
+    def groups_device(units) -> torch.device:
+        return next((g.params[0].device for _, gs in units for g in gs), torch.device("cpu"))
+
     @torch.no_grad()
     def _shard_group(self, g: FlatGroup, placement: Placement) -> None:
-        flat32 = flat_fp32(g)
-        shard = flat32[g.lo:g.hi].to(self.dtype, copy=True)
-        g.master = placement.adopt_master(g, new_master(flat32, g, self.dtype, shard))
+        flat32 = flat_fp32(g)  # where the parameters are: the host, for a model larger than the device
+        shard = flat32[g.lo:g.hi].to(device=self.device, dtype=self.dtype, copy=True)
+        master = shard if self.dtype == torch.float32 else flat32[g.lo:g.hi].to(self.device, copy=True)
+        del flat32
+        g.master = placement.adopt_master(g, master)
         g.shard = self.shards.adopt(g, shard)
-        g.full = torch.empty(g.numel, dtype=self.dtype, device=shard.device)
-        self._io[g.index] = torch.empty(0, dtype=self.dtype, device=shard.device).set_(
+        g.full = torch.empty(g.numel, dtype=self.dtype, device=self.device)
+        self._io[g.index] = torch.empty(0, dtype=self.dtype, device=self.device).set_(
             g.full.untyped_storage(), 0, (g.numel,))
         for i, p in enumerate(g.params):
             p.data = g.view(g.full, i)

@@ -107,7 +107,7 @@ class Placement(Protocol):
 class Tier(Protocol):
     def place(self, groups: list[FlatGroup], *, builder, options: list[dict], scaler,
               dp_group, sharded: bool, grads_to_sink: bool, dtype: torch.dtype,
-              rank: int) -> Placement:
+              rank: int, device: torch.device) -> Placement:
         """``grads_to_sink``: gradients are reduce-scattered per group during backward
         (stages 2-3) and may go to ``placement.sink``; otherwise they stay in
         ``g.grad_shard`` (stages 0-1)."""

@@ -65,13 +65,16 @@ def build_pipeline(model: torch.nn.Module, group, *, schedule: str, virtual_stag
                    dtype: torch.dtype, device: torch.device, loss_fn: Callable,
                    act_shape: tuple[int, ...] | None = None, ranges: list[range] | None = None,
                    trace: str | None = None, instrument: bool = False,
-                   chunks: list[Chunk] | None = None, tp_group=None) -> PipelineExecutor:
+                   chunks: list[Chunk] | None = None, tp_group=None,
+                   channels: dict | None = None) -> PipelineExecutor:
     """Prune ``model`` in place to this rank's chunks of the pp ``group`` and return the
     executor that runs ``schedule`` over them (``chunks``: ``split_model`` already ran, e.g.
     on the meta device before materialising). ``act_shape`` ([micro_batch, local_seq, d_model])
     may instead be given to each ``run``. ``trace`` (a path) implies ``instrument``.
     ``tp_group``: the boundary tensors are replicated over it, so each rank sends 1/tp of them
-    and the receiver all-gathers (None: send whole, e.g. Megatron-SP's already-sharded ones)."""
+    and the receiver all-gathers (None: send whole, e.g. Megatron-SP's already-sharded ones).
+    ``channels``: the p2p communicators of this rank's line (``p2p.ring_channels``; made from
+    ``group`` alone when None, which every rank of the world must then call together)."""
     import torch.distributed as dist
 
     p, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -80,7 +83,8 @@ def build_pipeline(model: torch.nn.Module, group, *, schedule: str, virtual_stag
     place = placement(schedule, p, v)
     if chunks is None:
         chunks = split_model(model, rank, p, ranges=ranges, placement=place)
-    comm = StageComm(group, act_shape, dtype, device, tp_group=tp_group, owner=place.rank_of)
+    comm = StageComm(group, act_shape, dtype, device, tp_group=tp_group, owner=place.rank_of,
+                     channels=channels)
     timeline = Timeline(dist.get_rank(), trace) if (trace or instrument) else None
     cache: dict[int, list[Action]] = {}
 

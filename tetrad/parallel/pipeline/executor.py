@@ -18,7 +18,7 @@ import torch
 from tetrad.parallel.pipeline.p2p import ACT, GRAD, StageComm
 from tetrad.parallel.pipeline.actions import Action, Placement
 from tetrad.parallel.pipeline.split import Chunk
-from tetrad.parallel.pipeline.trace import Timeline
+from tetrad.parallel.pipeline.trace import Timeline, clock
 from tetrad.parallel.pipeline.zero_bubble import WeightGradStore, exclude_recomputed
 
 
@@ -38,6 +38,8 @@ class PipelineExecutor:
         self._local: dict[tuple[int, int, int], torch.Tensor] = {}  # (kind, from chunk, mb) -> tensor
         self.timeline = timeline
         self.store = WeightGradStore()
+        # synchronised with the device only when someone reads the times (instrumented runs)
+        self._clock = clock(comm.device) if timeline is not None else time.perf_counter
         exclude_recomputed(self.store, [layer for c in chunks for layer in c.layers])
         self.stats: dict[str, float] = {}
 
@@ -82,7 +84,7 @@ class PipelineExecutor:
         self._in_flight = self._peak = 0
         self.comm.reset_counts()
         if self.timeline:
-            self.timeline.begin_step(self.comm.group)
+            self.timeline.begin_step(self.comm.group, self.comm.device)
         for i, a in enumerate(actions):
             getattr(self, "_" + a.kind)(a)
             if self.timeline:
@@ -111,14 +113,14 @@ class PipelineExecutor:
             x = self._inputs[a.mb]
         else:
             x = self._recv(ACT, c - 1, a.mb).requires_grad_()
-        t0 = time.perf_counter()
+        t0 = self._clock()
         with self.store.capture() if self._split else contextlib.nullcontext():
             out = chunk(x)
             if chunk.is_last:
                 loss = self.loss_fn(out, self._labels[a.mb])
                 self._total += loss.detach().double()
                 out = self._scale(loss)
-        self._last_span = (t0, time.perf_counter())
+        self._last_span = (t0, self._clock())
         if not chunk.is_last:
             self._send(out, ACT, c, c + 1, a.mb)
         self._saved[(a.mb, a.chunk)] = (x, out)
@@ -130,18 +132,18 @@ class PipelineExecutor:
         chunk = self.chunks[a.chunk]
         x, out = self._saved.pop((a.mb, a.chunk))
         grad = None if chunk.is_last else self._recv(GRAD, c + 1, a.mb)
-        t0 = time.perf_counter()
+        t0 = self._clock()
         with self.store.backward_of((a.mb, a.chunk)) if self._split else contextlib.nullcontext():
             torch.autograd.backward(out, grad)
-        self._last_span = (t0, time.perf_counter())
+        self._last_span = (t0, self._clock())
         if not chunk.is_first:
             self._send(x.grad, GRAD, c, c - 1, a.mb)
         self._in_flight -= 1
 
     def _W(self, a: Action) -> None:
-        t0 = time.perf_counter()
+        t0 = self._clock()
         self.store.run((a.mb, a.chunk))
-        self._last_span = (t0, time.perf_counter())
+        self._last_span = (t0, self._clock())
 
     def _check_done(self) -> None:
         if self._saved or self.store.pending() or self._local:

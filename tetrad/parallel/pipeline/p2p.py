@@ -13,11 +13,16 @@ scatter/gather; the pieces are padded to equal length when tp does not divide th
 receiving tp ranks run the same schedule, so their all-gathers pair up in order. ``sent_bytes``
 and ``sent_messages`` count what this rank put on the wire (reset by the executor each step).
 
-Sends never block the schedule: the executor posts the sends an action produced together
-with the receive the next action needs in one ``batch_isend_irecv`` and waits only for the
-receive (Megatron's ``send_forward_recv_backward`` pairing; on NCCL the batch is one group
-call, which is what keeps opposite-direction pairs from deadlocking). Send handles are
-waited at the end of the step.
+Sends never block the schedule: the executor posts the sends an action produced right
+before the receive the next action needs, and waits only for the receive; send handles are
+waited at the end of the step. Each ordered pair of neighbouring stages (sender, receiver)
+has a communicator of its own (``ring_channels``): on NCCL the ops of one communicator run
+in order on one stream and a send completes only once its receive has started, so two
+stages sending to each other on one communicator -- interleaved 1F1B with more
+micro-batches than stages -- wait on each other forever. With one channel per direction of
+each pair, a send waits only for the receives it feeds, which the receiver posts in the same
+order (``tetrad.parallel.pipeline.nccl`` checks every schedule under NCCL's rules). gloo
+would not need it (it matches by tag and completes each op alone); one code path runs on both.
 """
 
 from __future__ import annotations
@@ -32,6 +37,28 @@ from tetrad.parallel.comm import all_gather_tensor
 ACT, GRAD = 0, 1
 
 
+def _ranks(group) -> list[int]:
+    return [dist.get_global_rank(group, i) for i in range(dist.get_world_size(group))]
+
+
+def ring_channels(lines: list[list[int]]) -> dict[tuple[int, int], object]:
+    """One communicator per ordered pair of ring neighbours (r -> r+1 and r+1 -> r, wrapping)
+    of every pipeline line (its global ranks in stage order); returns this rank's, keyed by
+    (sender, receiver) stage index. Collective: every rank of the world calls it with the same
+    lines (``dist.new_group`` needs all of them, in one order)."""
+    me, mine = dist.get_rank(), {}
+    for line in lines:
+        p = len(line)
+        pairs = sorted({(r, (r + 1) % p) for r in range(p)} | {((r + 1) % p, r) for r in range(p)})
+        for src, dst in pairs:
+            if src == dst:
+                continue
+            group = dist.new_group(sorted({line[src], line[dst]}))
+            if me in (line[src], line[dst]):
+                mine[(src, dst)] = group
+    return mine
+
+
 class StageComm:
     """Transfers for one pipeline rank of ``group`` (the pp group: explicit, never global).
 
@@ -40,9 +67,12 @@ class StageComm:
     """
 
     def __init__(self, group, shape: tuple[int, ...] | None, dtype: torch.dtype, device: torch.device,
-                 *, tp_group=None, owner=None):
+                 *, tp_group=None, owner=None, channels: dict | None = None):
         self.group, self.dtype, self.device = group, dtype, device
         self.owner = owner  # global chunk -> pp rank holding it (None: round-robin, chunk % size)
+        # {(sender pp rank, receiver pp rank): group}; the group itself when the caller made
+        # none (a pp group of 2 on gloo, or a test): every rank of the world must build them
+        self.channels = channels if channels is not None else ring_channels([_ranks(group)])
         self.shape = tuple(shape) if shape is not None else None
         self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
         tp = dist.get_world_size(tp_group) if tp_group is not None else 1
@@ -59,10 +89,13 @@ class StageComm:
     def reset_counts(self) -> None:
         self.sent_bytes = self.sent_messages = 0
 
+    def holder(self, global_chunk: int) -> int:
+        """The pp rank holding ``global_chunk``."""
+        return self.owner(global_chunk) if self.owner else global_chunk % self.size
+
     def peer(self, global_chunk: int) -> int:
         """Global rank of the pp rank holding ``global_chunk``."""
-        pp_rank = self.owner(global_chunk) if self.owner else global_chunk % self.size
-        return dist.get_global_rank(self.group, pp_rank)
+        return dist.get_global_rank(self.group, self.holder(global_chunk))
 
     @staticmethod
     def tag(kind: int, chunk: int, mb: int) -> int:
@@ -85,7 +118,8 @@ class StageComm:
             t = t.contiguous()
         self.sent_bytes += t.numel() * t.element_size()
         self.sent_messages += 1
-        self._outbox.append(dist.P2POp(dist.isend, t, self.peer(to_chunk), self.group,
+        dst = self.holder(to_chunk)
+        self._outbox.append(dist.P2POp(dist.isend, t, self.peer(to_chunk), self.channels[(self.rank, dst)],
                                        self.tag(kind, from_chunk, mb)))
 
     def recv(self, kind: int, from_chunk: int, mb: int) -> torch.Tensor:
@@ -93,22 +127,22 @@ class StageComm:
         piece = self.tp_group is not None
         buf = torch.empty((self.piece_numel(),) if piece else self.shape, dtype=self.dtype,
                           device=self.device)
-        op = dist.P2POp(dist.irecv, buf, self.peer(from_chunk), self.group, self.tag(kind, from_chunk, mb))
-        works = dist.batch_isend_irecv(self._outbox + [op])
-        self._sends += list(zip(works[:-1], self._outbox))  # keep buffers alive until sent
-        self._outbox = []
-        works[-1].wait()
+        src = self.holder(from_chunk)
+        op = dist.P2POp(dist.irecv, buf, self.peer(from_chunk), self.channels[(src, self.rank)],
+                        self.tag(kind, from_chunk, mb))
+        self.flush()
+        dist.batch_isend_irecv([op])[0].wait()
         if not piece:
             return buf
         full = all_gather_tensor(buf, 0, self.tp_group)  # every tp rank's piece, in rank order
         return full[:math.prod(self.shape)].view(self.shape)
 
     def flush(self) -> None:
-        """Post queued sends (no receive to pair them with)."""
-        if self._outbox:
-            works = dist.batch_isend_irecv(self._outbox)
-            self._sends += list(zip(works, self._outbox))
-            self._outbox = []
+        """Post queued sends, each on its channel (one op per group: a channel carries one
+        direction of one pair, so nothing is gained by batching)."""
+        for op in self._outbox:
+            self._sends += [(w, op) for w in dist.batch_isend_irecv([op])]  # buffers live until sent
+        self._outbox = []
 
     def wait_sends(self) -> None:
         self.flush()

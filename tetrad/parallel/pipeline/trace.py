@@ -1,6 +1,7 @@
 """Timeline of a pipeline rank: busy/idle (bubble) accounting and Chrome-trace export.
 
-Every compute action (F, B, W) is timed with ``perf_counter``; everything else in the
+Every compute action (F, B, W) is timed with ``perf_counter`` (after a device synchronize on
+an accelerator: ``clock``); everything else in the
 schedule (waiting for a receive, posting sends) is idle. A step starts at a barrier of the
 pp group, so all ranks share an origin, and lasts until the slowest rank's last action: the
 bubble of a rank is ``1 - busy / makespan``, the quantity the papers' formulas predict.
@@ -23,6 +24,19 @@ import torch.distributed as dist
 _NAMES = {"F": "forward", "B": "backward", "W": "weight-grad"}
 
 
+def clock(device: torch.device):
+    """A ``perf_counter`` that, on an accelerator, first waits for the work queued so far:
+    kernels run asynchronously, so an unsynchronised clock would time their launch, not their
+    run, and bubbles and traces would mean nothing. Only instrumented runs pay for it."""
+    if device.type == "cpu":
+        return time.perf_counter
+
+    def synced() -> float:
+        torch.accelerator.synchronize(device)
+        return time.perf_counter()
+    return synced
+
+
 def trace_path(path: str, rank: int) -> str:
     """One file per rank: ``{rank}`` in ``path`` is replaced, else ``.rank<r>`` goes before ``.json``."""
     if "{rank}" in path:
@@ -41,9 +55,9 @@ class Timeline:
         self.start = self.end = 0.0
         self.busy = 0.0
 
-    def begin_step(self, group) -> None:
+    def begin_step(self, group, device: torch.device | None = None) -> None:
         dist.barrier(group=group)
-        self.start = self.end = time.perf_counter()
+        self.start = self.end = clock(device or torch.device("cpu"))()
         self.busy = 0.0
 
     def record(self, kind: str, mb: int, chunk: int, t0: float, t1: float) -> None:
