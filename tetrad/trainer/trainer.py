@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -11,7 +13,8 @@ import yaml
 
 from tetrad.checkpoint.training import TrainingCheckpoints
 from tetrad.config import Config, load_config
-from tetrad.data import GlobalBatchSampler, build_dataset, shard_indices
+from tetrad.data import (DataError, GlobalBatchSampler, build_dataset, cached_pack, cached_paths,
+                         load_tokenizer, needs_packing, shard_indices)
 from tetrad.models import build_model
 from tetrad.parallel.launch import detect_launch, init_distributed
 from tetrad.engine import Engine
@@ -35,10 +38,14 @@ class Trainer:
 
     def _build(self) -> None:
         cfg = self.config
-        init_distributed(timeout_s=cfg.run.collective_timeout_s)  # a dead peer fails, not hangs
+        _, device = init_distributed(timeout_s=cfg.run.collective_timeout_s)  # a dead peer fails, not hangs
         if cfg.strategy.auto:
             # The selector profiles this world and fills the layout before the engine exists.
             cfg.strategy = resolve_auto(cfg)
+        self.rank0 = dist.get_rank() == 0
+        # Data first: a bad source or a tokenizer too large for the model fails before any
+        # weight is loaded.
+        self.dataset = self._dataset(device)
         torch.manual_seed(cfg.run.seed)
         # With pipeline stages the model is built on the meta device: the engine prunes it to
         # this rank's stage and only then allocates and initialises (by parameter name).
@@ -48,15 +55,39 @@ class Trainer:
                              precision=cfg.run.precision, global_batch_size=cfg.run.global_batch_size,
                              total_steps=cfg.run.steps, collective_timeout_s=cfg.run.collective_timeout_s,
                              trace=self.trace, tf32=cfg.run.tf32, compile=cfg.run.compile)
-        self.rank0 = dist.get_rank() == 0
-        self.dataset = build_dataset(cfg.data.source, cfg.model.seq_len, cfg.run.seed,
-                                     cfg.data.builtin_tokens, cfg.model.vocab_size)
         self.sampler = GlobalBatchSampler(len(self.dataset), cfg.run.global_batch_size, cfg.run.seed)
         self.out = Path(cfg.run.output_dir)
         if self.rank0:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         self.ckpt = TrainingCheckpoints(cfg, self.engine, self.sampler)
+
+    def _dataset(self, device: torch.device):
+        """The training windows. A raw source (jsonl/parquet/hf, or text for a Hugging Face
+        tokenizer) is tokenized once into ``<run.output_dir>/data_cache`` by rank 0 while the
+        others wait, then memory-mapped by every rank; later runs with the same inputs reuse it."""
+        cfg, d = self.config, self.config.data
+        tokenizer = load_tokenizer(d.tokenizer)
+        packed = None
+        if needs_packing(d.source, d.tokenizer):
+            cache = Path(cfg.run.output_dir) / "data_cache"
+            kw = {"fmt": d.format, "text_field": d.text_field}
+            error = None
+            if self.rank0:
+                try:
+                    cached_pack(d.source, tokenizer, cache, workers=min(8, os.cpu_count() or 1),
+                                progress=cfg.logging.progress and sys.stderr.isatty(), **kw)
+                except DataError as e:
+                    error = e
+            failed = torch.tensor([error is not None], dtype=torch.int64, device=device)
+            dist.all_reduce(failed)  # also the barrier: the cache exists past this point
+            if error is not None:
+                raise error
+            if int(failed):
+                raise DataError(f"rank 0 could not prepare data.source {d.source!r} (its error is in rank 0's log)")
+            packed = cached_paths(d.source, tokenizer, cache, **kw)
+        return build_dataset(d.source, cfg.model.seq_len, cfg.run.seed, d.builtin_tokens, cfg.model.vocab_size,
+                             tokenizer=tokenizer, packed=packed)
 
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         indices = self.sampler.next_indices()
