@@ -226,3 +226,36 @@ def test_hugging_face_models_split_from_their_plan_or_names():
     names = {n for n, _ in gpt2.named_parameters()}
     assert "hf.transformer.wpe.weight" in names and "hf.transformer.h.1.attn.c_attn.weight" in names
     assert not any(n.startswith(("hf.transformer.h.2.", "hf.transformer.ln_f", "hf.lm_head")) for n in names)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_hf_stages_attend_with_the_models_own_sliding_windows(family):
+    """Two pipeline stages of a sliding-window model (Qwen2: sliding on the upper blocks by
+    ``layer_types``; Mistral: on every block) give the whole model's logits; a full causal
+    mask would not (the window matters at this length)."""
+    transformers = pytest.importorskip("transformers")
+    import copy
+
+    extra = {"qwen2": dict(use_sliding_window=True, sliding_window=4, max_window_layers=2),
+             "mistral": dict(sliding_window=4)}[family]
+    unwindowed = {"qwen2": {}, "mistral": dict(sliding_window=None)}[family]
+
+    def build(**kw):
+        cfg = transformers.AutoConfig.for_model(family, vocab_size=64, hidden_size=32, intermediate_size=48,
+                                                num_hidden_layers=4, num_attention_heads=4,
+                                                num_key_value_heads=2, max_position_embeddings=64, **kw)
+        torch.manual_seed(0)
+        return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+    whole = build(**extra)
+    x = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        want = whole(input_ids=x, use_cache=False).logits
+        stages = [copy.deepcopy(whole) for _ in range(2)]
+        chunks = [split_model(stages[r], rank=r, p=2)[0] for r in range(2)]
+        assert {chunks[0].view.attention_kind(b) for b in whole.model.layers} == (
+            {"full_attention", "sliding_attention"} if family == "qwen2" else {"sliding_attention"})
+        torch.testing.assert_close(chunks[1](chunks[0](x)), want)
+        full = build(**unwindowed)
+        full.load_state_dict(whole.state_dict())
+        assert not torch.allclose(full(input_ids=x, use_cache=False).logits, want, atol=1e-4)

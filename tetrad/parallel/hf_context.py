@@ -25,6 +25,9 @@ def _ring_attention(module, query, key, value, attention_mask, dropout=0.0, scal
     if ring is None:
         raise RuntimeError(f"{type(module).__name__} runs attention '{IMPLEMENTATION}' but has no "
                            f"ring attached: build the model's parallel form with tetrad.parallel.plan")
+    if kwargs.get("sliding_window") or getattr(module, "sliding_window", None):
+        raise RuntimeError(f"{type(module).__name__} attends within a sliding window, which tetrad's "
+                           f"ring attention does not implement: use strategy.cp=1 for this model")
     return ring(query, key, value, scale=scaling).transpose(1, 2).contiguous(), None
 
 

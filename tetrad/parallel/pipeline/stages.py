@@ -98,8 +98,6 @@ class HFPlanStages(StageView):
         self.config = inner.config
 
     def run(self, model, layers, x, first, last):
-        from transformers.masking_utils import create_causal_mask
-
         h = x
         if first:
             for path in self.embed:
@@ -107,13 +105,39 @@ class HFPlanStages(StageView):
         pos = _positions(h)
         rotary = _get(model, self.rotary) if self.rotary else None
         extra = {"position_embeddings": rotary(h, pos)} if rotary is not None else {}
-        mask = create_causal_mask(self.config, h, None, None, pos)  # None under sdpa / tetrad_ring
+        masks: dict[str, object] = {}
         for layer in layers:
-            h = _hidden(layer(h, attention_mask=mask, position_ids=pos, **extra))
+            kind = self.attention_kind(layer)
+            if kind not in masks:  # None under sdpa / tetrad_ring without a window
+                masks[kind] = _mask(kind, self.config, h, pos)
+            h = _hidden(layer(h, attention_mask=masks[kind], position_ids=pos, **extra))
         if last:
             for path in self.head:
                 h = _get(model, path)(h)
         return h
+
+
+    def attention_kind(self, layer: nn.Module) -> str:
+        """The mask a block attends with, as the model's own forward picks it: the config's
+        ``layer_types`` entry for the block (Qwen2/3, Gemma 2/3, ...), else a sliding window
+        on every block when the config sets one (Mistral, Phi-3), else full causal."""
+        types = getattr(self.config, "layer_types", None)
+        idx = getattr(getattr(layer, "self_attn", None), "layer_idx", None)
+        if types and idx is not None:
+            return types[idx]
+        return "sliding_attention" if getattr(self.config, "sliding_window", None) else "full_attention"
+
+
+def _mask(kind: str, config, h: torch.Tensor, pos: torch.Tensor):
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    if kind == "full_attention":
+        return create_causal_mask(config, h, None, None, pos)
+    if kind == "sliding_attention":
+        return create_sliding_window_causal_mask(config, h, None, None, pos)
+    raise TypeError(f"{type(config).__name__} has blocks with attention type {kind!r}; tetrad's "
+                    f"pipeline stages know full_attention and sliding_attention (add it in "
+                    f"tetrad/parallel/pipeline/stages.py)")
 
 
 class GPT2Stages(StageView):
