@@ -214,8 +214,12 @@ class StrategyConfig(Section):
     tp: int = setting(1, "tensor-parallel degree; 1..4096", ge=1, le=MAX_DEGREE)
     pp: int = setting(1, "pipeline stages; 1..4096", ge=1, le=MAX_DEGREE)
     sp: int = setting(1, "sequence-parallel (Ulysses) degree, own mesh axis; 1..4096", ge=1, le=MAX_DEGREE)
+    cp: int = setting(1, "context-parallel (ring attention) degree, own mesh axis; each rank holds 1/cp "
+                      "of every sequence; 1..4096", ge=1, le=MAX_DEGREE)
+    cp_load_balance: bool = setting(True, "context parallelism: each rank holds two mirrored chunks of "
+                                    "2*cp (zigzag), which evens the causal attention work over ranks")
     megatron_sp: bool = setting(False, "Megatron sequence parallelism inside the tp group")
-    dp: Union[int, Literal["auto"]] = setting("auto", "data-parallel degree 1..4096, or auto = world/(tp*pp*sp)",
+    dp: Union[int, Literal["auto"]] = setting("auto", "data-parallel degree 1..4096, or auto = world/(tp*pp*sp*cp)",
                                               ge=1, le=MAX_DEGREE)
     zero: int = setting(0, "ZeRO stage 0..3: 0 plain DP, 1 +optimizer, 2 +gradients, 3 +parameters sharded",
                         ge=0, le=3)
@@ -231,9 +235,15 @@ class StrategyConfig(Section):
     recompute: Literal["none", "selective", "full", "budget"] = setting("none", "activation recomputation policy")
     recompute_budget_mb: Optional[float] = setting(None, "activation memory budget per rank, MB; > 0, "
                                                    "required by recompute budget", gt=0.0)
-    pipeline_schedule: Literal["gpipe", "1f1b", "interleaved", "zero_bubble"] = setting("1f1b", "pipeline order")
-    virtual_stages: int = setting(1, "model chunks per pipeline rank (interleaved schedule); 1..4096",
+    pipeline_schedule: Literal["gpipe", "1f1b", "interleaved", "zero_bubble", "zero_bubble_v",
+                               "breadth_first"] = setting(
+        "1f1b", "pipeline order; zero_bubble_v runs two chunks per rank in a V, breadth_first "
+        "virtual_stages looped chunks, every micro-batch through one before the next")
+    virtual_stages: int = setting(1, "model chunks per pipeline rank (interleaved, breadth_first); 1..4096",
                                   ge=1, le=MAX_DEGREE)
+    pp_split: Optional[tuple[int, ...]] = setting(
+        None, "layer boundaries between pipeline chunks (pp*chunks-1 increasing layer indices, e.g. "
+        "[3, 6, 8]); null = balanced by modelled cost, the embedding and the output layer counted", ge=1)
     bucket_mb: float = setting(25.0, "gradient communication bucket size, MB; > 0", gt=0.0)
     offload: OffloadConfig = setting(factory=OffloadConfig, doc="CPU/NVMe offload tiers")
     verify: int = setting(0, "under auto: run a few real steps of the K best predicted layouts and keep the "
@@ -243,11 +253,17 @@ class StrategyConfig(Section):
 
     @property
     def model_parallel_size(self) -> int:
-        """Ranks one model replica spans: tp * pp * sp."""
-        return self.tp * self.pp * self.sp
+        """Ranks one model replica spans: tp * pp * sp * cp."""
+        return self.tp * self.pp * self.sp * self.cp
+
+    @property
+    def chunks_per_rank(self) -> int:
+        """Model chunks each pipeline rank holds: two under zero_bubble_v (the V), else
+        virtual_stages."""
+        return 2 if self.pipeline_schedule == "zero_bubble_v" else self.virtual_stages
 
     def resolve_dp(self, world_size: int) -> int:
-        """The data-parallel degree on `world_size` ranks (dp itself, or world/(tp*pp*sp))."""
+        """The data-parallel degree on `world_size` ranks (dp itself, or world/(tp*pp*sp*cp))."""
         check_world_size(world_size)
         raise_all(strategy_world_errors(self, world_size))
         return world_size // self.model_parallel_size if self.dp == "auto" else self.dp

@@ -34,8 +34,9 @@ from tetrad.models import shape_of
 from tetrad.models.loss import IGNORE_INDEX, cross_entropy
 from tetrad.offload import OffloadTier
 from tetrad.parallel.launch import init_distributed
-from tetrad.parallel.layout import ResolvedLayout
-from tetrad.parallel.pipeline import build_pipeline, split_model
+from tetrad.parallel.layout import ResolvedLayout, stage_pair_group
+from tetrad.parallel.pipeline import (TiedWeights, build_pipeline, partition, placement, split_model,
+                                      stage_replicas, stage_ties)
 from tetrad.parallel.plan import parallelize
 from tetrad.parallel.tensor import vocab_parallel_cross_entropy
 from tetrad.recompute import apply_recompute, find_blocks
@@ -153,8 +154,15 @@ class Engine:
         sequence parallelism then slice the held layers, and recompute wraps the (possibly
         sharded) blocks. ZeRO takes ownership afterwards."""
         L, s = self.layout, self.strategy
-        chunks = split_model(model, L.rank("pp"), L.pp, s.virtual_stages) if L.pp > 1 else None
+        chunks, self.ties = None, None
+        if L.pp > 1:
+            place = placement(s.pipeline_schedule, L.pp, s.virtual_stages)
+            ranges = partition(model, place.n_chunks, self.shape.seq_len, s.pp_split)
+            chunks = split_model(model, L.rank("pp"), L.pp, ranges=ranges, placement=place)
         model = self._stream(model) if _streamed(model) else parallelize(_materialize(model, self.device, s.zero), L)
+        if getattr(model, "pipeline_tied", False):  # every rank helps build the pairs' groups
+            group = stage_pair_group(L.dims, place.rank_of(0), place.rank_of(place.n_chunks - 1))
+            self.ties = TiedWeights.build(model, stage_ties(model), stage_replicas(model), group)
         budget = None if s.recompute_budget_mb is None else int(s.recompute_budget_mb * 2**20)
         apply_recompute(model, s.recompute, budget, batch_size=s.micro_batch_size, seq_shards=L.seq_shards)
         if self.compile:
@@ -208,15 +216,16 @@ class Engine:
         return getattr(self.runner, "executor", None)
 
     def shard_micro_batch(self, input_ids: torch.Tensor, labels: torch.Tensor):
-        """This rank's part of a micro-batch (a slice of the sequence under Ulysses sp; a
-        Megatron-SP model shards after the embedding itself)."""
-        sp = self.layout.sp
-        if sp == 1:
+        """This rank's part of a micro-batch (its tokens under context parallelism and Ulysses
+        sp, ``ResolvedLayout.shard_tokens``; a Megatron-SP model shards after the embedding
+        itself)."""
+        L = self.layout
+        if L.token_shards == 1:
             return input_ids, labels
-        if input_ids.shape[1] % sp:
-            raise ValueError(f"sequence length {input_ids.shape[1]} is not divisible by strategy.sp={sp}")
-        rank = self.layout.rank("sp")
-        return input_ids.chunk(sp, 1)[rank], labels.chunk(sp, 1)[rank]
+        if input_ids.shape[1] % L.token_shards:
+            raise ValueError(f"sequence length {input_ids.shape[1]} is not divisible by "
+                             f"strategy.cp*sp={L.cp}*{L.sp}")
+        return L.shard_tokens(input_ids), L.shard_tokens(labels)
 
     def loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The layout's loss for one micro-batch.

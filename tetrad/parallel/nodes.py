@@ -1,11 +1,11 @@
 """The ZeRO group split by node: hybrid sharding, hpZ and qgZ groups, and the byte counter.
 
-ZeRO runs over the gradient group (the ranks of one model-parallel position: dp x sp). On
+ZeRO runs over the gradient group (the ranks of one model-parallel position: dp x cp x sp). On
 a cluster that group spans nodes; ``NodeSplit`` cuts it three ways, each only when asked for:
 
-* ``dp_shard`` (hybrid sharding): shard groups of dp_shard consecutive dp ranks (x sp), and
+* ``dp_shard`` (hybrid sharding): shard groups of dp_shard consecutive dp ranks (x cp x sp), and
   replicate groups joining the ranks that hold the same shard in every shard group;
-* ``hpz``: secondary groups of hpz consecutive dp ranks (x sp) inside each shard group (a
+* ``hpz``: secondary groups of hpz consecutive dp ranks (x cp x sp) inside each shard group (a
   node, when hpz x sp x tp... fit one: consecutive dp ranks are neighbours on the mesh);
 * qgZ: the shard group's members on this node (``intra``) and those with this rank's local
   index on every node (``inter``). This needs the shard group to have the same number of
@@ -24,7 +24,7 @@ import torch.distributed as dist
 from tetrad.parallel.mesh import AXES, LayoutError, ParallelDims
 from tetrad.traffic import Traffic
 
-GRAD_AXES = ("dp", "sp")  # the axes whose ranks see different tokens of one model replica
+GRAD_AXES = ("dp", "cp", "sp")  # the axes whose ranks see different tokens of one model replica
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,11 @@ from tetrad.strategy.shapes import dp_degree
 
 
 def layout(s: StrategyConfig, world: int) -> str:
-    """'tp2 pp4 sp1 dp8 shard4 msp z3 hpz4 qw qg mbs2 selective interleaved/v2 off:cpu/none'
-    (defaults left out)."""
-    parts = [f"tp{s.tp}", f"pp{s.pp}", f"sp{s.sp}", f"dp{dp_degree(s, world)}"]
+    """'tp2 pp4 sp1 cp2 dp8 shard4 msp z3 hpz4 qw qg mbs2 selective interleaved/v2 off:cpu/none'
+    (cp 1 and other defaults left out; 'cp2/contig' without the zigzag load balance)."""
+    parts = [f"tp{s.tp}", f"pp{s.pp}", f"sp{s.sp}"]
+    parts += [f"cp{s.cp}" + ("" if s.cp_load_balance else "/contig")] if s.cp > 1 else []
+    parts += [f"dp{dp_degree(s, world)}"]
     parts += [f"shard{s.dp_shard}"] if s.dp_shard != "auto" else []
     parts += ["msp"] if s.megatron_sp else []
     z = s.zeropp

@@ -65,13 +65,13 @@ def gather_times(s: StrategyConfig, costs, world: int, elems: float, p_elem: flo
         fwd = costs.coll("all_gather", n, stride, elems * QUANT_BYTES) + _quantize_s(costs, elems, p_elem)
     else:
         fwd = costs.coll("all_gather", n, stride, elems * p_elem)
-    bwd = costs.coll("all_gather", z.hpz * s.sp, stride, elems * p_elem) if z.hpz > 1 else fwd
+    bwd = costs.coll("all_gather", z.hpz * s.cp * s.sp, stride, elems * p_elem) if z.hpz > 1 else fwd
     return fwd, bwd
 
 
 def secondary_bytes(s: StrategyConfig, params: float, elem: int) -> float:
     """hpZ's secondary shards on a rank holding ``params`` (unsharded count) of the model."""
-    return params * elem / (s.zeropp.hpz * s.sp) if s.zero == 3 and s.zeropp.hpz > 1 else 0.0
+    return params * elem / (s.zeropp.hpz * s.cp * s.sp) if s.zero == 3 and s.zeropp.hpz > 1 else 0.0
 
 
 def extra_buffer_bytes(s: StrategyConfig, unit: float, elem: int) -> float:
