@@ -3,8 +3,8 @@
 ZeRO knows no mesh: the engine builds these from its ``ResolvedLayout`` and hands them in.
 
 * ``shard``: the ranks one copy of the ZeRO state is sharded across. Flat ZeRO: the whole
-  gradient group (dp x sp). Hybrid sharding (``strategy.dp_shard``, torch's HSDP, MiCS):
-  groups of dp_shard dp ranks (x sp), usually a node.
+  gradient group (dp x cp x sp). Hybrid sharding (``strategy.dp_shard``, torch's HSDP, MiCS):
+  groups of dp_shard dp ranks (x cp x sp), usually a node.
 * ``replicate``: hybrid sharding only: the ranks holding the *same* shard in the other
   dp/dp_shard groups. Gradients are reduce-scattered inside ``shard`` and then all-reduced
   over ``replicate``; everything else (norm, publish, gathers) stays inside ``shard``; in a
