@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
+from tetrad.device import DeviceCopies
 from tetrad.zero.comm import all_gather
 from tetrad.zero.flat import FlatGroup
 from tetrad.zero.stage012 import flat_fp32
@@ -47,6 +48,7 @@ class ShardedParams:
                  device: torch.device | None = None):
         self.model, self.group, self.dtype = model, group, dtype
         self.device = device or self.groups_device(units)
+        self.copies = DeviceCopies(self.device)  # host shards up, off the compute stream
         self.groups = [g for _, gs in units for g in gs]
         self.units = [Unit(spec, gs) for spec, gs in units]
         # Each group's shard and master go to their tier as soon as they exist, so
@@ -93,8 +95,8 @@ class ShardedParams:
         if unit.state == "free":
             for g in unit.groups:
                 g.full.untyped_storage().resize_(g.numel * g.full.element_size())
-                shard = self.shards.get(g)
-                unit.handles.append(all_gather(self._io[g.index], shard.to(g.full.device), self.group))
+                shard = self._up(self.shards.get(g))
+                unit.handles.append(all_gather(self._io[g.index], shard, self.group))
             unit.state = "gathering"
         if wait and unit.state == "gathering":
             for handle in unit.handles:
@@ -102,6 +104,17 @@ class ShardedParams:
             unit.handles, unit.state = [], "full"
             for g in unit.groups:  # a tier's host buffer for the shard can be reused
                 self.shards.release(g)
+
+    def _up(self, shard: torch.Tensor) -> torch.Tensor:
+        """A shard resting on the host (an offload tier) goes up on the side stream; the
+        gather, issued in the compute stream's order, waits for it on the device. A pinned
+        host shard is read in place: only the optimizer step rewrites it, after the backward
+        that consumed this copy."""
+        if shard.device == self.device:
+            return shard
+        up, ready = self.copies.to_device(shard, keep=True)
+        self.copies.order_after(ready)
+        return up
 
     def _free(self, unit: Unit) -> None:
         if unit.state == "free":
