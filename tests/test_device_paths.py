@@ -176,3 +176,76 @@ def test_nccl_errors_reach_the_training_loop(monkeypatch):
     monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # the user's choice is kept
     nccl_error_handling("nccl")
     assert __import__("os").environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+
+
+class _RecordingCopies:
+    """Stands in for an accelerator's side-stream copier: records what is asked, in order."""
+
+    on_host = False
+
+    def __init__(self, log: list):
+        self.log = log
+
+    def to_device(self, src, dtype=None, keep=False):
+        self.log.append(("up", dtype, keep))
+        return src.to(dtype or src.dtype).clone(), "ready"
+
+    def order_after(self, handle):
+        self.log.append(("order", handle))
+
+
+def test_offloaded_masters_go_up_off_the_compute_stream_before_zero_publishes():
+    """Updated host masters bound for device parameters are copied up in the compute dtype,
+    the compute stream is ordered after that copy, and only then does ZeRO's publisher see
+    them; parameters that live on the host (offloaded stage-3 shards) are handed over as they
+    are."""
+    from tetrad.offload.steps import publish
+    from tetrad.zero.tier import When
+
+    log = []
+
+    class Publisher:
+        def __init__(self, device):
+            self.where = torch.device(device)
+
+        def device(self, g):
+            return self.where
+
+        def put(self, g, lo, values, when):
+            log.append(("put", values.dtype, lo))
+
+    parts = type("Parts", (), {"copies": _RecordingCopies(log), "dtype": torch.bfloat16})()
+    values = torch.ones(4)
+    publish(parts, Publisher("meta"), None, 8, values, When.NOW)  # "meta": not the host
+    assert log == [("up", torch.bfloat16, False), ("order", "ready"), ("put", torch.bfloat16, 8)]
+    log.clear()
+    publish(parts, Publisher("cpu"), None, 0, values, When.NOW)
+    assert log == [("put", torch.float32, 0)]
+
+
+def test_zero_publishers_say_where_parameters_land():
+    from tetrad.zero.flat import FlatGroup
+    from tetrad.zero.publish import ReplicatedPublisher, ResidentShards, ShardedPublisher
+
+    g = FlatGroup.__new__(FlatGroup)
+    g.full, g.shard = torch.empty(4, device="meta"), None
+    assert ReplicatedPublisher(None, torch.float32).device(g).type == "meta"
+    sharded = ShardedPublisher(ResidentShards(), torch.float32)
+    assert sharded.device(g).type == "cpu"  # an offloaded shard: none kept by the group
+    g.shard = torch.empty(2, device="meta")
+    assert sharded.device(g).type == "meta"
+
+
+def test_stage3_sends_host_shards_up_before_the_gather():
+    """A shard resting on the host goes up through the side-stream copier (read in place: the
+    caller keeps it unchanged until the device has read it) and the gather is ordered after it;
+    a shard already on the compute device is gathered as it is."""
+    from tetrad.zero.stage3 import ShardedParams
+
+    log = []
+    s3 = ShardedParams.__new__(ShardedParams)
+    s3.device, s3.copies = torch.device("meta"), _RecordingCopies(log)
+    on_device = torch.empty(3, device="meta")
+    assert s3._up(on_device) is on_device and log == []
+    up = s3._up(torch.ones(3))
+    assert log == [("up", None, True), ("order", "ready")] and torch.equal(up, torch.ones(3))

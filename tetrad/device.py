@@ -14,6 +14,10 @@ side stream, so the caching allocator does not hand its memory out before the co
 ``after`` (an event recorded elsewhere, e.g. on the training thread when a checkpoint was
 asked for) orders the copy after that point instead of after the calling thread's stream.
 
+``to_device(src)`` is the way up (updated masters to the parameters, a host-resident stage-3
+shard to its gather): cast into pinned memory on the CPU, copied on the side stream, and the
+consumer's stream ``order_after``s the handle, so neither the CPU nor compute waits for it.
+
 On the CPU the device is the host: nothing moves, ``to_host`` returns ``src`` itself and a
 finished handle, so the same code paths run (and are tested) on a machine without a GPU.
 """
@@ -93,6 +97,32 @@ class DeviceCopies:
         event = self.mod.Event()
         event.record(self.stream)
         return _Ready(event)
+
+    def to_device(self, src: torch.Tensor, dtype: torch.dtype | None = None, keep: bool = False):
+        """(a device tensor with host ``src``'s values, in ``dtype`` if given; a handle).
+
+        The values are first cast into a pinned host buffer (a CPU copy, so ``src`` -- a view
+        of a reused read buffer -- may be overwritten as soon as this returns, and a cast to
+        bf16 halves the bytes that cross the bus), then copied on the side stream without
+        blocking. The device tensor is allocated on the side stream and handed to the calling
+        thread's stream (``record_stream``), which must ``order_after`` the handle before it
+        reads the tensor. ``keep``: the caller guarantees a pinned ``src`` is not written
+        until the device has read it, so it is copied from directly (a host shard that only the
+        optimizer step rewrites). On the CPU: ``src`` (cast if asked) and a finished handle."""
+        dtype = dtype or src.dtype
+        if self.on_host:
+            return (src if src.dtype == dtype else src.to(dtype)), Done()
+        staged = src
+        if not (keep and src.is_pinned() and src.dtype == dtype):
+            staged = torch.empty(src.shape, dtype=dtype, pin_memory=True)
+            staged.copy_(src)
+        with self.mod.stream(self.stream):
+            out = torch.empty(src.shape, dtype=dtype, device=self.device)
+            out.copy_(staged, non_blocking=True)  # the host allocator keeps ``staged`` until done
+        out.record_stream(self.mod.current_stream(self.device))
+        event = self.mod.Event()
+        event.record(self.stream)
+        return out, _Ready(event)
 
     def order_after(self, handle) -> None:
         """Make the calling thread's stream wait (on the device, not the CPU) for a copy."""

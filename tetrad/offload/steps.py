@@ -62,10 +62,25 @@ class Parts:
     copies: DeviceCopies        # host <-> device on a side stream (nothing moves on the CPU)
     grad_pool: BufferPool | None = None
     files: object | None = None  # FileShards when stage-3 parameters live in files
+    dtype: torch.dtype = torch.float32  # the compute dtype the parameters are published in
 
     @property
     def device(self) -> torch.device:
         return self.copies.device
+
+
+def publish(parts: Parts, publisher: Publisher, g: FlatGroup, lo: int, values: torch.Tensor,
+            when: When) -> None:
+    """Hand host ``values`` (updated masters) to ZeRO's publisher. Where the parameters they
+    become live on the device, they go up on the side stream first, in the compute dtype
+    (half the bytes under bf16), and the calling thread's stream waits for that copy on the
+    device, not the CPU, so the host goes straight on to the next piece."""
+    if publisher.device(g).type == "cpu":
+        publisher.put(g, lo, values, when)
+        return
+    values, ready = parts.copies.to_device(values, parts.dtype)
+    parts.copies.order_after(ready)
+    publisher.put(g, lo, values, when)
 
 
 class SpillSink:
@@ -98,7 +113,9 @@ class SpillSink:
                 continue
             buf = self.p.grad_pool.acquire()  # aligned, so the write can bypass the page cache
             part = typed(buf, torch.float32, hi - lo)
-            part.copy_(grad[lo:hi])  # (device-to-host: the file write needs the bytes now)
+            # device-to-host on the side stream; only this piece's file write waits for it
+            # (the backward kernels already queued keep running on the compute stream)
+            self.p.copies.into_host(part, grad[lo:hi]).wait()
             self.p.state.put(k, self.key, part).add_done_callback(
                 lambda _t, b=buf: self.p.grad_pool.release(b))
 
@@ -170,7 +187,7 @@ class OffloadedMasters:
         for k, views in self.p.state.stream(range(len(self.p.pieces)), keys=keys, write=write):
             self.kernel.step(k, views, self._grad(k, views, grad_key), coef)
             gi, lo, _ = self.p.pieces[k]
-            publisher.put(self.p.groups[gi], lo, views["master"], when)
+            publish(self.p, publisher, self.p.groups[gi], lo, views["master"], when)
         self._grads = None
 
     # ------------------------------------------------------------------ checkpoints
@@ -203,7 +220,7 @@ class OffloadedMasters:
         self.p.state.flush()
         self.kernel.set_step(float(step))
         for gi, lo, hi in self.p.pieces:
-            publisher.put(self.p.groups[gi], lo, host["master"][gi][lo:hi], When.NOW)
+            publish(self.p, publisher, self.p.groups[gi], lo, host["master"][gi][lo:hi], When.NOW)
         publisher.finish()
 
     def _read_store(self, keys: list[str]) -> dict[str, list[torch.Tensor]]:
@@ -302,7 +319,7 @@ class OverlapStep(OffloadedMasters):
     def _step_piece(self, k: int, views: dict, grad: torch.Tensor) -> None:
         self.kernel.step(k, views, grad, 1.0)  # the gradient is on the host already
         gi, lo, _ = self.p.pieces[k]
-        self._publisher.put(self.p.groups[gi], lo, views["master"], When.AFTER_USE)
+        publish(self.p, self._publisher, self.p.groups[gi], lo, views["master"], When.AFTER_USE)
 
     def _after_group(self, gi: int) -> None:
         self.p.files.invalidate(gi)  # the group's master files are rewritten: drop stale reads

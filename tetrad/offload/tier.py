@@ -111,7 +111,7 @@ class OffloadPlacement:
         self.shards = self.files or (HostShards() if cfg.params == "cpu" else ResidentShards())
         kernel = PieceKernel(groups, self.pieces, options, builder)
         parts = Parts(groups, self.pieces, self.by_group, self.state, kernel, scaler, dp_group,
-                      sharded, rank, spilled, self.copies, grad_pool, self.files)
+                      sharded, rank, spilled, self.copies, grad_pool, self.files, dtype)
         self._masters = STEPS[cfg.step](parts)
         self.sink = self._masters.sink if spilled else None
 

@@ -73,6 +73,9 @@ class ReplicatedPublisher:
         if self._staging.add(g, lo, values, g.full.device) and when is When.NOW:
             self._launch(*self._staging.pop(g.index))
 
+    def device(self, g: FlatGroup) -> torch.device:
+        return g.full.device
+
     def _launch(self, g: FlatGroup, src: torch.Tensor) -> None:
         if g.world == 1:
             g.full.copy_(src)
@@ -100,6 +103,10 @@ class ShardedPublisher:
             self._staging.add(g, lo, values, device)
             return
         self.shards.write(g, lo, values)
+
+    def device(self, g: FlatGroup) -> torch.device:
+        """The shard's device; offloaded shards (host memory or files) land on the host."""
+        return g.shard.device if g.shard is not None else torch.device("cpu")
 
     def finish(self) -> None:
         for g, staged in self._staging.drain():

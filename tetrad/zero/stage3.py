@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
+from tetrad.device import DeviceCopies
 from tetrad.zero.comm import all_gather, group_rank, group_size
 from tetrad.zero.flat import FlatGroup
 from tetrad.zero.sharding import Sharding
@@ -62,6 +63,7 @@ class ShardedParams:
         self.sharding = sharding or Sharding(shard=group)
         self.traffic = self.sharding.traffic
         self.device = device or self.groups_device(units)
+        self.copies = DeviceCopies(self.device)  # host shards up, off the compute stream
         self.groups = [g for _, gs in units for g in gs]
         self.units = [Unit(spec, gs) for spec, gs in units]
         # Each group's shard and master go to their tier as soon as they exist, so
@@ -138,9 +140,20 @@ class ShardedParams:
         if secondary:  # hpZ: inside the node, from what this step's forward gathered
             return all_gather(self._io[g.index], self._secondary[g.index], self.sharding.secondary,
                               self.traffic)
-        shard = self.shards.get(g).to(g.full.device)
+        shard = self._up(self.shards.get(g))
         gather = quantized_all_gather if self.sharding.quantize_weights else all_gather
         return gather(self._io[g.index], shard, self.group, self.traffic)
+
+    def _up(self, shard: torch.Tensor) -> torch.Tensor:
+        """A shard resting on the host (an offload tier) goes up on the side stream; the
+        gather, issued in the compute stream's order, waits for it on the device. A pinned
+        host shard is read in place: only the optimizer step rewrites it, after the backward
+        that consumed this copy."""
+        if shard.device == self.device:
+            return shard
+        up, ready = self.copies.to_device(shard, keep=True)
+        self.copies.order_after(ready)
+        return up
 
     def _free(self, unit: Unit) -> None:
         if unit.state == "free":

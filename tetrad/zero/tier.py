@@ -44,6 +44,11 @@ class Publisher(Protocol):
 
     def put(self, g: FlatGroup, lo: int, values: torch.Tensor, when: When) -> None: ...
 
+    def device(self, g: FlatGroup) -> torch.device:
+        """Where the parameters ``put`` for group ``g`` land (so a host tier can send them up
+        off the compute stream first)."""
+        ...
+
     def finish(self) -> None: ...
 
 
