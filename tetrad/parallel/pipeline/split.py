@@ -26,7 +26,6 @@ blocks and a large vocabulary move the boundaries), or of measured costs (``meas
 
 from __future__ import annotations
 
-import time
 from typing import Sequence
 
 import torch
@@ -34,6 +33,7 @@ from torch import nn
 
 from tetrad.parallel.pipeline.actions import Placement
 from tetrad.parallel.pipeline.stages import StageView, _get, stage_view
+from tetrad.parallel.pipeline.trace import clock
 
 
 def even_partition(n_layers: int, n_chunks: int) -> list[range]:
@@ -115,13 +115,16 @@ def partition(model: nn.Module, n_chunks: int, seq_len: int, boundaries: Sequenc
 
 @torch.no_grad()
 def measure_costs(model: nn.Module, input_ids: torch.Tensor, reps: int = 3) -> tuple[list[float], float, float]:
-    """(per-layer, embedding, head) forward seconds on ``input_ids``, minimum of ``reps`` runs."""
+    """(per-layer, embedding, head) forward seconds on ``input_ids``, minimum of ``reps`` runs
+    (on an accelerator the clock waits for the kernels, else it would time their launch)."""
+    now = clock(input_ids.device)
+
     def timed(fn, x):
         times = []
         for _ in range(reps):
-            t = time.perf_counter()
+            t = now()
             y = fn(x)
-            times.append(time.perf_counter() - t)
+            times.append(now() - t)
         return y, min(times)
 
     h, embed = timed(model.embed, input_ids)
