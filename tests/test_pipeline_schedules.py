@@ -259,3 +259,11 @@ def test_hf_stages_attend_with_the_models_own_sliding_windows(family):
         full = build(**unwindowed)
         full.load_state_dict(whole.state_dict())
         assert not torch.allclose(full(input_ids=x, use_cache=False).logits, want, atol=1e-4)
+
+
+def test_measured_costs_time_every_layer_the_embedding_and_the_head():
+    from tetrad.parallel.pipeline import measure_costs
+
+    model = _tiny(3)
+    layers, embed, head = measure_costs(model, torch.randint(0, 32, (2, 8)), reps=2)
+    assert len(layers) == 3 and all(t > 0 for t in layers) and embed > 0 and head > 0
