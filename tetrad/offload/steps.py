@@ -93,7 +93,8 @@ class SpillSink:
         self.squares[g.index] = squares64(grad)  # stays on the device until the norm needs it
         for k in self.p.by_group[g.index]:
             _, lo, hi = self.p.pieces[k]
-            if self.p.grad_pool is None:  # host tier: an asynchronous copy into pinned memory
+            if self.p.grad_pool is None or (k, self.key) in getattr(self.p.state, "host", ()):
+                # host memory: an asynchronous copy into pinned memory (HostState) or a copy
                 self.p.state.put(k, self.key, grad[lo:hi])
                 continue
             buf = self.p.grad_pool.acquire()  # aligned, so the write can bypass the page cache
@@ -194,7 +195,7 @@ class OffloadedMasters:
         into the store and published as after a step."""
         self.settle()
         keys = ["master"] + self.kernel.keys
-        host = {k: [torch.zeros(g.shard_size, dtype=torch.float32) for g in self.p.groups] for k in keys}
+        host = {k: [torch.zeros(g.shard_size, dtype=self._dtype(k)) for g in self.p.groups] for k in keys}
         step = torch.zeros((), dtype=torch.float32)
         fill(group_pieces(self.p.groups, host, True) + [Piece(OPTIM_STEP, step, (), write=self.p.rank == 0)])
         for k, (gi, lo, hi) in enumerate(self.p.pieces):
@@ -206,9 +207,12 @@ class OffloadedMasters:
             publisher.put(self.p.groups[gi], lo, host["master"][gi][lo:hi], When.NOW)
         publisher.finish()
 
+    def _dtype(self, key: str) -> torch.dtype:
+        return self.kernel.dtypes.get(key, torch.float32)  # masters (and gradients) are fp32
+
     def _read_store(self, keys: list[str]) -> dict[str, list[torch.Tensor]]:
-        """{key: [group shard in host fp32]} read piece by piece from the store (read only)."""
-        host = {k: [torch.empty(g.shard_size, dtype=torch.float32) for g in self.p.groups] for k in keys}
+        """{key: [group shard in host memory]} read piece by piece from the store (read only)."""
+        host = {k: [torch.empty(g.shard_size, dtype=self._dtype(k)) for g in self.p.groups] for k in keys}
         for k, views in self.p.state.stream(range(len(self.p.pieces)), keys=keys, write=[]):
             gi, lo, hi = self.p.pieces[k]
             for key in keys:

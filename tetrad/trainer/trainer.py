@@ -81,6 +81,8 @@ class Trainer:
                     loss = self.engine.train_step(self._next_batch())
                     elapsed = time.perf_counter() - start
                     record = self._record(step, loss, elapsed, tokens_per_step)
+                    if step == first and self.engine.tier is not None:  # where offloaded state lives
+                        record["offload_placement"] = self.engine.tier.summary()
                 guard.observe(record)
                 self.history.append(record)
                 logger.log(record)
