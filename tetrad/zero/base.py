@@ -66,6 +66,13 @@ class DataParallel:
     def memory_report(self) -> dict[str, int]:
         return memory_report(self.model, self.groups, self.optimizer)
 
+    def buffer_bytes(self) -> int:
+        """Idle pooled communication buffers (gathered units, flat gradients; see
+        tetrad.zero.buffers): not model state, so not in ``memory_report``."""
+        return sum(pool.idle_bytes for part in (self.params, self.grads)
+                   for pool in (getattr(part, "storages", None), getattr(part, "buffers", None))
+                   if pool is not None)
+
     def close(self) -> None:
         """Stop what the master store runs beside training (threads, I/O in flight)."""
         self.master.close()

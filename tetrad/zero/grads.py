@@ -14,6 +14,11 @@ With gradient accumulation the earlier micro-batches accumulate full gradients l
 ``param.grad`` and only the last one communicates, as DeepSpeed does with
 ``reduce_scatter`` at the accumulation boundary: the same volume per step as without
 accumulation, at the cost of full-size gradients during accumulation.
+
+The flat gradient buffers (and, with a tier's sink, the reduced shards) come from a pool
+(``tetrad.zero.buffers.Buffers``) rather than a fresh allocation per group and step. In a
+group of one rank there is nothing to communicate: the "reduce-scatter" would be a copy, so
+the flat buffer *is* the shard (``g.grad_shard``) and nothing is copied.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from tetrad.zero.comm import all_reduce_avg, reduce_scatter_avg
+from tetrad.zero.buffers import Buffers
+from tetrad.zero.comm import Done, all_reduce_avg, reduce_scatter_avg
 from tetrad.zero.flat import FlatGroup
 from tetrad.zero.tier import GradSink
 
@@ -112,7 +118,9 @@ class FullGrads(_HookedGrads):
 
     def _launch(self, g: FlatGroup) -> None:
         st = self._state[g.index]
-        if self.scatter:
+        if self.scatter and g.world == 1:  # the shard is the whole buffer: nothing to move
+            st.handle = Done()
+        elif self.scatter:
             st.out = torch.empty_like(g.grad_shard)
             st.handle = reduce_scatter_avg(st.out, g.grad_full, self.group)
         else:
@@ -122,7 +130,7 @@ class FullGrads(_HookedGrads):
         st = self._state[g.index]
         st.handle.wait()
         st.handle = None
-        if self.scatter:
+        if st.out is not None:
             g.grad_shard.copy_(st.out)
             st.out = None
 
@@ -140,24 +148,36 @@ class ShardedGrads(_HookedGrads):
                  sink: GradSink | None = None):
         super().__init__(groups, group, dtype)
         self.max_inflight, self.sink = max_inflight, sink
+        self.buffers = Buffers(keep=max_inflight + 1)
         self._inflight: list[FlatGroup] = []
         for g in groups:
             g.grad_shard = None if sink is not None else torch.zeros(g.shard_size, dtype=dtype,
                                                                      device=g.params[0].device)
 
-    def _arrived(self, g: FlatGroup, i: int, p: nn.Parameter) -> None:
+    def _flat(self, g: FlatGroup) -> torch.Tensor:
+        """The group's flat gradient buffer for this backward, zeroed: its own shard when the
+        group has one rank and keeps its gradients (the reduction is then the identity)."""
         if g.grad_full is None:
-            g.grad_full = torch.zeros(g.numel, dtype=self.dtype, device=p.device)
-        g.view(g.grad_full, i).copy_(p.grad)
+            if g.world == 1 and self.sink is None:
+                g.grad_full = g.grad_shard.zero_()
+            else:
+                g.grad_full = self.buffers.take(g.numel, self.dtype, g.params[0].device)
+        return g.grad_full
+
+    def _arrived(self, g: FlatGroup, i: int, p: nn.Parameter) -> None:
+        g.view(self._flat(g), i).copy_(p.grad)
         self._state[g.index].packed.add(i)
         p.grad = None
 
     def _launch(self, g: FlatGroup) -> None:
-        if g.grad_full is None:  # no parameter of the group got a gradient this step
-            g.grad_full = torch.zeros(g.numel, dtype=self.dtype, device=g.params[0].device)
-        if g.grad_shard is None:
-            g.grad_shard = torch.empty(g.shard_size, dtype=self.dtype, device=g.grad_full.device)
-        self._state[g.index].handle = reduce_scatter_avg(g.grad_shard, g.grad_full, self.group)
+        flat = self._flat(g)  # (zeros if no parameter of the group got a gradient this step)
+        if g.world == 1:
+            g.grad_shard = flat
+            self._state[g.index].handle = Done()
+        else:
+            if g.grad_shard is None:
+                g.grad_shard = self.buffers.take(g.shard_size, self.dtype, flat.device)
+            self._state[g.index].handle = reduce_scatter_avg(g.grad_shard, flat, self.group)
         self._inflight.append(g)
         while len(self._inflight) > self.max_inflight:
             self._retire(self._inflight[0])
@@ -169,7 +189,11 @@ class ShardedGrads(_HookedGrads):
             st.handle = None
             if self.sink is not None:  # the tier takes it now, during backward
                 self.sink.reduced(g, g.grad_shard)
+                if g.grad_shard is not g.grad_full:
+                    self.buffers.give(g.grad_shard)
                 g.grad_shard = None
+        if g.grad_full is not None and g.grad_full is not g.grad_shard:
+            self.buffers.give(g.grad_full)
         g.grad_full = None
         if g in self._inflight:
             self._inflight.remove(g)

@@ -13,6 +13,11 @@ forward post-hook -> register a pre-backward hook on the outputs, free;
 pre-backward (first output gradient) -> gather (wait), prefetch the previous unit;
 post-accumulate-grad of the unit's last parameter -> its gradients go to the reduce-scatter
 (``ShardedGrads``) and the unit is freed. The forward order is recorded on the first call.
+
+The gathered storage's memory comes from a pool (``tetrad.zero.buffers.Storages``: moved into
+the group's storage on gather, out of it on free), not a fresh page-faulted allocation per
+unit. A group of one rank whose shard stays on the compute device is never gathered or freed:
+its shard *is* the whole group, so the parameters are views of it (the gather would be a copy).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
+from tetrad.zero.buffers import Storages
 from tetrad.zero.comm import all_gather
 from tetrad.zero.flat import FlatGroup
 from tetrad.zero.stage012 import flat_fp32
@@ -52,7 +58,9 @@ class ShardedParams:
         # Each group's shard and master go to their tier as soon as they exist, so
         # construction never holds more than one group's state.
         self.shards = placement.shards
+        self.storages = Storages()
         self._io: dict[int, torch.Tensor] = {}  # a second tensor on each g.full's storage
+        self._whole: set[int] = set()  # groups of one rank whose shard is the group (never gathered)
         for g in self.groups:
             if param_init is not None:  # deferred init: fill the group just before sharding
                 for name, p in zip(g.names, g.params):
@@ -81,6 +89,12 @@ class ShardedParams:
         del flat32
         g.master = placement.adopt_master(g, master)
         g.shard = self.shards.adopt(g, shard)
+        if g.world == 1 and g.shard is not None and g.shard.device == self.device:
+            self._whole.add(g.index)
+            g.full = g.shard
+            for i, p in enumerate(g.params):
+                p.data = g.view(g.full, i)
+            return
         g.full = torch.empty(g.numel, dtype=self.dtype, device=self.device)
         self._io[g.index] = torch.empty(0, dtype=self.dtype, device=self.device).set_(
             g.full.untyped_storage(), 0, (g.numel,))
@@ -92,7 +106,9 @@ class ShardedParams:
     def _gather(self, unit: Unit, wait: bool = True) -> None:
         if unit.state == "free":
             for g in unit.groups:
-                g.full.untyped_storage().resize_(g.numel * g.full.element_size())
+                if g.index in self._whole:
+                    continue
+                self.storages.fill(g.full.untyped_storage(), g.numel * g.full.element_size())
                 shard = self.shards.get(g)
                 unit.handles.append(all_gather(self._io[g.index], shard.to(g.full.device), self.group))
             unit.state = "gathering"
@@ -101,14 +117,16 @@ class ShardedParams:
                 handle.wait()
             unit.handles, unit.state = [], "full"
             for g in unit.groups:  # a tier's host buffer for the shard can be reused
-                self.shards.release(g)
+                if g.index not in self._whole:
+                    self.shards.release(g)
 
     def _free(self, unit: Unit) -> None:
         if unit.state == "free":
             return
         self._gather(unit)  # an in-flight prefetch must land before its buffer goes
         for g in unit.groups:
-            g.full.untyped_storage().resize_(0)
+            if g.index not in self._whole:
+                self.storages.empty(g.full.untyped_storage())
         unit.state = "free"
 
     def _neighbour(self, unit: Unit, step: int) -> Unit | None:
