@@ -107,7 +107,10 @@ def test_partial_placement_takes_the_hottest_state_first(runs):
     go to host memory before the moments and gradients (2 each)."""
     host = runs[1][f"z3_sync_params@{PART}"]["placement"]["host_bytes"]
     disk = runs[1][f"z3_sync_params@{PART}"]["placement"]["disk_bytes"]
-    assert set(host) == {"master"} and disk.get("master", 0) > 0  # masters only: the budget ran out there
+    budget = PART * 2**30
+    assert disk.get("master", 0) > 0                        # the budget ran out among the masters:
+    assert host["master"] > 0.8 * budget                    # they took it (what is left over went to
+    assert host["master"] == max(host.values())             # pieces smaller than the next master's)
 
 
 def test_placement_choice_is_greedy_by_traffic():

@@ -19,6 +19,7 @@ from torch import nn
 from tetrad.zero.flat import FlatGroup
 from tetrad.zero.memory import memory_report
 from tetrad.zero.scaler import DynamicLossScaler
+from tetrad.zero.state import converting
 from tetrad.zero.tier import MasterStore, Publisher
 
 
@@ -82,5 +83,6 @@ class DataParallel:
 
     def load_state_pieces(self, fill: Callable) -> None:
         """``fill(pieces)`` (or an object with a ``fill`` method, e.g. a checkpoint reader)
-        fills this rank's pieces; the compute parameters are then refreshed."""
-        self.master.load_state_pieces(getattr(fill, "fill", fill), self.publisher)
+        fills this rank's pieces; the compute parameters are then refreshed. Optimizer state
+        saved in another dtype (``optimizer.state_dtype`` changed) is converted, with a warning."""
+        self.master.load_state_pieces(converting(getattr(fill, "fill", fill)), self.publisher)
