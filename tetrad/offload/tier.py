@@ -23,7 +23,7 @@ from tetrad.offload import budget as budgets
 from tetrad.offload.copies import DeviceCopies
 from tetrad.offload.host import HostState
 from tetrad.offload.kernel import PieceKernel, pieces_by_group, state_dtypes
-from tetrad.offload.params import DEPTH, ParamStore
+from tetrad.offload.params import ParamStore
 from tetrad.offload.pool import BufferPool
 from tetrad.offload.shards import FileShards, HostShards
 from tetrad.offload.steps import DelayedStep, OverlapStep, Parts, SyncStep
@@ -166,13 +166,16 @@ class OffloadPlacement:
         return out
 
     def _working_bytes(self, cfg, groups, sizes, dtype) -> int:
-        """The tiers' streaming buffers and stage 3's gathered units: what ``auto`` leaves free
-        besides its fixed margin (budget.margin_bytes)."""
+        """What ``auto`` leaves free besides its fixed margin (budget.margin_bytes): the state
+        stream's buffers, and stage 3's working set at its peak: the largest unit gathered,
+        its gradient from autograd and the flat buffer it is reduced in, with a read buffer
+        (4 x the largest group), plus the neighbours gathered ahead (3 x the commonest size)."""
         piece = max(sizes, default=0) * 4
         ahead = OVERLAP_AHEAD if cfg.step == "overlap" else 1
         elem = torch.empty((), dtype=dtype).element_size()
-        unit = max((g.numel for g in groups), default=0) * elem
-        return (ahead + 2) * len(self.dtypes) * piece + 4 * piece + DEPTH * unit // 2 + 4 * unit
+        numels = [g.numel for g in groups]
+        common = max(set(numels), key=numels.count) if numels else 0
+        return (ahead + 2) * len(self.dtypes) * piece + 4 * piece + (4 * max(numels, default=0) + 3 * common) * elem
 
     def _choose(self, cfg, groups, sizes, keys, dtype, device):
         entries = self._entries(cfg, groups, sizes, keys, dtype)
