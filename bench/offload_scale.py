@@ -246,9 +246,10 @@ def child(size, nvme_dir: str, steps: int, seq: int, mode: str = "sync", host_me
             "peak_rss_mb": peak_rss_mb(), "placement": placement}
 
 
-def predicted(size, args, free_disk: float | None = None) -> dict:
+def predicted(size, args, bw: dict | None = None) -> dict:
     """The cost model's view of this run (tetrad.strategy): placement bytes per tier and, with
-    a machine spec (``--spec``), the predicted step time and its parts."""
+    a machine spec (``--spec``), the predicted step time and its parts -- at the disk bandwidth
+    measured in this run (``bw``), which moves from run to run here."""
     from tetrad.config.schema import Config, StrategyConfig
     from tetrad.models.args import ModelArgs
     from tetrad.strategy.offload_cost import placement
@@ -262,7 +263,7 @@ def predicted(size, args, free_disk: float | None = None) -> dict:
     s = StrategyConfig(zero=3, micro_batch_size=1)
     s.offload = s.offload.__class__(optimizer="nvme", params="nvme", nvme_dir=args.nvme_dir, step=args.mode,
                                     host_memory_gb=hm)
-    costs = _costs(args, cfg)
+    costs = _costs(args, cfg, bw)
     mem = placement(s, costs, rank_params(args_m, s), "fp32", args.state_dtype, 1)
     out = {"host_bytes": mem["host"], "disk_bytes": mem["disk"]}
     if args.spec:
@@ -271,7 +272,7 @@ def predicted(size, args, free_disk: float | None = None) -> dict:
     return out
 
 
-def _costs(args, cfg):
+def _costs(args, cfg, bw: dict | None = None):
     """SpecCosts of ``--spec`` (this machine, from ``tetrad profile --spec-out``), or a stand-in
     with this machine's memory and no time model (placement bytes only)."""
     from tetrad.models.args import ModelArgs
@@ -279,7 +280,13 @@ def _costs(args, cfg):
     from tetrad.strategy.spec_costs import SpecCosts
 
     if args.spec:
-        return SpecCosts(load_hardware(args.spec), ModelArgs.from_config(cfg.model), "fp32")
+        import dataclasses
+
+        spec = load_hardware(args.spec)
+        if bw:
+            spec = dataclasses.replace(spec, disk_read_GBps=bw["dd_read_MBps"] / 1e3,
+                                       disk_write_GBps=bw["dd_write_MBps"] / 1e3)
+        return SpecCosts(spec, ModelArgs.from_config(cfg.model), "fp32")
     import types
 
     from tetrad.offload.budget import _meminfo
@@ -300,7 +307,7 @@ def run_size(size, args, bw: dict) -> dict | None:
            "--steps", str(args.steps), "--seq", str(args.seq), "--mode", args.mode,
            "--host-memory-gb", str(args.host_memory_gb), "--state-dtype", args.state_dtype]
     load0 = os.getloadavg()
-    model = predicted(size, args)
+    model = predicted(size, args, bw)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     if proc.returncode != 0:
         print(json.dumps({"size_b": size, "failed": proc.stderr.strip().splitlines()[-1:]}), flush=True)
