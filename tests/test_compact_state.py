@@ -92,7 +92,7 @@ def _fits(rank: int, world: int, root: str, nvme: str) -> dict:
         return {"loss": losses, "warnings": [str(w.message) for w in caught
                                              if "optimizer.state_dtype changed" in str(w.message)]}
 
-    off = {"zero": 2, "offload": {"optimizer": "nvme", "nvme_dir": nvme, "host_memory_gb": 0.0005}}
+    off = {"zero": 2, "offload": {"optimizer": "nvme", "nvme_dir": nvme, "host_memory_gb": 0.0002}}
     out = {"fp32": fit("fp32", "fp32"), "bf16": fit("bf16", "bf16"),
            "bf16_off": fit("bf16_off", "bf16", strategy=off)}
     # checkpoints: 10 steps saving at 5, then resumes from step 5
@@ -105,6 +105,8 @@ def _fits(rank: int, world: int, root: str, nvme: str) -> dict:
     out["bf16->fp32"] = fit("r4", "fp32", steps=10, resume=f"{root}/bf16_ck/{step5}", strategy=off)
     with open(f"{root}/bf16_ck/{step5}/manifest.json") as f:
         out["manifest_dtypes"] = {name: t["dtype"] for name, t in json.load(f)["tensors"].items()}
+    with open(f"{root}/bf16_off/metrics.jsonl") as f:
+        out["metrics_lines"] = [json.loads(line) for line in f]
     return out
 
 
@@ -130,6 +132,17 @@ def test_bf16_state_trains_like_fp32_state(runs):
 @pytest.mark.slow
 def test_offloaded_bf16_state_reproduces_resident(runs):
     np.testing.assert_allclose(runs["bf16_off"]["loss"], runs["bf16"]["loss"], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_placement_is_in_the_first_metrics_line(runs):
+    """metrics.jsonl's first line says where the offloaded state lives, bytes per tier."""
+    first, rest = runs["metrics_lines"][0], runs["metrics_lines"][1:]
+    placed = first["offload_placement"]
+    assert placed["host_memory_gb"] == 0.0002 and 0 < placed["budget_bytes"] <= 0.0002 * 2**30
+    assert sum(placed["host_bytes"].values()) > 0 and sum(placed["disk_bytes"].values()) > 0
+    assert placed["disk_bytes"]["exp_avg"] == placed["disk_bytes"]["exp_avg_sq"]  # bf16 moments
+    assert not any("offload_placement" in r for r in rest)
 
 
 @pytest.mark.slow
