@@ -282,10 +282,18 @@ def _costs(args, cfg, bw: dict | None = None):
     if args.spec:
         import dataclasses
 
+        from tetrad.strategy.efficiency import GemmCurve
+
         spec = load_hardware(args.spec)
         if bw:
             spec = dataclasses.replace(spec, disk_read_GBps=bw["dd_read_MBps"] / 1e3,
                                        disk_write_GBps=bw["dd_write_MBps"] / 1e3)
+        rates = (bw or {}).get("rates")
+        if rates:  # this run's machine: the rates measured at the model's shapes just before it
+            eff = dataclasses.replace(spec.efficiency, gemm=GemmCurve(top=1.0, half_dim=1.0), memory_top=1.0)
+            spec = dataclasses.replace(spec, peak_tflops={"fp32": rates["gemm_flops"] / 1e12}, efficiency=eff,
+                                       memory_bandwidth_GBps=rates["copy_Bps"] / 1e9,
+                                       cpu_adam_s_per_param=rates["adam_s_per_param"])
         return SpecCosts(spec, ModelArgs.from_config(cfg.model), "fp32")
     import types
 
@@ -302,12 +310,44 @@ def _label(size) -> str:
     return str(size)
 
 
+def machine_rates(size, seq: int) -> dict:
+    """This machine's rates now, at the model's shapes (the machine is shared: they move with
+    the load): fp32 GEMM of ``seq`` tokens through a d x d and a d x 4d weight, torch's fused
+    AdamW on one 16 MiB piece, an fp32 copy. Medians of 5."""
+    import statistics
+
+    import torch
+
+    d = model_cfg(size, seq)["d_model"]
+
+    def timed(fn) -> float:
+        fn()
+        out = []
+        for _ in range(5):
+            t = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t)
+        return statistics.median(out)
+
+    x, w, w4 = torch.randn(seq, d), torch.randn(d, d), torch.randn(d, 4 * d)
+    gemm = 2 * seq * d * 5 * d / timed(lambda: (x @ w, x @ w4))
+    p = torch.nn.Parameter(torch.randn(4 * 2**20))
+    p.grad = torch.randn_like(p)
+    opt = torch.optim.AdamW([p], lr=1e-4, fused=True)
+    adam = timed(opt.step) / p.numel()
+    a, b = torch.empty(16 * 2**20), torch.randn(16 * 2**20)
+    copy = 2 * 4 * a.numel() / timed(lambda: a.copy_(b))
+    return {"gemm_flops": gemm, "adam_s_per_param": adam, "copy_Bps": copy}
+
+
 def run_size(size, args, bw: dict) -> dict | None:
     cmd = [sys.executable, __file__, "--child", _label(size), "--nvme-dir", args.nvme_dir,
            "--steps", str(args.steps), "--seq", str(args.seq), "--mode", args.mode,
            "--host-memory-gb", str(args.host_memory_gb), "--state-dtype", args.state_dtype]
     load0 = os.getloadavg()
+    bw = {**bw, "rates": machine_rates(size, args.seq)} if args.spec else bw
     model = predicted(size, args, bw)
+    model["rates"] = bw.get("rates")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     if proc.returncode != 0:
         print(json.dumps({"size_b": size, "failed": proc.stderr.strip().splitlines()[-1:]}), flush=True)
