@@ -72,7 +72,11 @@ def train(make, steps: int, d_model: int, layers: int) -> list[float]:
     losses = []
     for t in range(steps):
         for group in opt.param_groups:
-            group["lr"] = 3e-3 * min(1.0, (t + 1) / 10)
+            lr = 3e-3 * min(1.0, (t + 1) / 10)
+            if isinstance(group["lr"], torch.Tensor):  # torchao keeps lr as a tensor (no recompiles)
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
         x, y = data.get_batch(torch.randint(0, len(data), (8,), generator=g).tolist())
         loss = cross_entropy(model(x), y)
         loss.backward()
@@ -100,11 +104,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--d-model", type=int, default=64)
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--only", default="", help="comma-separated names (fp32 is always run: the reference)")
     args = ap.parse_args()
     import os
 
     runs = {}
+    wanted = {w.strip() for w in args.only.split(",") if w.strip()}
     for name, make in optimizers().items():
+        if wanted and name != "fp32" and not any(w in name for w in wanted):
+            continue
         start = time.perf_counter()
         losses = train(make, args.steps, args.d_model, args.layers)
         runs[name] = losses

@@ -55,7 +55,9 @@ def _run(tmp_path, host_memory_gb: float = 0.0) -> dict:
     proc = subprocess.run([sys.executable, __file__, str(tmp_path), str(host_memory_gb)],
                           capture_output=True, text=True, env=env, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    got["stdout"] = proc.stdout
+    return got
 
 
 def test_peak_rss_stays_under_cap(tmp_path):
@@ -81,6 +83,11 @@ def test_host_budget_holds(tmp_path):
     # the hottest state went first: fp32 masters (read by forward, backward and the step)
     assert got["placement"]["host_bytes"].get("master", 0) == max(got["placement"]["host_bytes"].values())
     assert got["disk_bytes"] < 16 * got["params"] - 0.9 * budget_mb * 2**20  # the rest on disk
+    # the choice is printed when the engine builds the tier: what lives where, GiB per tier
+    announced = [line for line in got["stdout"].splitlines() if line.startswith("tetrad offload placement")]
+    assert len(announced) == 1 and "host_memory_gb 0.5" in announced[0], got["stdout"][:2000]
+    host_gib = got["placement"]["host_bytes"]["master"] / 2**30
+    assert f"master {host_gib:.2f}" in announced[0].split("nvme files")[0], announced
     assert got["losses"][1] < got["losses"][0]
     assert os.listdir(tmp_path) == []
 
