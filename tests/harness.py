@@ -67,21 +67,40 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
         del store
 
 
+ERROR_GRACE_S = 30.0  # after a rank fails, how long the others get to finish what they do
+
+
 def _collect(procs, results, world_size: int, timeout: float) -> list[Any]:
+    """Every rank's result. A failing rank's error is raised once the other ranks have
+    reported too (or exited, or ERROR_GRACE_S passed): killing them at once would cut short
+    what they were still writing (their last metrics line, a checkpoint), which tests of
+    failures then check."""
     deadline = time.monotonic() + timeout
     outs: dict[int, Any] = {}
-    while len(outs) < world_size:
+    errors: list[tuple[int, str]] = []
+    while len(outs) + len(errors) < world_size:
+        if errors:
+            deadline = min(deadline, errors[0][2] + ERROR_GRACE_S)
         try:
             rank, status, value = results.get(timeout=1.0)
         except queue.Empty:
+            reported = set(outs) | {r for r, *_ in errors}
+            if errors and all(not p.is_alive() for r, p in enumerate(procs) if r not in reported):
+                break  # everyone else is gone: nothing more will come
             if time.monotonic() > deadline:
+                if errors:
+                    break
                 missing = sorted(set(range(world_size)) - set(outs))
                 raise TimeoutError(f"ranks {missing} did not finish within {timeout:.0f}s (hung?)")
-            dead = [r for r, p in enumerate(procs) if not p.is_alive() and p.exitcode and r not in outs]
-            if dead:
+            dead = [r for r, p in enumerate(procs) if not p.is_alive() and p.exitcode and r not in reported]
+            if dead and not errors:
                 raise RuntimeError(f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode}")
             continue
         if status == "error":
-            raise RuntimeError(f"rank {rank} failed:\n{value}")
+            errors.append((rank, value, time.monotonic()))
+            continue
         outs[rank] = value
+    if errors:
+        rank, value, _ = errors[0]
+        raise RuntimeError(f"rank {rank} failed:\n{value}")
     return [outs[r] for r in range(world_size)]

@@ -17,7 +17,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent / "tetrad"
 FLOORS = {
-    "compat": 0, "config": 0,  # compat: the torch APIs newer than the floor, with fallbacks
+    # compat: the torch APIs newer than the floor, with fallbacks; device: copies off the
+    # compute stream and thread devices, for offload and checkpoint alike
+    "compat": 0, "device": 0, "config": 0,
     "models": 1, "data": 1,
     "checkpoint": 2, "recompute": 2,
     "parallel": 3, "zero": 3,

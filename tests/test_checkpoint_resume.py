@@ -134,3 +134,35 @@ def test_plain_loop_state_round_trip(tmp_path):
     train(fresh, 1)
     for a, b in zip(live.model.parameters(), fresh.model.parameters()):
         assert torch.equal(a, b)
+
+
+def _fit_saying(rank: int, world: int, config: dict) -> tuple[list[tuple[int, float]], str]:
+    """(step, loss) per step, and what this rank printed."""
+    import contextlib
+    import io
+
+    from tetrad.trainer.trainer import Trainer
+
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        history = Trainer(config).fit()
+    return [(r["step"], r["loss"]) for r in history], text.getvalue()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [1, 4])
+def test_job_restarted_on_another_world_keeps_the_global_batch_and_says_so(plain_runs, tmp_path, world):
+    """A dp=2 job requeued on 1 rank (a lost node) or 4 (torchrun --nnodes 1:2 grew): resume
+    auto finds its checkpoint, reshards, keeps the global batch of 8 by recomputing the
+    gradient accumulation (2 micro-batches of 2 per rank -> 4 or 1), and continues the
+    uninterrupted dp=2 curve."""
+    out, full = plain_runs[2]
+    shutil.copytree(out / "checkpoints" / "step_00000005", tmp_path / "checkpoints" / "step_00000005")
+    results = run_distributed(_fit_saying, world, ckpt_config(str(tmp_path), micro_batch_size=2, zero=1))
+    resumed, said = results[0]
+    assert [s for s, _ in resumed] == list(range(6, 11))
+    np.testing.assert_allclose([l for _, l in resumed], [l for _, l in full[5:]], rtol=1e-5)
+    assert (f"resuming step 5 saved by world size 2 (dp=2 tp=1 pp=1 sp=1 zero=1) on world size {world} "
+            f"(dp={world} tp=1 pp=1 sp=1 zero=1): resharded; the global batch stays 8 sequences per step "
+            f"(gradient accumulation 2 -> {8 // (2 * world)} micro-batch(es) per dp rank)") in said, said
+    assert all("resuming step" not in r[1] for r in results[1:])  # rank 0 says it

@@ -9,15 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from slurm_env import without_launchers
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "examples" / "configs" / "tiny.yaml"
 
 
 def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    return env
+    return without_launchers(dict(os.environ, OMP_NUM_THREADS="1"))
 
 
 def _run(args, timeout=300):
@@ -84,3 +83,26 @@ def test_pipeline_run_writes_chrome_traces_and_bubble_metrics(tmp_path):
         assert {"F", "B"} <= kinds, kinds
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(0.0 <= r["pipeline_bubble"] < 1.0 for r in records)
+
+
+@pytest.mark.parametrize("case", ["checkpoint", "data", "output_dir", "launch"])
+def test_every_failed_run_says_why_in_one_line(tmp_path, case):
+    """Each non-zero exit of ``python -m tetrad train`` names its cause (no bare traceback)."""
+    (tmp_path / "a_file").write_text("x")
+    sets = {"checkpoint": ["checkpoint.resume=" + str(tmp_path / "no_such_checkpoint")],
+            "data": ["data.source=tokens:" + str(tmp_path / "missing.tok")],
+            "output_dir": ["run.output_dir=" + str(tmp_path / "a_file" / "run")],
+            "launch": []}[case]
+    args = [sys.executable, "-m", "tetrad", "train", str(TINY), "--set", "run.steps=2",
+            "--set", f"run.output_dir={tmp_path / 'run'}", *[a for s in sets for a in ("--set", s)]]
+    env = _env()
+    if case == "launch":  # an srun step whose variables contradict each other
+        env |= {"SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0", "SLURM_PROCID": "3", "SLURM_NTASKS": "2",
+                "SLURM_STEP_NODELIST": "n[1-2]"}
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    want = {"checkpoint": (1, "tetrad: CheckpointError: checkpoint.resume="),
+            "data": (1, "tetrad: DataError: "),
+            "output_dir": (1, "tetrad: NotADirectoryError: "),
+            "launch": (2, "tetrad: launch error: SLURM_PROCID=3 is not below SLURM_NTASKS=2")}[case]
+    assert (proc.returncode, want[1] in proc.stderr) == (want[0], True), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr

@@ -67,7 +67,7 @@ def test_tf32_is_a_cuda_switch_only():
 
 
 def test_copies_on_the_cpu_move_nothing():
-    from tetrad.offload.copies import DeviceCopies, set_thread_device
+    from tetrad.device import DeviceCopies, set_thread_device
 
     copies = DeviceCopies(torch.device("cpu"))
     src = torch.arange(6, dtype=torch.float32)
@@ -128,3 +128,51 @@ def test_compile_with_zero3_is_refused():
 
     with pytest.raises(ConfigError, match=r"run.compile=true cannot run with strategy.zero=3"):
         _losses(True, zero=3)
+
+
+def _fake_gpus(monkeypatch, count: int) -> list:
+    import torch.accelerator as acc
+
+    chosen = []
+    monkeypatch.setattr(acc, "is_available", lambda: True)
+    monkeypatch.setattr(acc, "device_count", lambda: count)
+    monkeypatch.setattr(acc, "current_accelerator", lambda: torch.device("cuda"))
+    monkeypatch.setattr(acc, "set_device_index", chosen.append)
+    return chosen
+
+
+def test_each_local_rank_gets_its_own_gpu_and_too_many_ranks_is_an_error(monkeypatch):
+    from tetrad.parallel.launch import LaunchError, pick_device
+
+    monkeypatch.delenv("TETRAD_DEVICE", raising=False)
+    chosen = _fake_gpus(monkeypatch, 2)
+    assert pick_device(1) == torch.device("cuda", 1) and chosen == [1]  # set before any group
+    with pytest.raises(LaunchError, match=r"local rank 2 would use cuda:2, but this node has 2 cuda "
+                                          r"device\(s\).*--nproc_per_node 2"):
+        pick_device(2)
+
+
+def test_tetrad_device_override_sets_the_device(monkeypatch):
+    from tetrad.parallel.launch import pick_device
+
+    chosen = _fake_gpus(monkeypatch, 2)
+    monkeypatch.setenv("TETRAD_DEVICE", "cuda")
+    assert pick_device(1) == torch.device("cuda", 1)
+    monkeypatch.setenv("TETRAD_DEVICE", "cuda:0")
+    assert pick_device(1) == torch.device("cuda", 0)
+    monkeypatch.setenv("TETRAD_DEVICE", "cpu")
+    assert pick_device(1) == torch.device("cpu")
+    assert chosen == [1, 0]
+
+
+def test_nccl_errors_reach_the_training_loop(monkeypatch):
+    from tetrad.parallel.launch import nccl_error_handling
+
+    monkeypatch.delenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", raising=False)
+    nccl_error_handling("gloo")
+    assert "TORCH_NCCL_ASYNC_ERROR_HANDLING" not in __import__("os").environ
+    nccl_error_handling("nccl")
+    assert __import__("os").environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "2"
+    monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # the user's choice is kept
+    nccl_error_handling("nccl")
+    assert __import__("os").environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"

@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from slurm_env import free_job_id, srun_env
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 150
 RNG = random.Random(os.environ.get("TETRAD_FAULT_SEED", "10"))
@@ -46,7 +48,7 @@ def _config(out: Path, **run) -> Path:
 def _env(**extra) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", **extra)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                "TORCHELASTIC_RESTART_COUNT"):
+                "TORCHELASTIC_RESTART_COUNT", *[k for k in env if k.startswith("SLURM_")]):
         env.pop(key, None)
     return env | extra
 
@@ -92,15 +94,20 @@ def _curve(out: Path) -> list[tuple[int, float]]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> list[tuple[int, float]]:
-    """The uninterrupted run: 2 ranks under torchrun."""
+def reference_run(tmp_path_factory) -> tuple[Path, list[tuple[int, float]]]:
+    """The uninterrupted run: 2 ranks under torchrun (its directory ends with a checkpoint at STEPS)."""
     out = tmp_path_factory.mktemp("reference")
     proc = _start(_torchrun(_config(out)))
     log = _finish(proc)
     assert proc.returncode == 0, log[-3000:]
     curve = _curve(out)
     assert [s for s, _ in curve] == list(range(1, STEPS + 1))
-    return curve
+    return out, curve
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run) -> list[tuple[int, float]]:
+    return reference_run[1]
 
 
 def test_sigterm_to_torchrun_checkpoints_and_the_relaunch_continues_the_curve(tmp_path, reference):
@@ -182,3 +189,85 @@ def test_dead_or_hung_rank_fails_the_survivor_in_bounded_time_naming_it(tmp_path
     # a dead peer is seen at once (its sockets close), a hung one after the timeout; then up
     # to 3 s waiting for peers to check in, and the interpreter's exit
     assert took < timeout + 20, took
+
+
+# ---------------------------------------------------------------------------- cluster job life cycle
+@pytest.mark.slow
+def test_relaunching_a_finished_run_under_torchrun_exits_0_saying_so(reference_run):
+    """A requeued job that had already reached run.steps: nothing to train, every rank exits 0."""
+    out, curve = reference_run
+    proc = _start(_torchrun(out / "run.yaml"))
+    log = _finish(proc)
+    assert proc.returncode == 0, log[-3000:]
+    assert f"already at step {STEPS} of {STEPS}, nothing to train" in log, log[-3000:]
+    assert log.count("nothing to train") == 1  # rank 0 says it, once
+    assert _curve(out) == curve  # metrics.jsonl untouched
+
+
+def _srun(config: Path, job: int, world: int = 2) -> list[subprocess.Popen]:
+    cmd = [sys.executable, "-m", "tetrad", "train", str(config)]
+    return [_start(cmd, srun_env(r, world, job, base=_env())) for r in range(world)]
+
+
+@pytest.mark.slow
+def test_sigusr1_to_srun_tasks_checkpoints_exits_0_and_the_requeue_continues_bitwise(tmp_path, reference):
+    """What ``sbatch --signal=USR1@T`` does: every task gets SIGUSR1. The relaunch (a requeue:
+    same job id, so the same derived port) continues the torchrun run's curve bitwise."""
+    config, job = _config(tmp_path), free_job_id(RNG)
+    procs = _srun(config, job)
+    _wait_for_step(tmp_path, RNG.randint(5, 40), procs)
+    for rank in (0, 1):
+        os.kill(_pid(tmp_path, rank), signal.SIGUSR1)
+    logs = [_finish(p) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    stopped = [line for line in logs[0].splitlines() if "SIGUSR1 received: stopped after step" in line]
+    assert stopped and "checkpoint committed" in stopped[0], logs[0][-3000:]
+    step = int(stopped[0].split("stopped after step ")[1].split(",")[0])
+    assert (tmp_path / "checkpoints" / f"step_{step:08d}" / "manifest.json").is_file()
+
+    again = _srun(config, job)
+    logs = [_finish(p) for p in again]
+    assert [p.returncode for p in again] == [0, 0], logs[0][-3000:]
+    assert f"at step {step}" in logs[0]
+    assert _curve(tmp_path) == reference
+
+
+@pytest.fixture(scope="module")
+def plain_reference(tmp_path_factory) -> tuple[Path, list[tuple[int, float]]]:
+    """One plain process, uninterrupted (checkpoint.every only decides when it saves)."""
+    out = tmp_path_factory.mktemp("plain")
+    config = _config(out, steps=STEPS)
+    proc = _start([sys.executable, "-m", "tetrad", "train", str(config), "--set", "checkpoint.every=50"])
+    log = _finish(proc)
+    assert proc.returncode == 0, log[-3000:]
+    return out, _curve(out)
+
+
+@pytest.mark.slow
+def test_sigusr1_with_checkpoint_every_0_still_commits_and_resumes_bitwise(tmp_path, plain_reference):
+    config = _config(tmp_path)
+    cmd = [sys.executable, "-m", "tetrad", "train", str(config), "--set", "checkpoint.every=0"]
+    proc = _start(cmd)
+    _wait_for_step(tmp_path, RNG.randint(5, 40), [proc])
+    os.kill(_pid(tmp_path, 0), signal.SIGUSR1)
+    log = _finish(proc)
+    assert proc.returncode == 0, log[-3000:]
+    stopped = [line for line in log.splitlines() if "SIGUSR1 received: stopped after step" in line]
+    assert stopped and "checkpoint committed" in stopped[0], log[-3000:]
+    step = int(stopped[0].split("stopped after step ")[1].split(",")[0])
+    assert [d.name for d in (tmp_path / "checkpoints").iterdir()] == [f"step_{step:08d}"]
+    again = _start(cmd)
+    log = _finish(again)
+    assert again.returncode == 0, log[-3000:]
+    assert "resumed from" in log
+    assert _curve(tmp_path) == plain_reference[1]
+
+
+@pytest.mark.slow
+def test_relaunching_a_finished_plain_run_exits_0_saying_so(plain_reference):
+    out, curve = plain_reference
+    proc = _start([sys.executable, "-m", "tetrad", "train", str(out / "run.yaml"), "--set", "checkpoint.every=50"])
+    log = _finish(proc)
+    assert proc.returncode == 0, log[-3000:]
+    assert f"already at step {STEPS} of {STEPS}, nothing to train" in log
+    assert _curve(out) == curve

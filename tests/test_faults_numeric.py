@@ -105,3 +105,31 @@ def test_metrics_rewrite_keeps_committed_steps_and_drops_a_torn_line(tmp_path):
     assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3, 4]
     assert keep_steps_through(path, 0) is None and path.read_text() == ""  # a fresh run starts empty
     assert keep_steps_through(tmp_path / "none.jsonl", 3) is None
+
+
+def _fit_signalled_during_startup(rank: int, world: int, config: dict) -> tuple[list, str]:
+    """SIGTERM arrives while the checkpoint is being loaded (before the first step)."""
+    import contextlib
+    import io
+
+    from tetrad.checkpoint.training import TrainingCheckpoints
+    from tetrad.trainer.trainer import Trainer
+
+    real = TrainingCheckpoints.resume
+
+    def resume_then_signal(self):
+        step = real(self)
+        os.kill(os.getpid(), signal.SIGTERM)  # without the early handler: killed, exit -15, silent
+        return step
+    TrainingCheckpoints.resume = resume_then_signal
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        history = Trainer(config).fit()
+    return history, text.getvalue()
+
+
+def test_signal_during_startup_stops_cleanly_before_the_first_step(tmp_path):
+    history, said = run_distributed(_fit_signalled_during_startup, 1, tiny_config(str(tmp_path)))[0]
+    assert history == []
+    assert "SIGTERM received: stopped before training past step 0: nothing new to checkpoint" in said
+    assert not (tmp_path / "metrics.jsonl").exists()

@@ -4,23 +4,28 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
 from tetrad.config import ConfigError
 
 
 def _train(args: argparse.Namespace) -> int:
-    from tetrad.trainer.faults import TrainingFault
-    from tetrad.trainer.trainer import Trainer
+    """0 when the run trained to ``run.steps``, was already there, or stopped for a
+    preemption signal with its checkpoint; otherwise an exception that ``main`` prints."""
+    from tetrad.trainer.preempt import Preemption
 
+    # Before torch is imported (seconds): a scheduler's signal during startup or teardown is
+    # remembered -- the run then stops cleanly before its first step -- instead of killing
+    # the process with no message.
+    preemption = Preemption().install()
     try:
-        history = Trainer(args.config, overrides=args.set, trace=args.trace).fit()
-    except TrainingFault as err:  # a dead peer or a diverged run: the message says which
-        print(f"tetrad: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
-        return 1
-    _shutdown_process_group()
-    if history and history[-1].get("step"):
-        return 0
-    return 1
+        from tetrad.trainer.trainer import Trainer
+
+        Trainer(args.config, overrides=args.set, trace=args.trace).fit(preemption)
+        _shutdown_process_group()
+    finally:
+        preemption.restore()
+    return 0
 
 
 def _shutdown_process_group() -> None:
@@ -92,5 +97,33 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConfigError as err:
-        print(f"tetrad: config error: {err}", file=sys.stderr)
+        print(f"tetrad: config error: {err}", file=sys.stderr, flush=True)
         return 2
+    except Exception as err:  # noqa: BLE001 - every non-zero exit says why, in one line first
+        return _failed(err)
+    except KeyboardInterrupt:  # before the training loop's own handler is installed, or after it
+        print("tetrad: interrupted", file=sys.stderr, flush=True)
+        return 130
+
+
+def _failed(err: Exception) -> int:
+    """Exit code for an error that stopped a command, after printing why.
+
+    Errors that name their cause (a dead peer, a diverged run, failing checkpoint saves, a
+    corrupt checkpoint, bad data, an inconsistent launcher environment, a full disk) print one
+    line; anything else is a bug and keeps its traceback.
+    """
+    from tetrad.checkpoint.fileio import CheckpointError
+    from tetrad.data.errors import DataError
+    from tetrad.parallel.launch import LaunchError
+    from tetrad.trainer.faults import TrainingFault
+
+    if isinstance(err, LaunchError):
+        print(f"tetrad: launch error: {err}", file=sys.stderr, flush=True)
+        return 2
+    if isinstance(err, (TrainingFault, CheckpointError, DataError, OSError)):
+        print(f"tetrad: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        return 1
+    traceback.print_exc()
+    print(f"tetrad: unexpected {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+    return 1

@@ -60,36 +60,87 @@ def model_state(reader: CheckpointReader, prefix: str = "model/") -> dict[str, t
     return sd
 
 
-def export(path: Path, out_dir: Path) -> list[Path]:
-    """Write tetrad_model.safetensors + tetrad_config.json, and for gpt/llama/hf also the
-    Hugging Face model.safetensors + config.json that ``from_pretrained(out_dir)`` reads."""
+def export(path: Path, out_dir: Path, max_shard_size: int | str = "5GB") -> list[Path]:
+    """Write a Hugging Face directory that ``AutoModelForCausalLM.from_pretrained(out_dir)``
+    loads with no missing or unexpected keys: config.json, safetensors (sharded with an index
+    above ``max_shard_size``) and, when the run used one, its tokenizer. Runs of tetrad's own
+    gpt/llama also get tetrad_model.safetensors + tetrad_config.json (tetrad's names)."""
     from safetensors.torch import save_file
 
     from tetrad.checkpoint.hf_names import to_hf
-    from tetrad.models.hf import hf_config
 
     ckpt = _checkpoints(path)[-1]
     reader = CheckpointReader(ckpt)
-    model_cfg = reader.extra.get("config", {}).get("model")
+    config = reader.extra.get("config", {})
+    model_cfg = config.get("model")
     if model_cfg is None:
         raise CheckpointError(f"{ckpt}: manifest extra has no config.model; cannot describe the export")
     sd = model_state(reader)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = [out_dir / "tetrad_model.safetensors", out_dir / "tetrad_config.json"]
-    save_file(sd, str(written[0]), metadata={"format": "pt", "step": str(reader.step)})
-    written[1].write_text(json.dumps(model_cfg, indent=1))
+    written = []
+    if model_cfg["arch"] != "hf":
+        written = [out_dir / "tetrad_model.safetensors", out_dir / "tetrad_config.json"]
+        save_file(sd, str(written[0]), metadata={"format": "pt", "step": str(reader.step)})
+        written[1].write_text(json.dumps(model_cfg, indent=1))
     hf_type, hf_sd = to_hf(model_cfg["arch"], sd, model_cfg["n_layers"])
-    cfg = hf_config({**model_cfg, "arch": "hf", "hf_model_type": hf_type or model_cfg.get("hf_model_type")})
-    save_file(hf_sd, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    cfg = _hf_config(model_cfg, hf_type, ckpt)
+    written += _save_sharded(hf_sd, out_dir, max_shard_size)
     cfg.to_json_file(str(out_dir / "config.json"))
-    return written + [out_dir / "model.safetensors", out_dir / "config.json"]
+    written.append(out_dir / "config.json")
+    tokenizer = config.get("data", {}).get("tokenizer", "byte")
+    if tokenizer != "byte":
+        written += _copy_tokenizer(Path(tokenizer), out_dir)
+    return written
+
+
+def _hf_config(model_cfg: dict, hf_type: str, ckpt: Path):
+    """The checkpoint's own config (``hf_path``) or one built from the model section."""
+    from tetrad.models.hf import hf_config
+
+    if model_cfg.get("hf_path") and not Path(model_cfg["hf_path"], "config.json").is_file():
+        raise CheckpointError(f"{ckpt}: the run's model.hf_path {model_cfg['hf_path']!r} has no config.json "
+                              f"any more; the export needs it to describe the architecture")
+    cfg = hf_config({**model_cfg, "arch": "hf", "hf_model_type": hf_type or model_cfg.get("hf_model_type")})
+    cfg.use_cache = True  # a training choice; generation wants the cache back
+    cfg.dtype = "float32"  # tetrad's weights are the fp32 masters
+    return cfg
+
+
+def _save_sharded(sd: dict[str, torch.Tensor], out_dir: Path, max_shard_size) -> list[Path]:
+    """model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json
+    (huggingface_hub's split, the layout save_pretrained writes)."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    split = split_torch_state_dict_into_shards(sd, max_shard_size=max_shard_size)
+    written = []
+    for filename, names in split.filename_to_tensors.items():
+        shard = {n: sd[n].contiguous() for n in names}
+        save_file(shard, str(out_dir / filename), metadata={"format": "pt"})
+        written.append(out_dir / filename)
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+        written.append(out_dir / "model.safetensors.index.json")
+    return written
+
+
+def _copy_tokenizer(src: Path, out_dir: Path) -> list[Path]:
+    from transformers import AutoTokenizer
+
+    if not src.is_dir():
+        raise CheckpointError(f"the run's data.tokenizer {str(src)!r} is not a directory any more; the "
+                              f"export copies the tokenizer from it")
+    before = set(out_dir.iterdir())
+    AutoTokenizer.from_pretrained(str(src), local_files_only=True).save_pretrained(str(out_dir))
+    return sorted(set(out_dir.iterdir()) - before)
 
 
 def ckpt_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="tetrad ckpt", description=__doc__)
     sub = parser.add_subparsers(dest="action", required=True)
     sub.add_parser("inspect", help="list tensors, layout, step and integrity").add_argument("dir", type=Path)
-    exp = sub.add_parser("export", help="consolidated safetensors model (+ Hugging Face config)")
+    exp = sub.add_parser("export", help="a Hugging Face model directory (safetensors, config.json, tokenizer)")
     exp.add_argument("dir", type=Path)
     exp.add_argument("out", type=Path)
     args = parser.parse_args(argv)

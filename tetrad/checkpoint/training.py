@@ -7,7 +7,6 @@ thread, at construction and resume (the background writer never runs one).
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 import torch
@@ -15,10 +14,12 @@ import torch.distributed as dist
 
 from tetrad.checkpoint.discover import resolve_resume
 from tetrad.checkpoint.fileio import CheckpointError
+from tetrad.checkpoint.health import SaveAgreement, warn_if_no_room
 from tetrad.checkpoint.manager import CheckpointManager
 from tetrad.checkpoint.reader import CheckpointReader
 from tetrad.checkpoint.rng import restore_rng, rng_pieces
 from tetrad.checkpoint.writer import step_dirname
+from tetrad.checkpoint.world import changed_world
 
 
 def layout_of(engine) -> dict:
@@ -34,14 +35,17 @@ class TrainingCheckpoints:
         self.section = config.checkpoint
         self.root = Path(config.checkpoint_dir)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.manager = None
-        if self.section.every > 0:
-            self.manager = CheckpointManager(
-                self.root, rank=self.rank, world_size=self.world, keep=self.section.keep,
-                async_save=self.section.async_save, layout=layout_of(engine), run_id=self._run_id(),
-                commit_timeout=float(os.environ.get("TETRAD_CKPT_COMMIT_TIMEOUT", 600)))
-            if self.section.async_save:
-                self._hook_optimizer_step()
+        # There is a manager even with checkpoint.every 0: a preemption signal always saves.
+        # It always writes in the background; `async: false` waits for each save at once.
+        # Its failures are agreed across ranks (SaveAgreement) rather than raised on one.
+        self.manager = CheckpointManager(
+            self.root, rank=self.rank, world_size=self.world, keep=self.section.keep,
+            async_save=True, layout=layout_of(engine), run_id=self._run_id(),
+            commit_timeout=float(os.environ.get("TETRAD_CKPT_COMMIT_TIMEOUT", 600)),
+            tolerate_failures=True)
+        self.agreement = SaveAgreement(self.manager, self.rank, self.section.max_failures)
+        if self.section.async_save:
+            self._hook_optimizer_step()
 
     def _run_id(self) -> str:
         """One random id shared by every rank, so done markers from older attempts never count."""
@@ -74,8 +78,8 @@ class TrainingCheckpoints:
         if reader.manifest.get("layout") == layout_of(self.engine):
             restore_rng(reader, self.rank)
         elif self.rank == 0:
-            warnings.warn(f"resuming {path} under a different layout ({reader.manifest.get('layout')} -> "
-                          f"{layout_of(self.engine)}): RNG states start fresh", stacklevel=2)
+            note = changed_world(reader, layout_of(self.engine), self.engine.grad_accum)
+            print(f"tetrad: {note}", flush=True)
         if self.rank == 0:
             print(f"resumed from {path} at step {reader.step}", flush=True)
         return reader.step
@@ -106,16 +110,32 @@ class TrainingCheckpoints:
     # ------------------------------------------------------------------ save
     def after_step(self, step: int, force: bool = False) -> None:
         """Save at every ``checkpoint.every``-th step (after its optimizer step); ``force``
-        saves now (preemption) unless this step was just saved."""
-        if self.manager is None or (step % self.section.every and not force):
+        saves now (preemption) unless this step was just saved. A collective on save steps."""
+        every = self.section.every
+        if not force and (every == 0 or step % every):
             return
         if self.manager.stats and self.manager.stats[-1]["step"] == step:
             return
-        pieces = self.engine.state_pieces()
+        self.agreement.settle(self.engine.device)  # the previous save's outcome, on every rank
+        if self.agreement.should_stop:
+            return  # the loop stops after this step; a save now would only be thrown away
+        pieces = self._state_pieces()
         extra = {"step": step, "sampler": self.sampler.state_dict(), "config": self.cfg.to_dict(),
                  "scaler": self.engine.scaler.state_dict() if self.engine.scaler is not None else None}
         self.manager.save(step, pieces + rng_pieces(self.rank), extra)
+        if not self.section.async_save:
+            self.finish()
+
+    def finish(self) -> None:
+        """Commit (or fail, agreed) the save in flight before the run ends or stops."""
+        self.agreement.finish(self.engine.device)
+
+    def check_room(self) -> None:
+        """Before the first step: warn when the directory cannot hold one checkpoint."""
+        warn_if_no_room(self.root, self._state_pieces() + rng_pieces(self.rank), self.engine.device, self.rank)
+
+    def _state_pieces(self) -> list:
+        return self.engine.state_pieces()
 
     def close(self, timeout: float | None = None) -> None:
-        if self.manager is not None:
-            self.manager.close(timeout)
+        self.manager.close(timeout)

@@ -15,20 +15,27 @@ training loop's own. The directory becomes visible under its final name by one r
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from tetrad.checkpoint.fileio import (DTYPE_NAMES, CheckpointError, fsync_dir, read_json, write_json,
                                       write_safetensors)
 from tetrad.checkpoint.pieces import Piece
+from tetrad.device import DeviceCopies, Done, set_thread_device
 
 FORMAT, VERSION = "tetrad-checkpoint", 1
 TMP = ".tmp"
+
+
+class SaveAborted(CheckpointError):
+    """Rank 0 stopped waiting to commit: another rank's part of this save failed."""
 
 
 def step_dirname(step: int) -> str:
@@ -53,7 +60,7 @@ def write_rank(tmp: Path, rank: int, step: int, run_id: str, pieces: list[Piece]
 
     ``pieces`` hold CPU tensors that nothing mutates until this returns (the host snapshot).
     """
-    tmp.mkdir(parents=True, exist_ok=True)
+    tmp.mkdir(exist_ok=True)  # not parents: a vanished checkpoint root fails the save (ENOENT)
     stem = rank_stem(rank)
     tensors, index, seen = {}, [], {}
     for p in pieces:
@@ -72,11 +79,20 @@ def write_rank(tmp: Path, rank: int, step: int, run_id: str, pieces: list[Piece]
     write_json(tmp / f"{stem}.done", {"rank": rank, "step": step, "run_id": run_id})
 
 
-def wait_for_ranks(tmp: Path, world: int, run_id: str, timeout: float) -> list[dict]:
-    """Poll for every rank's done marker of this run; return their indexes, by rank."""
+def wait_for_ranks(tmp: Path, world: int, run_id: str, timeout: float,
+                   cancelled: Callable[[], bool] = lambda: False) -> list[dict]:
+    """Poll for every rank's done marker of this run; return their indexes, by rank.
+
+    Stops early, raising, when ``cancelled()`` says a peer's part failed (SaveAborted) or
+    when ``tmp`` itself disappears."""
     deadline = time.monotonic() + timeout
     pending = set(range(world))
     while pending:
+        if cancelled():
+            raise SaveAborted(f"{tmp}: another rank's part of this checkpoint failed; not committed")
+        if not tmp.is_dir():
+            raise CheckpointError(f"{tmp}: the temporary directory vanished while waiting for ranks "
+                                  f"{sorted(pending)}") from FileNotFoundError(errno.ENOENT, "vanished", str(tmp))
         for r in sorted(pending):
             marker = tmp / f"{rank_stem(r)}.done"
             if marker.is_file() and _marker_run(marker) == run_id:
@@ -116,17 +132,21 @@ def build_manifest(step: int, world: int, layout: dict, extra: dict, indexes: li
 
 
 def commit(root: Path, step: int, world: int, run_id: str, layout: dict, extra: dict,
-           keep: int, timeout: float) -> Path:
+           keep: int, timeout: float, cancelled: Callable[[], bool] = lambda: False) -> Path:
     """Rank 0: wait for all ranks, write the manifest, rename into place, then prune to ``keep``."""
     tmp, final = root / (step_dirname(step) + TMP), root / step_dirname(step)
-    indexes = wait_for_ranks(tmp, world, run_id, timeout)
+    indexes = wait_for_ranks(tmp, world, run_id, timeout, cancelled)
     write_json(tmp / "manifest.json", build_manifest(step, world, layout, extra, indexes))
     fsync_dir(tmp)
     if final.exists():  # an older attempt at this step (resumed from before it): replace it
         trash = root / (step_dirname(step) + ".old" + TMP)
         shutil.rmtree(trash, ignore_errors=True)
         os.rename(final, trash)
-        os.rename(tmp, final)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            os.rename(trash, final)  # the committed one goes back: a failed save harms nothing
+            raise
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.rename(tmp, final)
@@ -158,21 +178,33 @@ def prune(root: Path, keep: int, newest: int) -> None:
                 shutil.rmtree(d, ignore_errors=True)
 
 
-def snapshot_buffers(pieces: list[Piece], pool: dict) -> list[Piece]:
-    """Host copies of ``pieces`` in reused buffers (allocated once per name/shape/dtype, pinned
-    when an accelerator is present so the device-to-host copy can run asynchronously)."""
-    out = []
-    pin = torch.cuda.is_available()
+def pieces_device(pieces: list[Piece]) -> torch.device:
+    """Where the pieces' tensors live (the accelerator if any of them is on one)."""
+    return next((p.tensor.device for p in pieces if p.tensor.device.type != "cpu"), torch.device("cpu"))
+
+
+def snapshot_buffers(pieces: list[Piece], pool: dict, copies: DeviceCopies, after=None,
+                     issued: Callable | None = None) -> list[Piece]:
+    """Host copies of ``pieces`` in reused buffers (allocated once per name/shape/dtype,
+    pinned where the pieces are on an accelerator). On a background thread: the copies run on
+    the copier's own stream, after ``after`` (the event the training thread recorded when it
+    asked for the save); ``issued(handle)`` is told once every copy is queued (the training
+    thread can then order its next optimizer step after them on the device) and the copies
+    have landed when this returns."""
+    set_thread_device(copies.device)  # CUDA's current device is per thread
+    pin = not copies.on_host
+    out, last = [], Done()
     for i, p in enumerate(pieces):
         key = (i, p.name, tuple(p.tensor.shape), p.tensor.dtype)
         buf = pool.get(key)
         if buf is None:
             buf = pool[key] = torch.empty(p.tensor.shape, dtype=p.tensor.dtype, pin_memory=pin)
-        buf.copy_(p.tensor.detach(), non_blocking=pin)
+        last = copies.into_host(buf, p.tensor.detach(), after)
         out.append(Piece(p.name, buf, p.global_shape, p.box_offsets, p.box_shape, p.flat_start, p.write,
                          p.frame))
-    if pin:
-        torch.cuda.synchronize()
+    if issued is not None:
+        issued(last)  # one stream: the last copy's event covers every one before it
+    last.wait()
     return out
 
 

@@ -39,13 +39,22 @@ def _inside_output(value: str) -> str | None:
     return None
 
 
+DATA_KINDS = ("text", "tokens", "jsonl", "parquet", "hf")
+
+
 def _data_source(value: str) -> str | None:
     kind, sep, path = value.partition(":")
     if "\0" in value:
         return "a path without NUL characters"
-    if value == "builtin" or (sep and kind in ("text", "tokens") and path.strip()):
+    if value == "builtin" or (sep and kind in DATA_KINDS and path.strip()):
         return None
-    return "'builtin', 'text:PATH' or 'tokens:PATH'"
+    return "'builtin', 'text:PATH', 'tokens:PATH', 'jsonl:PATH', 'parquet:PATH' or 'hf:DIR'"
+
+
+def _model_type(value: str) -> str | None:
+    from tetrad.config.hf import check_model_type
+
+    return check_model_type(value)
 
 
 class Section:
@@ -105,7 +114,13 @@ class ModelConfig(Section):
     norm_eps: float = setting(1e-5, "epsilon of the layer/RMS norms; > 0", gt=0.0)
     rope_theta: float = setting(10000.0, "rotary embedding base (llama); > 0", gt=0.0)
     tie_embeddings: bool = setting(False, "share input embedding and output projection weights")
-    hf_model_type: Optional[Literal["llama", "gpt2"]] = setting(None, "Hugging Face model_type; needed by arch hf")
+    hf_model_type: Optional[str] = setting(None, "Hugging Face model_type of a randomly initialised arch hf "
+                                           "model: any causal LM of the installed transformers",
+                                           check=_model_type)
+    hf_path: Optional[str] = setting(None, "arch hf: a local checkpoint directory (config.json + "
+                                     "*.safetensors); the architecture keys come from it", check=_path)
+    # Keys the source gave explicitly (the loader fills it): with hf_path they must agree.
+    given: frozenset = dataclasses.field(default_factory=frozenset, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         # Resolved here so model and parallel code can read an int without re-deriving it.
@@ -115,19 +130,26 @@ class ModelConfig(Section):
 
 @dataclasses.dataclass
 class DataConfig(Section):
-    source: str = setting("builtin", "'builtin', 'text:PATH' (raw text, byte-tokenized) or 'tokens:PATH'",
-                          check=_data_source)
+    source: str = setting("builtin", "'builtin', 'text:PATH' (raw text), 'tokens:PATH' (a token file), "
+                          "'jsonl:PATH', 'parquet:PATH' (PATH a file, directory or glob) or 'hf:DIR' "
+                          "(datasets.save_to_disk)", check=_data_source)
+    tokenizer: str = setting("byte", "'byte' (UTF-8 bytes, vocab 256) or a directory with a saved "
+                             "Hugging Face tokenizer", check=_path)
+    text_field: str = setting("text", "the column holding each document's text (jsonl, parquet, hf)",
+                              check=_nonempty)
+    format: Literal["pretrain", "sft"] = setting("pretrain", "pretrain: documents packed with EOS; sft: "
+                                                 "prompt/completion or messages, loss on completions only")
     builtin_tokens: int = setting(2_000_000, "tokens in the generated built-in corpus; 1000..2**31-1",
                                   ge=1000, le=MAX_SIZE)
 
     @property
     def kind(self) -> str:
-        """'builtin', 'text' or 'tokens'."""
+        """'builtin', 'text', 'tokens', 'jsonl', 'parquet' or 'hf'."""
         return self.source.partition(":")[0]
 
     @property
     def path(self) -> str | None:
-        """The file after 'text:' or 'tokens:', or None for the built-in corpus."""
+        """The path after 'kind:', or None for the built-in corpus."""
         return self.source.partition(":")[2] or None
 
 
@@ -244,10 +266,14 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 class CheckpointConfig(Section):
     dir: Optional[str] = setting(None, "checkpoint directory: absolute, or relative to run.output_dir "
                                  "without '..'; null = <run.output_dir>/checkpoints", check=_inside_output)
-    every: int = setting(0, "save every N steps; 0..2**31-1, 0 = never", ge=0, le=MAX_SIZE)
+    every: int = setting(0, "save every N steps; 0..2**31-1, 0 = only when a preemption signal "
+                         "(SIGTERM/SIGINT/SIGUSR1) stops the run", ge=0, le=MAX_SIZE)
     keep: int = setting(2, "most recent checkpoints kept on disk; 1..2**31-1", ge=1, le=MAX_SIZE)
     async_save: bool = setting(True, "flush to disk in the background while training continues", key="async")
     resume: str = setting("auto", "'auto' (latest in dir, if any), 'none', or a checkpoint path", check=_nonempty)
+    max_failures: int = setting(3, "stop the run after this many checkpoint saves in a row fail (full disk, "
+                                "I/O error, lost directory); a failed save never harms the last committed "
+                                "one; 1..1e6", ge=1, le=10**6)
 
     def resolve_dir(self, output_dir: str) -> str:
         """`dir` (a relative one under `output_dir`), or `<output_dir>/checkpoints` when unset."""

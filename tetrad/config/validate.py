@@ -78,16 +78,68 @@ def _rules(table: list[tuple[str, bool, str]]) -> list[Problem]:
 
 # --- the model alone -----------------------------------------------------------------------
 
+def hf_checkpoint_errors(m: ModelConfig) -> list[Problem]:
+    """With ``model.hf_path`` the architecture comes from the checkpoint's config.json: keys the
+    config did not give are filled from it (so every later rule sees the real shape), keys it
+    gave must agree. Filling twice is harmless: the filled values agree with themselves."""
+    from tetrad.config.hf import ARCH_KEYS, load_hf_config, max_positions, shape_keys
+
+    if m.hf_path is None:
+        return []
+    if m.arch != "hf":
+        return [Problem("model.hf_path_arch", f"model.hf_path={m.hf_path!r} needs model.arch='hf' "
+                                              f"(got {m.arch!r}); valid: arch 'hf', or no hf_path")]
+    try:
+        cfg = load_hf_config(m.hf_path)
+    except ConfigError as e:
+        return [Problem("model.hf_path", str(e))]
+    found, out = shape_keys(cfg), []
+    for key in ARCH_KEYS:
+        if key not in found:
+            continue
+        ours, theirs = getattr(m, key), found[key]
+        if key in m.given and ours != theirs and not (isinstance(ours, float) and abs(ours - theirs)
+                                                       <= 1e-12 * abs(theirs)):
+            out.append(Problem("model.hf_path_mismatch",
+                               f"model.{key}={ours!r} disagrees with the checkpoint model.hf_path="
+                               f"{m.hf_path!r}, whose config.json has {theirs!r}; the architecture "
+                               f"comes from the checkpoint: remove model.{key} or set it to {theirs!r}"))
+        else:
+            setattr(m, key, theirs)
+    limit = max_positions(cfg)
+    if limit is not None and m.seq_len > limit:
+        out.append(Problem("model.hf_seq_len", f"model.seq_len={m.seq_len} exceeds the checkpoint's "
+                                               f"max_position_embeddings={limit} ({m.hf_path}); valid: "
+                                               f"seq_len <= {limit}"))
+    return out
+
+
 def model_errors(m: ModelConfig) -> list[Problem]:
-    return _rules([
+    errors = hf_checkpoint_errors(m)
+    return errors + _rules([
         ("model.heads_width", m.d_model % m.n_heads != 0,
          f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; valid: d_model "
          f"{_multiples_near(m.d_model, m.n_heads)}, or n_heads one of {_divisors(m.d_model)}"),
         ("model.kv_heads", m.n_heads % m.n_kv_heads != 0,
          f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}; "
          f"valid n_kv_heads: {_divisors(m.n_heads)}"),
-        ("model.hf_type", m.arch == "hf" and m.hf_model_type is None,
-         "model.hf_model_type=None: required when model.arch='hf'; valid: 'llama', 'gpt2'"),
+        ("model.hf_type", m.arch == "hf" and m.hf_model_type is None and m.hf_path is None,
+         "model.hf_model_type=None and model.hf_path=None: model.arch='hf' needs one of them; valid: "
+         "hf_path a local checkpoint directory, or hf_model_type a causal-LM model_type such as "
+         "'llama', 'gpt2', 'qwen2', 'gemma'"),
+    ])
+
+
+def data_errors(d) -> list[Problem]:
+    """``data`` keys that are valid alone but not together."""
+    raw = d.kind in ("jsonl", "parquet", "hf")
+    return _rules([
+        ("data.sft_source", d.format == "sft" and not raw,
+         f"data.format='sft' needs a dataset with columns (data.source jsonl:, parquet: or hf:), got "
+         f"data.source={d.source!r}; valid: one of those sources, or format 'pretrain'"),
+        ("data.builtin_tokenizer", d.source == "builtin" and d.tokenizer != "byte",
+         f"data.source='builtin' is byte text; data.tokenizer={d.tokenizer!r} would not apply; valid: "
+         f"tokenizer 'byte', or a text/jsonl/parquet/hf source"),
     ])
 
 
@@ -236,6 +288,21 @@ def batch_errors(run_batch: int, s: StrategyConfig, dp: int) -> list[Problem]:
     return []
 
 
+def valid_world_sizes(run_batch: int, s: StrategyConfig) -> str:
+    """The world sizes on which run.global_batch_size splits into whole micro-batches (and,
+    with pp > 1, into at least pp of them): tp*pp*sp times each such dp. Named in the batch
+    error, so a job restarted on another world (a lost node) says which worlds can keep it."""
+    if run_batch % s.micro_batch_size:
+        return (f"none: strategy.micro_batch_size={s.micro_batch_size} does not divide "
+                f"run.global_batch_size={run_batch}")
+    n, mp = run_batch // s.micro_batch_size, s.model_parallel_size
+    small = [d for d in range(1, int(n ** 0.5) + 1) if n % d == 0]
+    dps = sorted(set(small) | {n // d for d in small})
+    worlds = [mp * d for d in dps if n // d >= s.pp]
+    shown = worlds if len(worlds) <= 12 else worlds[:6] + ["..."] + worlds[-6:]
+    return ", ".join(map(str, shown))
+
+
 # --- entry points --------------------------------------------------------------------------
 
 def problems(s: StrategyConfig, *, model: ModelShape | None = None, precision: str | None = None,
@@ -253,6 +320,9 @@ def problems(s: StrategyConfig, *, model: ModelShape | None = None, precision: s
         errors = strategy_world_errors(s, world)
         if global_batch is not None and not errors:
             errors = batch_errors(global_batch, s, world // s.model_parallel_size)
+            if errors and s.dp == "auto":  # the world decides dp: say which worlds keep the batch
+                errors = [Problem(e.rule, f"{e}; valid world sizes for this batch and layout: "
+                                          f"{valid_world_sizes(global_batch, s)}") for e in errors]
     return errors
 
 
@@ -274,7 +344,7 @@ def validate_config(cfg: Config, world_size: int | None = None) -> None:
     check_instance(cfg)
     if world_size is not None:
         check_world_size(world_size)
-    errors = model_errors(cfg.model)
+    errors = model_errors(cfg.model) + data_errors(cfg.data)
     if not cfg.strategy.auto:  # the world is checked once the rest is valid
         errors += problems(cfg.strategy, model=ModelShape.of_config(cfg.model), precision=cfg.run.precision,
                            grad_clip=cfg.optimizer.grad_clip, world=None if errors else world_size,

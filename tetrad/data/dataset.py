@@ -10,6 +10,8 @@ import torch
 from .builtin import builtin_tokens as _generate_builtin
 from .errors import DataError
 from .tokenizer import ByteTokenizer
+
+IGNORE_INDEX = -100  # tetrad.models.loss's: a label the loss skips
 from .tokens import open_tokens, read_token_header
 
 
@@ -17,10 +19,11 @@ class TokenDataset:
     """Non-overlapping windows of ``seq_len + 1`` tokens: inputs and their next-token labels.
 
     Sample i covers tokens[i*seq_len : i*seq_len + seq_len + 1]; consecutive windows share
-    one token so every token but the first is a label exactly once per epoch.
+    one token so every token but the first is a label exactly once per epoch. With ``mask``
+    (one 0/1 per token, SFT), a label whose token has mask 0 (a prompt token) is -100.
     """
 
-    def __init__(self, tokens: np.ndarray, seq_len: int):
+    def __init__(self, tokens: np.ndarray, seq_len: int, mask: np.ndarray | None = None):
         if np.ndim(tokens) != 1:
             raise DataError(f"tokens must be a 1-D array, got shape {np.shape(tokens)}")
         if seq_len <= 0:
@@ -31,7 +34,9 @@ class TokenDataset:
                 f"too little data: seq_len={seq_len} needs at least {seq_len + 1} tokens, "
                 f"got n_tokens={n_tokens}"
             )
-        self.tokens = tokens
+        if mask is not None and len(mask) != n_tokens:
+            raise DataError(f"loss mask has {len(mask)} entries for {n_tokens} tokens")
+        self.tokens, self.mask = tokens, mask
         self.seq_len = int(seq_len)
         # Offsets of one window, reused so a batch is a single fancy-indexed read.
         self._window = np.arange(self.seq_len + 1, dtype=np.int64)
@@ -59,7 +64,11 @@ class TokenDataset:
         positions = idx[:, None] * self.seq_len + self._window
         windows = torch.from_numpy(np.asarray(self.tokens[positions], dtype=np.int64))
         # Contiguous copies: models commonly call labels.view(-1), which fails on a strided view.
-        return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+        labels = windows[:, 1:].clone()  # a copy: [1, s] slices are already "contiguous" views
+        if self.mask is not None:
+            keep = torch.from_numpy(np.asarray(self.mask[positions[:, 1:]], dtype=np.bool_))
+            labels.masked_fill_(~keep, IGNORE_INDEX)
+        return windows[:, :-1].contiguous(), labels
 
 
 def _check_vocab(source: str, data_vocab: int, model_vocab: int) -> None:
@@ -80,16 +89,33 @@ def _source_path(source: str, prefix: str) -> Path:
     return path
 
 
+def needs_packing(source: str, tokenizer_spec: str) -> bool:
+    """Raw records (jsonl/parquet/hf), or text for a Hugging Face tokenizer: tokenized once
+    into a cache (``tetrad.data.packing.cached_pack``) before ``build_dataset`` opens it."""
+    kind = source.partition(":")[0]
+    return kind in ("jsonl", "parquet", "hf") or (kind == "text" and tokenizer_spec != "byte")
+
+
 def build_dataset(
-    source: str, seq_len: int, seed: int, builtin_tokens: int, vocab_size: int
+    source: str, seq_len: int, seed: int, builtin_tokens: int, vocab_size: int,
+    tokenizer=None, packed: tuple | None = None,
 ) -> TokenDataset:
     """Build the dataset named by a `data.source` string.
 
     ``source`` is "builtin" (``builtin_tokens`` generated tokens from ``seed``),
     "text:PATH" (a UTF-8 file tokenized in memory with ByteTokenizer) or "tokens:PATH"
-    (a token file, memory-mapped). ``vocab_size`` is the model's; data whose vocabulary
-    is larger raises DataError, as do missing files.
+    (a token file, memory-mapped); a source that ``needs_packing`` comes as ``packed``, the
+    (token file, mask file or None) its cache holds. ``vocab_size`` is the model's; data or a
+    ``tokenizer`` whose vocabulary is larger raises DataError, as do missing files.
     """
+    if packed is not None:
+        if tokenizer is not None and tokenizer.vocab_size > vocab_size:
+            raise DataError(f"data.tokenizer={tokenizer.name!r} has {tokenizer.vocab_size} tokens but "
+                            f"model.vocab_size is {vocab_size}: ids >= {vocab_size} would index past the "
+                            f"embedding; use a model with vocab_size >= {tokenizer.vocab_size}")
+        tokens, mask = packed
+        _check_vocab(source, read_token_header(tokens).vocab_size, vocab_size)
+        return TokenDataset(open_tokens(tokens), seq_len, None if mask is None else open_tokens(mask))
     if source == "builtin":
         _check_vocab(source, ByteTokenizer.vocab_size, vocab_size)
         return TokenDataset(_generate_builtin(builtin_tokens, seed), seq_len)
@@ -106,5 +132,6 @@ def build_dataset(
         _check_vocab(source, read_token_header(path).vocab_size, vocab_size)
         return TokenDataset(open_tokens(path), seq_len)
     raise DataError(
-        f"data.source {source!r} is not valid; expected 'builtin', 'text:PATH' or 'tokens:PATH'"
+        f"data.source {source!r} is not valid here; expected 'builtin', 'text:PATH' or 'tokens:PATH' "
+        f"(jsonl:, parquet: and hf: sources are packed first: tetrad.data.packing.cached_pack)"
     )

@@ -4,7 +4,8 @@ Two ways to drive it:
 
 * ``loss = engine.train_step((input_ids, labels))`` takes this data-parallel rank's share of
   the global batch, splits it into micro-batches of ``strategy.micro_batch_size``, runs them
-  and takes one optimizer step; it returns the loss averaged over the global batch.
+  and takes one optimizer step; it returns the loss averaged over the global batch's tokens
+  (labels -100 excluded), the same number under every layout.
 * ``out = engine(input_ids); engine.backward(loss); engine.step()`` once per micro-batch, as
   in DeepSpeed: gradients accumulate for ``gradient_accumulation_steps`` micro-batches and
   ``step()`` only updates the weights at the end of each accumulation window.
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from tetrad.checkpoint.hf_weights import HFWeights, allocate
 from tetrad.checkpoint.pieces import STEP_COUNT, Piece, mark_writers
 from tetrad.config import ConfigError, StrategyConfig, load_strategy
 from tetrad.config.precision import compute_dtype
@@ -29,7 +31,7 @@ from tetrad.config.schema import OptimizerConfig
 from tetrad.config.validate import problems, raise_all
 from tetrad.engine.runners import MicroBatchRunner, PipelineRunner
 from tetrad.models import shape_of
-from tetrad.models.loss import cross_entropy
+from tetrad.models.loss import IGNORE_INDEX, cross_entropy
 from tetrad.offload import OffloadTier
 from tetrad.parallel.launch import init_distributed
 from tetrad.parallel.layout import ResolvedLayout
@@ -89,6 +91,12 @@ def _materialize(model: nn.Module, device: torch.device, zero: int) -> nn.Module
     return model
 
 
+def _streamed(model: nn.Module) -> bool:
+    """A meta-device model whose weights stream from a checkpoint directory (``checkpoint``:
+    tetrad.models.HFCausalLM from ``model.hf_path``)."""
+    return getattr(model, "checkpoint", None) is not None and any(p.is_meta for p in model.parameters())
+
+
 class Engine:
     """Wraps a plain model and its optimizer for parallel training on the launched world."""
 
@@ -116,14 +124,21 @@ class Engine:
                               "logits. Use the default loss_fn, or strategy.tp=1")
         self.dp_rank = self.layout.rank("dp")
         self.grad_accum = global_batch_size // (self.layout.dp * s.micro_batch_size) if global_batch_size else 1
+        self._token_scale: float | None = None  # set by train_step: token-weighted losses
+        self.weights, stream_init = None, None
         self.model, self.runner = self._assemble(model, trace)
+        if self.weights is not None and self.weights.deferred:
+            if param_init is not None:
+                raise ConfigError("param_init= and a model streamed from a checkpoint both fill the "
+                                  "parameters; pass one of them")
+            stream_init = self.weights.fill
         self.tier = OffloadTier(s.offload) if s.offload.active else None
         # ZeRO (stage 0 = plain DP) owns gradients, fp32 masters, the optimizer and the loss
         # scale (their place is the tier's); the parameters become compute-dtype.
         self.data_parallel = build_data_parallel(
             self.model, optimizer=optimizer, optim_cfg=optim_cfg, stage=s.zero,
             group=self.layout.grad_group, dtype=self.layout.compute_dtype,
-            bucket_bytes=int(s.bucket_mb * 2**20), tier=self.tier, param_init=param_init,
+            bucket_bytes=int(s.bucket_mb * 2**20), tier=self.tier, param_init=param_init or stream_init,
             device=self.device)
         self.optimizer, self.scaler = self.data_parallel.optimizer, self.data_parallel.scaler
         self.step_count, self.micro_step = 0, 0
@@ -137,7 +152,7 @@ class Engine:
         sharded) blocks. ZeRO takes ownership afterwards."""
         L, s = self.layout, self.strategy
         chunks = split_model(model, L.rank("pp"), L.pp, s.virtual_stages) if L.pp > 1 else None
-        model = parallelize(_materialize(model, self.device, s.zero), L)
+        model = self._stream(model) if _streamed(model) else parallelize(_materialize(model, self.device, s.zero), L)
         budget = None if s.recompute_budget_mb is None else int(s.recompute_budget_mb * 2**20)
         apply_recompute(model, s.recompute, budget, batch_size=s.micro_batch_size, seq_shards=L.seq_shards)
         if self.compile:
@@ -150,6 +165,21 @@ class Engine:
                                   tp_group=L.group("tp") if L.scatter_boundaries else None, trace=trace,
                                   channels=L.p2p_channels)
         return model, PipelineRunner(self, executor, self.shape.d_model)
+
+    def _stream(self, model: nn.Module) -> nn.Module:
+        """A checkpoint-backed meta model: buffers get their values, tp/sp slice the (still
+        weightless) modules, and only then does each parameter this rank holds read its own
+        box from the checkpoint: now, one tensor at a time (ZeRO 0-2), or at ZeRO-3 group by
+        group as ZeRO shards them (``weights.fill`` becomes its ``param_init``; recompute
+        budget measures the live model first, so it loads now too)."""
+        model.init_buffers(self.device)
+        model = parallelize(model, self.layout)
+        self.weights = HFWeights(model.checkpoint, model.checkpoint_name, model.tied_aliases(),
+                                 deferred=self.strategy.zero == 3 and self.strategy.recompute != "budget")
+        # ZeRO-3 keeps parameters on the host until it shards each group onto the device
+        allocate(model, torch.device("cpu") if self.weights.deferred else self.device,
+                 None if self.weights.deferred else self.weights.read)
+        return model
 
     # ------------------------------------------------------------------ layout
     @property
@@ -169,14 +199,27 @@ class Engine:
         return input_ids.chunk(sp, 1)[rank], labels.chunk(sp, 1)[rank]
 
     def loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The layout's loss for one micro-batch: mean over the micro-batch's (local) tokens.
+        """The layout's loss for one micro-batch.
+
+        Inside ``train_step`` (the built-in loss): this micro-batch's summed token losses times
+        ``G * n / N`` (G ranks averaging gradients, n micro-batches, N unmasked tokens in the
+        global batch), so the runners' usual 1/n and ZeRO's 1/G make the gradient exactly that
+        of the mean over the global batch's tokens, however the tokens fall over dp, sp,
+        micro-batches and masks. Outside it (a user's own loop) and with a custom ``loss_fn``:
+        the mean over this micro-batch's (local) tokens, weighted equally per micro-batch.
 
         Under tp the logits are split over the vocabulary: the vocab-parallel cross-entropy
         gives every tp rank the full loss without gathering them.
         """
+        scale = self._token_scale
         if self.layout.tp > 1:
-            return vocab_parallel_cross_entropy(output, labels, self.layout.group("tp"))
-        return self.loss_fn(output, labels)
+            group = self.layout.group("tp")
+            if scale is None:
+                return vocab_parallel_cross_entropy(output, labels, group)
+            return vocab_parallel_cross_entropy(output, labels, group, reduction="sum") * scale
+        if scale is None or self.loss_fn is not cross_entropy:
+            return self.loss_fn(output, labels)
+        return cross_entropy(output, labels, reduction="sum") * scale
 
     # ------------------------------------------------------------------ micro-batch API
     def __call__(self, input_ids: torch.Tensor, *args, **kwargs):
@@ -216,12 +259,25 @@ class Engine:
                              f"strategy.micro_batch_size={mbs}")
         micro = list(zip(input_ids.split(mbs), labels.split(mbs)))
         self.micro_step = 0
-        total = self.runner.run(micro)
         group = self.layout.grad_group
+        self._token_scale = self._tokens_scale(micro, group)
+        try:
+            total = self.runner.run(micro)
+        finally:
+            self._token_scale = None
         dist.all_reduce(total, group=group)
         loss = (total / (len(micro) * dist.get_world_size(group))).item()
         self.last["loss"] = loss
         return loss
+
+    def _tokens_scale(self, micro, group) -> float:
+        """``G * n / N`` of ``loss``: N counts the labels != -100 that the ranks of the gradient
+        group (dp x sp) hold after the sequence split, i.e. the global batch's, once."""
+        count = torch.stack([(self.shard_micro_batch(x, y)[1] != IGNORE_INDEX).sum() for x, y in micro]).sum()
+        count = count.reshape(1).to(device=self.device, dtype=torch.int64)  # counted where the labels are
+        dist.all_reduce(count, group=group)
+        self.last["loss_tokens"] = int(count)
+        return dist.get_world_size(group) * len(micro) / max(int(count), 1)
 
     def optimizer_step(self) -> None:
         """Finish gradient synchronisation and update the weights (the end of every step)."""

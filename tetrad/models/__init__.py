@@ -16,11 +16,12 @@ from .transformer import MLP, Attention, Block, CoreAttention, Transformer, init
 
 
 def build_model(model_cfg: Any, seed: int = 0, device: Any = None) -> nn.Module:
-    """arch gpt | llama -> Transformer; arch hf -> HFCausalLM (hf_model_type llama | gpt2).
+    """arch gpt | llama -> Transformer; arch hf -> HFCausalLM (any causal LM of transformers).
 
     ``device="meta"`` (tetrad models) builds shapes only: nothing is allocated or initialised
     until ``model.materialize(device)``, typically after a pipeline stage pruned the layers it
-    does not own. Hugging Face models are always built whole, on the default device.
+    does not own. A Hugging Face model from ``hf_path`` is always built on the meta device (the
+    engine streams this rank's weights into it); one from ``hf_model_type`` is built whole.
     """
     if _get(model_cfg, "arch") == "hf":
         from .hf import build_hf

@@ -10,8 +10,9 @@ from typing import Any
 ARCHS = ("gpt", "llama")
 
 # Hugging Face model types and the native family whose shapes they share, so that cost
-# models (parameters, FLOPs) can treat `arch: hf` configs like native ones.
-HF_FAMILY = {"llama": "llama", "gpt2": "gpt"}
+# models (parameters, FLOPs) can treat `arch: hf` configs like native ones. Types not listed
+# count as llama (gated MLP, RoPE): true of most current decoders, an estimate for the rest.
+HF_FAMILY = {"gpt2": "gpt", "gpt_neo": "gpt", "gptj": "gpt", "opt": "gpt", "gpt_bigcode": "gpt"}
 
 
 def default_d_ff(arch: str, d_model: int) -> int:
@@ -80,9 +81,7 @@ class ModelArgs:
             if value is not dataclasses.MISSING:
                 kwargs[f.name] = value
         if kwargs.get("arch") == "hf":
-            hf_type = get("hf_model_type", None) or "llama"
-            if hf_type not in HF_FAMILY:
-                raise ValueError(f"model.hf_model_type={hf_type!r} is not valid; "
-                                 f"expected one of {tuple(HF_FAMILY)}")
-            kwargs["arch"] = HF_FAMILY[hf_type]
+            kwargs["arch"] = HF_FAMILY.get(get("hf_model_type", None) or "llama", "llama")
+            if kwargs["arch"] == "llama" and (kwargs.get("d_model", 64) // kwargs.get("n_heads", 4)) % 2:
+                kwargs["arch"] = "gpt"  # an odd head size has no RoPE: count it as gpt
         return cls(**kwargs)

@@ -14,7 +14,7 @@ from typing import Iterable, Iterator, Protocol
 
 import torch
 
-from tetrad.zero.comm import Done
+from tetrad.device import Done
 
 
 class StateStore(Protocol):
@@ -38,7 +38,7 @@ class StateStore(Protocol):
 
 
 class HostState:
-    """``copies`` (``tetrad.offload.copies.DeviceCopies``) moves what comes from the device:
+    """``copies`` (``tetrad.device.DeviceCopies``) moves what comes from the device:
     its tensors are pinned only where there is a device to copy from, and a bucket is read on
     the CPU only after the copies into it have landed (their events, not a device-wide
     synchronize, which from another thread would wait for device 0)."""

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from tetrad.offload.copies import set_thread_device
+from tetrad.device import set_thread_device
 
 MAX_WAITING = 2  # gradients handed over but not yet consumed before backward pauses
 

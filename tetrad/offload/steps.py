@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from tetrad.checkpoint.pieces import OPTIM_STEP, Piece
-from tetrad.offload.copies import DeviceCopies, set_thread_device
+from tetrad.device import DeviceCopies, set_thread_device
 from tetrad.offload.kernel import PieceKernel
 from tetrad.offload.overlap import OverlapStream
 from tetrad.offload.pool import BufferPool, typed

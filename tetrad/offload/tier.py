@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from tetrad.device import DeviceCopies
 from tetrad.offload import budget as budgets
-from tetrad.offload.copies import DeviceCopies
 from tetrad.offload.host import HostState
 from tetrad.offload.kernel import PieceKernel, pieces_by_group, state_dtypes
 from tetrad.offload.params import ParamStore

@@ -7,6 +7,14 @@ not need it, so one table serves tp, Megatron-SP, Ulysses and their mixes. Patte
 
 Order inside a table matters only for ties: the embedding is replaced before the output
 head, so a tied head reuses the embedding's sharded weight.
+
+Hugging Face models without a table here get theirs from transformers itself: the config's
+``base_model_tp_plan`` (``colwise``, ``rowwise``, ``colwise_gather_output``, ...), each style
+mapped to tetrad's layer (``HF_STYLES``), with the input embedding and the output head replaced
+by tetrad's vocabulary-parallel ones (so the loss never gathers the logits, and a vocabulary
+that tp does not divide is padded). A table in ``PLANS`` overrides the derived one (Llama and
+GPT-2 have one: they enter the tp region once per block instead of once per projection).
+Styles need only the module, so they work on a model still on the meta device.
 """
 
 from __future__ import annotations
@@ -56,6 +64,30 @@ def colwise(m, L):
     return ColumnParallelLinear(m, L.tp_group, "none") if L.tp > 1 else m
 
 
+def colwise_entering(m, L):
+    """Column-parallel that enters the tp region itself (no module-level hook did)."""
+    return ColumnParallelLinear(m, L.tp_group, L.entry) if L.tp > 1 else m
+
+
+def colwise_gather_output(m, L):
+    return ColumnParallelLinear(m, L.tp_group, L.entry, gather_output=True) if L.tp > 1 else m
+
+
+def packed_colwise(m, L):
+    """A fused [gate; up] projection: each half split over ranks."""
+    return ColumnParallelLinear(m, L.tp_group, L.entry, parts=2) if L.tp > 1 else m
+
+
+def rowwise_split_input(m, L):
+    return RowParallelLinear(m, L.tp_group, L.seq, split_input=True) if L.tp > 1 else m
+
+
+def replicated_grad_sum(m, L):
+    """A replicated module applied to rank-local data (Qwen3's per-head q/k norms): its
+    gradients are summed over the tp group."""
+    return SequenceParallelReplicated(m, L.tp_group) if L.tp > 1 else m
+
+
 def rowwise(m, L):
     return RowParallelLinear(m, L.tp_group, L.seq) if L.tp > 1 else m
 
@@ -75,6 +107,10 @@ def rowwise_conv1d(m, L):
 def vocab_embedding(m, L):
     if L.tp == 1:
         return m
+    if type(m).forward is not nn.Embedding.forward and not hasattr(m, "embed_scale"):
+        raise PlanError(f"{type(m).__name__} changes nn.Embedding's forward; tetrad's vocab-parallel "
+                        f"embedding knows only an `embed_scale` buffer. Add a style for it in "
+                        f"tetrad/parallel/plan.py")
     new = VocabParallelEmbedding(m, L.tp_group, L.seq)
     L.ties[id(m.weight)] = new.weight
     return new
@@ -170,23 +206,62 @@ PLANS: dict[str, list[tuple[str, Style]]] = {
         ("lm_head", vocab_head)],
 }
 
+# transformers' tp-plan style names -> tetrad styles. Embedding styles are absent on purpose:
+# the input embedding and the head are always tetrad's vocabulary-parallel ones.
+HF_STYLES: dict[str, Style] = {
+    "colwise": colwise_entering, "rowwise": rowwise,
+    "colwise_gather_output": colwise_gather_output, "rowwise_split_input": rowwise_split_input,
+    "packed_colwise": packed_colwise, "replicated_with_grad_allreduce": replicated_grad_sum,
+}
+
 # Families whose attention core is a module of its own (Ulysses wraps it) and whose embedding
 # positions come from the local sequence (Megatron-SP shards after the embedding).
 SEQUENCE_SHARDABLE = ("tetrad-llama", "tetrad-gpt")
 
 
 # ------------------------------------------------------------------ applying a plan
+def _module_name(root: nn.Module, module: nn.Module | None) -> str | None:
+    return next((n for n, m in root.named_modules() if m is module), None) if module is not None else None
+
+
+def hf_plan(inner: nn.Module) -> list[tuple[str, Style]]:
+    """The plan of a Hugging Face model from transformers' own ``base_model_tp_plan``."""
+    cfg, name = getattr(inner, "config", None), type(inner).__name__
+    base = getattr(cfg, "base_model_tp_plan", None) or {}
+    if not base:
+        raise PlanError(f"no tensor-parallel plan for model class {name}: its config has no "
+                        f"base_model_tp_plan and tetrad has no table for it. Add one: "
+                        f"PLANS[{name!r}] = [(module-name pattern, style), ...] in tetrad/parallel/plan.py "
+                        f"(styles: colwise, rowwise, vocab_embedding, vocab_head, ...), or use strategy.tp=1")
+    unknown = sorted({s for s in base.values() if s not in HF_STYLES})
+    if unknown:
+        raise PlanError(f"{name}'s base_model_tp_plan uses style(s) {unknown} that tetrad does not "
+                        f"implement (known: {', '.join(HF_STYLES)}); add them to HF_STYLES in "
+                        f"tetrad/parallel/plan.py, give {name} a table in PLANS, or use strategy.tp=1")
+    prefix = getattr(inner, "base_model_prefix", "")
+    emb = _module_name(inner, inner.get_input_embeddings())
+    head = _module_name(inner, inner.get_output_embeddings())
+    plan = [(emb, vocab_embedding)] if emb else []
+    plan += [(f"{prefix}.{pattern}" if prefix else pattern, HF_STYLES[style]) for pattern, style in base.items()]
+    if head:
+        plan.append((head, vocab_head))
+    return plan
+
+
 def model_family(model: nn.Module) -> tuple[str, str]:
-    """(plan key, name prefix) of a model: tetrad Transformer, or an HF model (bare or in HFCausalLM)."""
+    """(plan key, name prefix) of a model: tetrad Transformer, or an HF model (bare or in
+    HFCausalLM); an HF class without a table gets the key "hf" (its plan comes from its config)."""
     args = getattr(model, "args", None)
     if args is not None and type(model).__name__ == "Transformer":
         return f"tetrad-{args.arch}", ""
     inner, prefix = (model.hf, "hf.") if hasattr(model, "hf") else (model, "")
     name = type(inner).__name__
     if name not in PLANS:
-        raise PlanError(f"no tensor/sequence-parallel plan for model class {name}; add an entry "
-                        f"PLANS[{name!r}] = [(module-name pattern, style), ...] in "
-                        f"tetrad/parallel/plan.py (known: {', '.join(PLANS)})")
+        if not hasattr(inner, "get_input_embeddings"):
+            raise PlanError(f"no tensor/sequence-parallel plan for model class {name}; add an entry "
+                            f"PLANS[{name!r}] = [(module-name pattern, style), ...] in "
+                            f"tetrad/parallel/plan.py (known: {', '.join(PLANS)})")
+        return "hf", prefix
     return name, prefix
 
 
@@ -224,13 +299,17 @@ def _dropped(model: nn.Module, pattern: str) -> bool:
 
 
 def apply_plan(model: nn.Module, plan: list[tuple[str, Style]], layout: Layout,
-               prefix: str = "") -> nn.Module:
+               prefix: str = "", strict: bool = True) -> nn.Module:
     """Apply each (pattern, style) to every matching module; a pattern matching nothing is an error
-    (the model's names drifted from the table)."""
+    (the model's names drifted from the table) when ``strict``. Plans derived from a Hugging Face
+    config are not strict: they list modules that only some configs of the class build (but
+    one that matches nothing at all is an error: the names drifted from the config's plan)."""
+    matched = 0
     for pattern, style in plan:
         rx = _matcher(prefix + pattern)
         hits = [name for name, _ in model.named_modules() if rx.fullmatch(name)]
-        if not hits and _dropped(model, prefix + pattern):
+        matched += len(hits)
+        if not hits and (not strict or _dropped(model, prefix + pattern)):
             continue  # a pipeline stage set this module to None: absent on purpose
         if not hits:
             raise PlanError(f"plan pattern {prefix + pattern!r} matches no module of "
@@ -242,6 +321,9 @@ def apply_plan(model: nn.Module, plan: list[tuple[str, Style]], layout: Layout,
             new = style(old, layout)
             if new is not old:
                 setattr(parent, attr, new)
+    if not matched:
+        raise PlanError(f"no pattern of the tensor-parallel plan of {type(model).__name__} matches any "
+                        f"of its modules; give it a table in tetrad/parallel/plan.py")
     return model
 
 
@@ -259,4 +341,13 @@ def parallelize(model: nn.Module, layout: ResolvedLayout) -> nn.Module:
     ctx = Layout(layout.group("tp"), layout.group("sp"), tp, sp, layout.megatron_sp_active,
                  rng_sharded=RNGFork(tp_rank + tp * sp_rank, device),
                  rng_sp=RNGFork(tp * sp_rank, device))
+    if family == "hf":
+        inner = model.hf if prefix else model
+        cap, vocab = getattr(inner.config, "final_logit_softcapping", None), inner.config.vocab_size
+        if cap and vocab % tp:  # tanh(-inf) is finite: the padding columns would get probability
+            raise PlanError(f"{type(inner).__name__} soft-caps its logits, so the vocabulary padding "
+                            f"of vocab_size={vocab} over strategy.tp={tp} would be predicted; valid: "
+                            f"tp dividing {vocab}")
+        return apply_plan(model, hf_plan(inner), ctx, prefix, strict=False)
     return apply_plan(model, PLANS[family], ctx, prefix)
+

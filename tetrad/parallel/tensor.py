@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tetrad.checkpoint.pieces import TPShard
-from tetrad.parallel.comm import (all_gather_tensor, copy_to_region, gather_from_sequence,
-                                  reduce_from_region, reduce_scatter_to_sequence)
+from tetrad.parallel.comm import (all_gather_tensor, copy_to_region, gather_from_region, gather_from_sequence,
+                                  reduce_from_region, reduce_scatter_to_sequence, scatter_to_region)
 
 # How a column-parallel layer receives its input: "copy" (replicated input; backward
 # all-reduces), "gather" (Megatron-SP: all-gather the sequence first) or "none" (a
@@ -115,15 +115,18 @@ class ColumnParallelLinear(nn.Module):
 
     `transposed` is for HF ``Conv1D`` (weight stored [in, out]); `parts` for fused projections
     whose output is `parts` equal blocks (q|k|v) that must each be split, not the whole.
+    `gather_output` all-gathers the split output (transformers' ``colwise_gather_output``:
+    a fused projection whose consumer needs every feature, e.g. Phi-3's q|k|v of unequal sizes).
     """
 
     def __init__(self, layer: nn.Module, group, input_mode: str = "copy", *,
-                 transposed: bool = False, parts: int = 1):
+                 transposed: bool = False, parts: int = 1, gather_output: bool = False):
         super().__init__()
         if input_mode not in INPUT_MODES:
             raise ValueError(f"input_mode={input_mode!r}; expected one of {INPUT_MODES}")
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         self.group, self.input_mode, self.transposed = group, input_mode, transposed
+        self.gather_output = gather_output
         out_dim = 1 if transposed else 0
         w = layer.weight
         if w.shape[out_dim] % (world * parts):
@@ -135,7 +138,8 @@ class ColumnParallelLinear(nn.Module):
                                                    *_box(b, 0, rank, world, parts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return column_linear(x, self.weight, self.bias, self.input_mode, self.group, self.transposed)
+        y = column_linear(x, self.weight, self.bias, self.input_mode, self.group, self.transposed)
+        return gather_from_region(y, self.group) if self.gather_output else y
 
 
 class RowParallelLinear(nn.Module):
@@ -144,12 +148,16 @@ class RowParallelLinear(nn.Module):
     With `sequence` (Megatron-SP) the sum is a reduce-scatter that leaves each rank its slice of
     the sequence. The bias is replicated and added once, after the sum; under Megatron-SP it
     sees only this rank's tokens, so it enters through copy_to_region to get the full gradient.
+    `split_input` takes this rank's slice of a replicated input first (transformers'
+    ``rowwise_split_input``, after a ``colwise_gather_output``).
     """
 
-    def __init__(self, layer: nn.Module, group, sequence: bool = False, *, transposed: bool = False):
+    def __init__(self, layer: nn.Module, group, sequence: bool = False, *, transposed: bool = False,
+                 split_input: bool = False):
         super().__init__()
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         self.group, self.sequence, self.transposed = group, sequence, transposed
+        self.split_input = split_input
         in_dim = 0 if transposed else 1
         w = layer.weight
         if w.shape[in_dim] % world:
@@ -160,6 +168,8 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight.t() if self.transposed else self.weight
+        if self.split_input:
+            x = scatter_to_region(x, self.group)
         y = F.linear(x, w)
         if self.sequence:
             y = reduce_scatter_to_sequence(y, self.group)
@@ -186,7 +196,11 @@ def vocab_range(vocab: int, rank: int, world: int) -> tuple[int, int, int]:
 
 class VocabParallelEmbedding(nn.Module):
     """Each rank holds a contiguous range of vocabulary rows; lookups outside it give zeros and
-    the all-reduce (or Megatron-SP reduce-scatter) fills them in from the owner."""
+    the all-reduce (or Megatron-SP reduce-scatter) fills them in from the owner.
+
+    An embedding that scales its output (Hugging Face's ``embed_scale`` buffer, Gemma's
+    sqrt(hidden)) keeps its scale.
+    """
 
     def __init__(self, emb: nn.Embedding, group, sequence: bool = False):
         super().__init__()
@@ -198,11 +212,15 @@ class VocabParallelEmbedding(nn.Module):
                               (self.start, 0), tuple(emb.weight.shape))
         pad = getattr(emb, "padding_idx", None)
         self.padding_idx = pad - self.start if pad is not None and self.start <= pad < self.end else None
+        scale = getattr(emb, "embed_scale", None)
+        self.register_buffer("embed_scale", scale if torch.is_tensor(scale) else None, persistent=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         outside = (ids < self.start) | (ids >= self.end)
         local = (ids - self.start).masked_fill(outside, 0)
         out = F.embedding(local, self.weight, self.padding_idx).masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.embed_scale is not None:
+            out = out * self.embed_scale.to(out.dtype)
         if self.sequence:
             return reduce_scatter_to_sequence(out, self.group)
         return reduce_from_region(out, self.group)
@@ -239,7 +257,7 @@ class _VocabParallelCE(torch.autograd.Function):
     vectors (max, sum of exp, target logit) instead of gathering [tokens, vocab] logits."""
 
     @staticmethod
-    def forward(ctx, logits, labels, group, ignore_index):
+    def forward(ctx, logits, labels, group, ignore_index, reduction):
         width = logits.shape[-1]
         start = dist.get_rank(group) * width
         gmax = logits.max(dim=-1).values
@@ -255,7 +273,7 @@ class _VocabParallelCE(torch.autograd.Function):
         both = torch.stack((picked, sum_exp))
         dist.all_reduce(both, group=group)
         picked, sum_exp = both.unbind(0)
-        count = valid.sum()
+        count = valid.sum() if reduction == "mean" else torch.ones((), dtype=torch.int64, device=valid.device)
         loss = ((sum_exp.log() - picked) * valid).sum() / count
         ctx.save_for_backward(exp.div_(sum_exp.unsqueeze(-1)), target, mine, valid, count)
         return loss
@@ -266,12 +284,13 @@ class _VocabParallelCE(torch.autograd.Function):
         g = softmax  # reused in place: backward runs once
         g.scatter_add_(-1, target.unsqueeze(-1), -mine.to(g.dtype).unsqueeze(-1))
         g.mul_((valid.to(g.dtype) * (grad / count)).unsqueeze(-1))
-        return g, None, None, None
+        return g, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, group,
-                                 ignore_index: int = -100) -> torch.Tensor:
-    """Mean next-token cross-entropy over labels != ignore_index, from vocab-split logits.
+                                 ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy over labels != ignore_index from vocab-split logits: their mean,
+    or with ``reduction="sum"`` their sum (the engine divides by the global batch's count).
 
     `logits` [..., V/tp] are this rank's equal-width slice (rank r holds token ids
     r*width .. (r+1)*width - 1); computed in at least fp32, like the single-process loss.
@@ -279,5 +298,5 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, gro
     """
     flat = logits.to(torch.promote_types(logits.dtype, torch.float32)).reshape(-1, logits.shape[-1])
     if dist.get_world_size(group) == 1:
-        return F.cross_entropy(flat, labels.reshape(-1), ignore_index=ignore_index)
-    return _VocabParallelCE.apply(flat, labels.reshape(-1).to(flat.device), group, ignore_index)
+        return F.cross_entropy(flat, labels.reshape(-1), ignore_index=ignore_index, reduction=reduction)
+    return _VocabParallelCE.apply(flat, labels.reshape(-1).to(flat.device), group, ignore_index, reduction)

@@ -99,7 +99,7 @@ def _time(fn, reps: int, device) -> float:
     fn()
     if device.type != "cpu":
         torch.accelerator.synchronize(device)
-    first = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+    first = torch.tensor([time.perf_counter() - t0], dtype=torch.float64, device=device)
     dist.all_reduce(first, op=dist.ReduceOp.MAX)
     k = int(min(MAX_REPEAT, max(1, MIN_SAMPLE_S // max(float(first), 1e-6))))
     times = []
@@ -126,6 +126,15 @@ def fit(points: list[tuple[int, float]]) -> tuple[float, float]:
     return alpha, beta
 
 
+def reduce_floats(values: list[float], op, device) -> list[float]:
+    """``values`` reduced over the world with ``op``, through a tensor on ``device``: the
+    process group's backend follows the device (NCCL reduces device tensors only)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=op)
+    return t.tolist()
+
+
 def _busy_kernel(device):
     """The compute a rank does between two collectives of a step, for the measurement: one
     projection pair of a small layer (512 tokens x 128 -> 512 -> 128, ~1-2 ms on one core)."""
@@ -134,10 +143,8 @@ def _busy_kernel(device):
     return lambda: (x @ w1) @ w2
 
 
-def _worst(seconds: float) -> float:
-    worst = torch.tensor([seconds], dtype=torch.float64)
-    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-    return float(worst)
+def _worst(seconds: float, device) -> float:
+    return reduce_floats([seconds], dist.ReduceOp.MAX, device)[0]
 
 
 def measure_partition(kind: str, g: int, stride: int, sizes: list[int], reps: int, device) -> dict:
@@ -155,17 +162,17 @@ def measure_partition(kind: str, g: int, stride: int, sizes: list[int], reps: in
     group, members = make_groups(world, g, stride)
     points, idle = [], []
     busy = _busy_kernel(device) if device.type == "cpu" else None
-    base = _worst(_time(busy, reps, device)) if busy is not None else 0.0
+    base = _worst(_time(busy, reps, device), device) if busy is not None else 0.0
     for nbytes in sizes:
         op = _op(kind, group, members, nbytes, device)
-        alone = _worst(_time(op, reps, device))
+        alone = _worst(_time(op, reps, device), device)
         idle.append((nbytes, alone))
         if busy is not None:
 
             def both(op=op):
                 busy()
                 op()
-            alone = max(alone, _worst(_time(both, reps, device)) - base)
+            alone = max(alone, _worst(_time(both, reps, device), device) - base)
         points.append((nbytes, alone))
     alpha, beta = fit(points)
     return {"alpha_s": alpha, "beta_s_per_byte": beta, "points": points, "idle_points": idle}
@@ -195,9 +202,7 @@ def measure_overlap(device, nbytes: int = 1 << 22, reps: int = 3) -> float:
         work.wait()
     b = _time(both, reps, device)
     hidden = (c + m - b) / max(min(c, m), 1e-9)
-    value = torch.tensor([min(max(hidden, 0.0), 1.0)], dtype=torch.float64)
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return float(value)
+    return reduce_floats([min(max(hidden, 0.0), 1.0)], dist.ReduceOp.MIN, device)[0]
 
 
 def measure_all(sizes: list[int], reps: int, device, local_world: int) -> dict:

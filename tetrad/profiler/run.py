@@ -50,12 +50,9 @@ def shard_shapes(args: ModelArgs, world: int) -> list[tuple[int, int]]:
     return out
 
 
-def _mean_over_ranks(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return t.tolist()
+def _mean_over_ranks(values: list[float], device) -> list[float]:
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return [v / world for v in collectives.reduce_floats(values, dist.ReduceOp.SUM, device)]
 
 
 def measure_layers(args: ModelArgs, precision: str, world: int, opts: ProfileOptions, device) -> dict:
@@ -83,7 +80,7 @@ def measure_layers(args: ModelArgs, precision: str, world: int, opts: ProfileOpt
     layers.measure_micro_batch(args, max(opts.mbs), precision, device, 1, built)  # warm-up
     micro = [layers.measure_micro_batch(args, b, precision, device, opts.reps, built) for b in opts.mbs]
     timed = rows + heads + micro
-    flat = _mean_over_ranks([r[k] for r in timed for k in ("fwd_s", "bwd_s")])
+    flat = _mean_over_ranks([r[k] for r in timed for k in ("fwd_s", "bwd_s")], device)
     for i, r in enumerate(timed):
         r["fwd_s"], r["bwd_s"] = flat[2 * i], flat[2 * i + 1]
     return {"layers": rows, "head": heads, "activations": acts, "micro_batch": micro}
@@ -95,7 +92,7 @@ def measure_kernels(precision: str, device, reps: int) -> dict:
     out = kernels.measure_all(device, compute_dtype(precision), reps)
     rows = out["gemm"] + out["attention"] + [out["memory"]]
     keys = [(r, k) for r in rows for k in ("s", "fwd_s", "bwd_s") if k in r]
-    for (r, k), v in zip(keys, _mean_over_ranks([r[k] for r, k in keys])):
+    for (r, k), v in zip(keys, _mean_over_ranks([r[k] for r, k in keys], device)):
         r[k] = v
     return out
 
@@ -115,7 +112,7 @@ def profile_world(args: ModelArgs, precision: str, opts: ProfileOptions) -> dict
         comm = collectives.measure_all(opts.comm_sizes, opts.comm_reps, device, local_world) if world > 1 else {}
         overlap = collectives.measure_overlap(device) if world > 1 else 1.0
         split["collectives_s"] = time.perf_counter() - start - split["layers_s"]
-        adam = _mean_over_ranks([layers.measure_optimizer(precision, device)])[0]
+        adam = _mean_over_ranks([layers.measure_optimizer(precision, device)], device)[0]
         contention = layers.measure_contention(device)
     if not dist.is_initialized() or dist.get_rank() == 0:
         profile = {

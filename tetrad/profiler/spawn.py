@@ -26,7 +26,7 @@ def _worker(fn: Callable, rank: int, world: int, port: int, results, args: tuple
     torch.set_num_threads(threads)
     try:
         store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=60))
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
+        dist.init_process_group(_backend(rank, world), store=store, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=300))
         out = fn(*args)
         results.put((rank, "ok", out if rank == 0 else None))
@@ -35,6 +35,22 @@ def _worker(fn: Callable, rank: int, world: int, port: int, results, args: tuple
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _backend(rank: int, world: int) -> str:
+    """One accelerator per spawned rank where the machine has enough of them (the backend
+    follows the device, NCCL on CUDA); otherwise every rank measures the CPU on gloo, since NCCL
+    refuses two ranks on one GPU and gloo on CUDA tensors would measure neither."""
+    import torch
+
+    from tetrad.compat import default_backend
+
+    if torch.accelerator.is_available() and torch.accelerator.device_count() >= world \
+            and os.environ.get("TETRAD_DEVICE", "") != "cpu":
+        torch.accelerator.set_device_index(rank)
+        return default_backend(torch.accelerator.current_accelerator())
+    os.environ["TETRAD_DEVICE"] = "cpu"
+    return "gloo"
 
 
 def run_local(fn: Callable, world: int, *args: Any, timeout: float = 600.0) -> Any:

@@ -38,8 +38,10 @@ def measure_steps(cfg: Config, s: StrategyConfig, steps: int = 3) -> float:
         t0 = time.perf_counter()
         engine.train_step((ids[:, :-1], ids[:, 1:]))
         times.append(time.perf_counter() - t0)
-    worst = torch.tensor([statistics.median(times[1:] or times)], dtype=torch.float64)
+    # on the engine's device: the process group's backend follows it (NCCL reduces device tensors)
+    worst = torch.tensor([statistics.median(times[1:] or times)], dtype=torch.float64, device=engine.device)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    engine.close()
     return float(worst)
 
 

@@ -1,10 +1,16 @@
 """What the training loop does when something goes wrong, kept out of trainer.py.
 
-* **Preemption.** SIGTERM/SIGINT only set a flag. At the next step boundary every rank
-  learns whether *any* rank was signalled (a one-int all-reduce MAX), so all of them stop
-  after the same step; no rank leaves a collective half done. The loop then writes a
-  checkpoint synchronously and returns normally, so the process exits 0 and the next
-  launch resumes from it (``checkpoint.resume: auto``).
+* **Preemption.** SIGTERM, SIGINT and SIGUSR1 (what ``sbatch --signal=USR1@T`` sends ahead
+  of a time limit) only set a flag. At the next step boundary every rank learns whether
+  *any* rank was signalled (an all-reduce MAX, which also carries the checkpoint outcomes of
+  :mod:`tetrad.checkpoint.health`), so all of them stop after the same step; no rank leaves
+  a collective half done. The loop then commits a checkpoint of that step -- even with
+  ``checkpoint.every: 0`` -- and returns normally, so the process exits 0 (a requeue hook
+  can run) and the next launch resumes from it (``checkpoint.resume: auto``). A signal
+  before the first step stops there: nothing new to save.
+* **Failing checkpoint saves.** A save that fails on any rank is agreed on every rank,
+  reported (rank 0, and ``checkpoint_failed`` in metrics.jsonl) and training goes on;
+  ``checkpoint.max_failures`` failures in a row stop the run with :class:`CheckpointFault`.
 * **Non-finite steps.** The global gradient norm is all-reduced over every group, so every
   rank sees the same NaN/inf and skips the same optimizer update (in ``tetrad.zero``);
   here skipped steps are counted into ``metrics.jsonl`` and the run stops with
@@ -23,14 +29,17 @@ import math
 import os
 import signal
 import socket
-import threading
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+from tetrad.trainer.preempt import Preemption
+
+__all__ = ["CheckpointFault", "FaultGuard", "NumericalFault", "Preemption", "RankFailure", "TrainingFault"]
+
 # How long a survivor waits for its peers to check in before naming the missing ones.
 _CHECK_IN_S = 5.0
 # Substrings of backend errors that mean "a peer is gone" rather than a bug in this rank.
@@ -49,35 +58,8 @@ class RankFailure(TrainingFault):
     """A peer rank died or hung: a collective failed or timed out."""
 
 
-# ---------------------------------------------------------------------------- preemption
-class Preemption:
-    """SIGTERM/SIGINT handlers that only record the signal (repeats are ignored: a second
-    Ctrl-C must not kill the checkpoint being written; SIGKILL is the hard stop)."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous: dict[int, object] = {}
-
-    def install(self) -> "Preemption":
-        if threading.current_thread() is threading.main_thread():  # Python's rule for handlers
-            for sig in _SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum is None:
-            self.signum = signum
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def agreed(self, device: torch.device) -> int:
-        """The signal any rank received (0 if none); every rank gets the same answer."""
-        flag = torch.tensor([self.signum or 0], dtype=torch.int32, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag)
+class CheckpointFault(TrainingFault):
+    """Too many checkpoint saves in a row failed (full disk, I/O errors, a lost directory)."""
 
 
 # ---------------------------------------------------------------------------- skipped steps
@@ -158,15 +140,16 @@ def rank_failure(err: BaseException, rank: int, world: int, what: str, timeout_s
 # ---------------------------------------------------------------------------- the loop's view
 class FaultGuard:
     """One Trainer's fault handling: ``with guard.step(n): ...`` around each step's
-    collectives, ``observe`` before logging, ``end_step`` after checkpointing."""
+    collectives, ``agree`` before logging a step, ``check`` after."""
 
-    def __init__(self, config, engine, output_dir: Path, skipped_total: int = 0):
+    def __init__(self, config, engine, output_dir: Path, skipped_total: int = 0,
+                 preemption: Preemption | None = None):
         self.engine, self.run = engine, config.run
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         total = torch.tensor([skipped_total], dtype=torch.int64, device=engine.device)
         dist.broadcast(total, src=0)  # only rank 0 reads metrics.jsonl back on resume
         self.skips = SkippedSteps(self.run.max_skipped_steps, int(total))
-        self.preemption = Preemption().install()
+        self.preemption = preemption if preemption is not None else Preemption().install()
         self.failed = False
         self.signum = 0
         write_pid_file(output_dir, self.rank)
@@ -188,27 +171,58 @@ class FaultGuard:
     def observe(self, record: dict) -> None:
         self.skips.observe(record)
 
-    def end_step(self, step: int, record: dict, checkpoints) -> bool:
-        """Raise after too many skipped steps; True when the run was preempted and has been
-        checkpointed at ``step`` (the loop should stop)."""
-        self.skips.check(record)
+    def agree(self, step: int, record: dict | None, checkpoints, trained: bool = True) -> bool:
+        """At a step boundary: one all-reduce tells every rank whether any was signalled and
+        how the checkpoint saves ended; failures go into ``record``. True when preempted
+        (then a checkpoint of ``step`` has been committed, or its failure reported; with
+        ``trained`` False -- before the first step -- there is nothing new to save)."""
+        agreement = checkpoints.agreement
         with self.step(step, "preemption check after step"):
-            self.signum = self.preemption.agreed(self.engine.device)
-        if not self.signum:
-            return False
-        self._checkpoint_now(step, checkpoints)
-        return True
+            values = self.preemption.agreed(self.engine.device, agreement.local())
+            agreement.apply(values[1:])
+            self.signum = values[0]
+            if self.signum and trained:
+                self._checkpoint_now(step, checkpoints)
+        self._report(agreement, record)
+        if self.signum and self.rank == 0:
+            name = signal.Signals(self.signum).name
+            print(f"tetrad: {name} received: stopped {self._where(step, checkpoints, trained)}", flush=True)
+        return bool(self.signum)
+
+    def check(self, record: dict, checkpoints) -> None:
+        """Raise after too many skipped steps or failed checkpoint saves in a row (every
+        rank at the same step: both counts are agreed)."""
+        self.skips.check(record)
+        if checkpoints.agreement.should_stop:
+            raise CheckpointFault(checkpoints.agreement.stop_message())
+
+    def finish(self, step: int, record: dict, checkpoints) -> None:
+        """After the last step: the last save committed (or its failure agreed) into ``record``."""
+        with self.step(step, "final checkpoint after step"):
+            checkpoints.finish()
+        self._report(checkpoints.agreement, record)
 
     def _checkpoint_now(self, step: int, checkpoints) -> None:
-        name = signal.Signals(self.signum).name
-        if checkpoints.manager is None:
-            msg = "checkpoint.every=0, so no checkpoint was written"
-        else:
-            checkpoints.after_step(step, force=True)  # no-op if this step was just saved
-            checkpoints.manager.wait_for_flush()  # synchronous: committed before we exit
-            msg = f"checkpoint committed under {checkpoints.root}; relaunch to resume"
+        checkpoints.after_step(step, force=True)  # no-op if this step was just saved
+        checkpoints.finish()  # synchronous: committed (or failed, agreed) before we exit
+
+    def _where(self, step: int, checkpoints, trained: bool) -> str:
+        agreement = checkpoints.agreement
+        if not trained:
+            return f"before training past step {step}: nothing new to checkpoint; relaunch to resume"
+        if agreement.committed(step):
+            return f"after step {step}, checkpoint committed under {checkpoints.root}; relaunch to resume"
+        last = agreement.last_committed
+        since = f"step {last}" if last is not None else "the newest checkpoint from before this run, if any"
+        return f"after step {step}, but its checkpoint failed (see above); a relaunch resumes from {since}"
+
+    def _report(self, agreement, record: dict | None) -> None:
+        reports = agreement.take_reports()
+        if reports and record is not None:
+            record["checkpoint_failed"] = reports
         if self.rank == 0:
-            print(f"tetrad: {name} received: stopped after step {step}, {msg}", flush=True)
+            for report in reports:
+                print(f"tetrad: {agreement.describe(report)}", file=sys.stderr, flush=True)
 
     def close_timeout(self) -> float | None:
         """How long to wait for an in-flight checkpoint at exit: until it is committed, unless
@@ -216,7 +230,7 @@ class FaultGuard:
         return min(_CHECK_IN_S, self.run.collective_timeout_s) if self.failed else None
 
     def close(self) -> None:
-        self.preemption.restore()
+        """Nothing to undo here: the signal handlers belong to whoever installed them."""
 
 
 def write_pid_file(output_dir: Path, rank: int) -> Path:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from tetrad.compat import max_memory_allocated
+
 
 def peak_rss_mb() -> float:
     """This process's peak resident set size, MiB.
@@ -33,14 +35,11 @@ def peak_rss_mb() -> float:
 def peak_device_mb(device: torch.device) -> float | None:
     if device.type == "cpu":
         return None
-    return torch.accelerator.max_memory_allocated(device) / 2**20
+    return max_memory_allocated(device) / 2**20
 
 
-def keep_steps_through(path: Path, step: int) -> dict | None:
-    """Atomically rewrite ``path`` keeping only records with ``step <= step`` (and dropping a
-    line a crash cut short); returns the last kept record. A fresh run (step 0) starts empty."""
-    if not path.exists():
-        return None
+def _records_through(path: Path, step: int) -> list[dict]:
+    """The well-formed records of ``path`` with ``step <= step`` (a line a crash cut short is skipped)."""
     kept = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
@@ -49,6 +48,21 @@ def keep_steps_through(path: Path, step: int) -> dict | None:
             continue
         if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
             kept.append(record)
+    return kept
+
+
+def last_record_through(path: Path, step: int) -> dict | None:
+    """The last record of ``path`` at or before ``step`` (read only), or None."""
+    kept = _records_through(path, step) if path.exists() else []
+    return kept[-1] if kept else None
+
+
+def keep_steps_through(path: Path, step: int) -> dict | None:
+    """Atomically rewrite ``path`` keeping only records with ``step <= step`` (and dropping a
+    line a crash cut short); returns the last kept record. A fresh run (step 0) starts empty."""
+    if not path.exists():
+        return None
+    kept = _records_through(path, step)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in kept)

@@ -12,22 +12,10 @@ import torch
 import torch.distributed as dist
 
 from tetrad.compat import all_gather_single, reduce_scatter_single
+from tetrad.device import Done
 
 
 
-class Done:
-    """A handle of work that finished when it was issued: a collective with nothing to
-    communicate (a group of one), a host-memory copy. Same surface as the async handles it
-    stands in for (c10d ``Work.wait``, offload ``Transfer.done``/``add_done_callback``)."""
-
-    def wait(self) -> bool:
-        return True
-
-    def done(self) -> bool:
-        return True
-
-    def add_done_callback(self, cb) -> None:
-        cb(self)
 
 
 def group_size(group) -> int:
