@@ -148,3 +148,40 @@ def test_host_memory_rules():
         load_strategy({"zero": 2, "offload": {"optimizer": "nvme", "nvme_dir": "/tmp", "host_memory_gb": -1}})
     ok = load_strategy({"zero": 3, "offload": {"optimizer": "nvme", "nvme_dir": "/tmp", "host_memory_gb": "auto"}})
     assert ok.offload.host_memory_gb == "auto"
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_a_gradient_the_sink_still_reads_is_not_reused(tmp_path, monkeypatch, zero):
+    """The overlapped step reads each reduced gradient on its thread after ``reduced`` returns
+    (on the CPU, the very tensor it was given): ZeRO must not lend that memory to the next
+    group's gradient. Every gradient handed over must still hold its values when the step
+    ends (same-sized groups, so a pooled buffer would be reused at once)."""
+    import torch
+
+    from tetrad.config.schema import OptimizerConfig
+    from tetrad.engine import Engine
+    from tetrad.models import build_model
+    from tetrad.offload.steps import OverlapStep
+
+    handed: list[tuple[torch.Tensor, torch.Tensor, bool]] = []
+    inner = OverlapStep.reduced
+
+    def reduced(self, g, grad):
+        done = inner(self, g, grad)
+        handed.append((grad, grad.clone(), done))
+        return done
+
+    monkeypatch.setattr(OverlapStep, "reduced", reduced)
+    model = {**MODEL, "n_layers": 4}
+    engine = Engine(build_model(model, seed=SEED), strategy={
+        "zero": zero, "micro_batch_size": 2,
+        "offload": {"optimizer": "nvme", "nvme_dir": str(tmp_path), "step": "overlap"}},
+        optim_cfg=OptimizerConfig(lr=1e-2, warmup_steps=0, grad_clip=0.0), global_batch_size=2,
+        total_steps=2)
+    tokens = torch.randint(0, MODEL["vocab_size"], (2, MODEL["seq_len"] + 1), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        engine.train_step((tokens[:, :-1], tokens[:, 1:]))
+    engine.close()
+    kept = [(t, snap) for t, snap, done in handed if not done]
+    assert len(kept) >= 4                            # several groups (layers or buckets), each step
+    assert all(torch.equal(t, snap) for t, snap in kept)

@@ -88,8 +88,11 @@ class SpillSink:
         return key
 
     @torch.no_grad()
-    def reduced(self, g: FlatGroup, grad: torch.Tensor) -> None:
-        grad = grad.float()  # on the device: one cast there, then fp32 copies down
+    def reduced(self, g: FlatGroup, grad: torch.Tensor) -> bool:
+        """Store the shard's pieces. Done with ``grad`` on return where every copy below is
+        synchronous (the CPU) or reads a cast of it; on a device the pinned copy may still be
+        reading it (ZeRO then does not reuse its memory)."""
+        incoming, grad = grad, grad.float()  # on the device: one cast there, then fp32 copies down
         self.squares[g.index] = squares64(grad)  # stays on the device until the norm needs it
         for k in self.p.by_group[g.index]:
             _, lo, hi = self.p.pieces[k]
@@ -102,6 +105,7 @@ class SpillSink:
             part.copy_(grad[lo:hi])  # (device-to-host: the file write needs the bytes now)
             self.p.state.put(k, self.key, part).add_done_callback(
                 lambda _t, b=buf: self.p.grad_pool.release(b))
+        return incoming.device.type == "cpu" or grad is not incoming
 
 
 class OffloadedMasters:
@@ -286,12 +290,14 @@ class OverlapStep(OffloadedMasters):
         self._publisher = publisher
         self._stream.start()
 
-    def reduced(self, g: FlatGroup, grad: torch.Tensor) -> None:
+    def reduced(self, g: FlatGroup, grad: torch.Tensor) -> bool:
         """Group ``g``'s reduced gradient shard is ready: the optimizer thread steps its pieces.
 
         Nothing here waits for the device: the gradient and its squared norm go down to pinned
-        memory on the side stream, and the optimizer thread waits for that copy's event."""
-        grad = grad.float()
+        memory on the side stream, and the optimizer thread waits for that copy's event. So
+        ``grad`` is still read after the call (on the CPU the thread steps from it directly):
+        not done with it unless a cast made a copy of our own."""
+        incoming, grad = grad, grad.float()
         sq = squares64(grad)
         host, ready = self.p.copies.to_host(grad)
         host_sq, ready_sq = self.p.copies.to_host(sq)
@@ -302,6 +308,7 @@ class OverlapStep(OffloadedMasters):
             ready_sq.wait()
             return bool(torch.isfinite(host_sq).all())
         self._stream.arrive(g.index, host, finite=finite)
+        return grad is not incoming
 
     def _step_piece(self, k: int, views: dict, grad: torch.Tensor) -> None:
         self.kernel.step(k, views, grad, 1.0)  # the gradient is on the host already

@@ -188,10 +188,14 @@ class ShardedGrads(_HookedGrads):
             st.handle.wait()
             st.handle = None
             if self.sink is not None:  # the tier takes it now, during backward
-                self.sink.reduced(g, g.grad_shard)
-                if g.grad_shard is not g.grad_full:
-                    self.buffers.give(g.grad_shard)
-                g.grad_shard = None
+                shard, g.grad_shard = g.grad_shard, None
+                # pooled again only if the sink has finished reading it: an overlapped step
+                # reads it on its thread later, and the next group's gradient must not land there
+                done = self.sink.reduced(g, shard)
+                if shard is g.grad_full:  # a group of one rank: the flat buffer was the shard
+                    g.grad_full = shard if done else None
+                elif done:
+                    self.buffers.give(shard)
         if g.grad_full is not None and g.grad_full is not g.grad_shard:
             self.buffers.give(g.grad_full)
         g.grad_full = None
