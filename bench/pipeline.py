@@ -6,7 +6,9 @@ One JSON line per schedule. ``bubble`` is the mean over ranks of 1 - busy/makesp
 time inside F/B/W; makespan = from a pp barrier to the slowest rank's last action), for the
 step with the shortest makespan (``_best``: least disturbed by other tenants of a shared
 machine) and the median one; ``bubble_theory`` is the papers' formula (Narayanan et al.; Qi
-et al. with T_F = T_B = T_W). ``of_bound`` is the busiest rank's compute time over the step
+et al. with T_F = T_B = T_W; Lamy-Poirier for breadth-first; 0 for ZB-V, the paper's
+steady-state figure) and ``bubble_simulated`` what ``pipeline.simulate`` gives for the exact
+action lists on the same costs (fill and drain of a finite step included). ``of_bound`` is the busiest rank's compute time over the step
 time: the fraction of the physical bound (no bubble, no communication) reached. ``--model sleep`` (default) uses layers that sleep T per pass (``pipeline.synthetic``),
 so schedules are compared without four ranks fighting over a small machine's cores;
 ``--model transformer`` runs a real tiny Llama (d_model 64) and its numbers include that
@@ -25,7 +27,8 @@ import torch
 import torch.distributed as dist
 
 P = 4
-SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("zero_bubble", 1)]
+SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("zero_bubble", 1), ("zero_bubble_v", 1),
+             ("breadth_first", 2)]
 MBS, SEQ, D, LAYERS = 1, 32, 64, 8
 
 
@@ -64,13 +67,16 @@ def _worker(rank: int, port: int, args, queue) -> None:
 
 
 def _summarise(name: str, v: int, per_rank: list[dict], args) -> dict:
-    from tetrad.parallel.pipeline import theoretical_bubble
+    from tetrad.parallel.pipeline import build_schedule, bubble, placement, simulate, theoretical_bubble
 
     spans = [s["makespan_s"] for s in per_rank[0][name]]
     tokens = args.micro_batches * MBS * SEQ
+    sim = bubble(simulate(build_schedule(name, P, args.micro_batches, v), (1.0, 1.0, 1.0),
+                          placement=placement(name, P, v)))
     out = {"bench": "pipeline", "model": args.model, "schedule": name, "pp": P, "virtual_stages": v,
            "micro_batches": args.micro_batches,
            "bubble_theory": round(theoretical_bubble(name, P, args.micro_batches, v, (1.0, 1.0, 1.0)), 3),
+           "bubble_simulated": round(sum(sim) / P, 3),
            "peak_in_flight_stage0": max(s["peak_in_flight"] for s in per_rank[0][name])}
     for label, span in (("best", min(spans)), ("median", statistics.median_high(spans))):
         i = spans.index(span)

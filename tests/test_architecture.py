@@ -18,8 +18,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent / "tetrad"
 FLOORS = {
     # compat: the torch APIs newer than the floor, with fallbacks; device: copies off the
-    # compute stream and thread devices, for offload and checkpoint alike
-    "compat": 0, "device": 0, "config": 0,
+    # compute stream and thread devices, for offload and checkpoint alike; traffic: the
+    # collectives' byte counter, for zero and parallel alike
+    "compat": 0, "device": 0, "traffic": 0, "config": 0,
     "models": 1, "data": 1,
     "checkpoint": 2, "recompute": 2,
     "parallel": 3, "zero": 3,
@@ -153,24 +154,27 @@ def _config(**strategy):
                         "strategy": {"auto": True, **strategy}})
 
 
-FREE = ("tp", "pp", "sp", "megatron_sp", "zero", "micro_batch_size", "recompute",
+FREE = ("tp", "pp", "sp", "cp", "megatron_sp", "zero", "micro_batch_size", "recompute",
         "pipeline_schedule", "virtual_stages", "offload.optimizer", "offload.params")
 
 
 def _key(s) -> tuple:
-    return (s.tp, s.pp, s.sp, s.megatron_sp, s.zero, s.micro_batch_size, s.recompute,
+    return (s.tp, s.pp, s.sp, s.cp, s.megatron_sp, s.zero, s.micro_batch_size, s.recompute,
             s.pipeline_schedule, s.virtual_stages, s.offload.optimizer, s.offload.params)
 
 
 def _every_combination(base, world: int):
     """The whole cross product of the searched keys' values, valid or not."""
     divs = [d for d in range(1, world + 1) if world % d == 0]
-    schedules = [("gpipe", 1), ("1f1b", 1), ("zero_bubble", 1)] + [("interleaved", v) for v in (1, 2, 4)]
+    schedules = [("gpipe", 1), ("1f1b", 1), ("zero_bubble", 1), ("zero_bubble_v", 1), ("zero_bubble_v", 2),
+                 ("interleaved", 1), ("interleaved", 2), ("breadth_first", 2)]
     tiers = ("none", "cpu", "nvme")
-    for tp, pp, sp, msp, zero, mbs, rc, (sched, v), opt, par in itertools.product(
-            divs, divs, divs, (False, True), range(4), (1, 2, 4, 8), ("none", "selective", "full"),
+    # cp 1 and 2 only (with tp, pp and sp up to the world): enough to cross every cp rule
+    # with the others while keeping the cross product small.
+    for tp, pp, sp, cp, msp, zero, mbs, rc, (sched, v), opt, par in itertools.product(
+            divs, divs, divs, (1, 2), (False, True), range(4), (1, 2, 4, 8), ("none", "selective", "full"),
             schedules, tiers, tiers):
-        yield dataclasses.replace(base, auto=False, tp=tp, pp=pp, sp=sp, megatron_sp=msp, zero=zero,
+        yield dataclasses.replace(base, auto=False, tp=tp, pp=pp, sp=sp, cp=cp, megatron_sp=msp, zero=zero,
                                   micro_batch_size=mbs, recompute=rc, pipeline_schedule=sched,
                                   virtual_stages=v, offload=dataclasses.replace(
                                       base.offload, optimizer=opt, params=par))
@@ -194,7 +198,7 @@ def test_search_space_is_exactly_what_the_rule_book_allows(world, strategy):
     refused = [c for c in _every_combination(cfg.strategy, world) if space.problems(c)]
     assert refused and not {_key(c) for c in refused} & found
     rules = {p.rule for c in refused for p in space.problems(c)}
-    assert {"layout.kv_heads_tp", "zero.pp", "offload.params_zero3"} <= rules, rules
+    assert {"layout.kv_heads_tp", "pipeline.virtual_stages", "offload.params_zero3"} <= rules, rules
     if "nvme_dir" not in strategy.get("offload", {}):
         assert not [c for c in candidates if "nvme" in (c.offload.optimizer, c.offload.params)]
 

@@ -177,6 +177,22 @@ def test_pickle_and_malicious_safetensors_are_refused(tmp_path):
         CheckpointReader(path, verify_files=False).fill([Piece("w", torch.empty(6, 10), (6, 10))])
 
 
+def test_a_header_length_starting_with_0x80_is_not_a_pickle(tmp_path):
+    """A safetensors header of 128 + 256 k bytes starts the file with 0x80, pickle's PROTO
+    opcode: still opened (the header's '{' tells them apart)."""
+    from safetensors.torch import save_file
+
+    from tetrad.checkpoint.fileio import open_safetensors
+
+    for pad in range(300):  # the header grows with the metadata until its length ends in 0x80
+        path = tmp_path / "x.safetensors"
+        save_file({"w": torch.arange(4.0)}, str(path), metadata={"pad": "x" * pad})
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    assert path.read_bytes()[:1] == b"\x80"
+    assert torch.equal(open_safetensors(path).get_tensor("w"), torch.arange(4.0))
+
+
 def test_manifest_cannot_point_outside_the_directory(tmp_path):
     path = _one_checkpoint(tmp_path, 1)
     manifest = json.loads((path / "manifest.json").read_text())

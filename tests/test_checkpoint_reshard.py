@@ -185,3 +185,29 @@ def test_offloaded_run_trains_and_checkpoints(tmp_path):
     msg = run_distributed(_offload_fit, 1, str(tmp_path))[0]
     assert msg == "trained", msg
     assert (tmp_path / "checkpoints" / "step_00000010" / "manifest.json").is_file()
+
+
+@pytest.mark.slow
+def test_hybrid_sharding_and_hpz_reshard_to_flat_and_back(tmp_path):
+    """World 4 as two nodes of two (strategy.ranks_per_node 2): checkpoints written under
+    dp_shard=2 (replicas across the nodes: one writer per element, checked by _jobs) and
+    under hpZ=2 resume under flat ZeRO-1 and tp=2 ZeRO-3; a flat ZeRO-1 checkpoint resumes
+    under dp_shard=2 and hpZ=2 (ZeRO-2 with dp_shard too). Every curve is the flat one."""
+    node = {"ranks_per_node": 2, "micro_batch_size": 2}
+    src = {k: {"out": str(tmp_path / k), "strategy": {**node, **s}} for k, s in (
+        ("flat", {"zero": 1}), ("shard", {"zero": 3, "dp_shard": 2}), ("hpz", {"zero": 3, "zeropp": {"hpz": 2}}))}
+    ck = {k: f"{v['out']}/checkpoints/step_00000005" for k, v in src.items()}
+    dst = {k: {"out": str(tmp_path / k.replace(">", "")), "resume": ck[k.split("-")[0]], "every": 0,
+               "strategy": {**node, **s}} for k, s in (
+        ("shard->z1", {"zero": 1}), ("hpz->tp2", {"zero": 3, "tp": 2, "micro_batch_size": 4}),
+        ("flat->shard", {"zero": 3, "dp_shard": 2}), ("flat->hpz", {"zero": 3, "zeropp": {"hpz": 2}}),
+        ("flat->shard_z2", {"zero": 2, "dp_shard": 2}))}
+    jobs = {**src, **dst}
+    results = run_distributed(_jobs, 4, list(jobs.values()), timeout=400)
+    for r in results[1:]:
+        assert r == results[0]
+    runs = dict(zip(jobs, results[0]))
+    for k in ("shard", "hpz"):
+        np.testing.assert_allclose(_losses(runs[k]), _losses(runs["flat"]), rtol=1e-5)
+    for k in dst:
+        _same_curve(runs[k], runs["flat"])

@@ -101,7 +101,7 @@ def test_world2_tp_zero3_and_dp(reference, setup, tmp_path):
             assert (rank_results[i]["sharded"] >= 2 + 4 * 2) == ("tp" in strategy), (family, strategy)
 
 
-@pytest.mark.skip(reason="needs HF pipeline splitting from issue #18")
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_world2_pp(reference, setup, tmp_path, family):
     cfg = config(str(tmp_path / family), setup["ckpts"][family], setup["tokens"], pp=2)

@@ -36,13 +36,15 @@ def test_detect_launch(clean_env, env, expected):
 
 def test_dp_auto_fills_the_world():
     dims = ParallelDims(16, pp=2, tp=2)
-    assert dims.dp == 4 and dims.degrees == (2, 4, 1, 2)
+    assert dims.dp == 4 and dims.degrees == (2, 4, 1, 1, 2)
     assert dims.dp_enabled and dims.tp_enabled and dims.pp_enabled and not dims.sp_enabled
+    assert not dims.cp_enabled and ParallelDims(16, cp=2, tp=2).dp == 4
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(world_size=6, tp=4), r"world size 6 is not divisible by tp\*pp\*sp"),
-    (dict(world_size=8, tp=2, dp=3), r"strategy.dp=3: tp\*pp\*sp\*dp = 6 but the world has 8 ranks; use dp=4"),
+    (dict(world_size=6, tp=4), r"world size 6 is not divisible by tp\*pp\*sp\*cp"),
+    (dict(world_size=8, tp=2, dp=3), r"strategy.dp=3: tp\*pp\*sp\*cp\*dp = 6 but the world has 8 ranks; use dp=4"),
+    (dict(world_size=8, tp=2, cp=2, dp=4), r"use dp=2"),
     (dict(world_size=8, pp=0), r"strategy.pp=0: degrees must be >= 1"),
 ])
 def test_bad_layouts_are_rejected(kwargs, match):
@@ -52,10 +54,15 @@ def test_bad_layouts_are_rejected(kwargs, match):
 
 def test_coords_are_row_major_with_tp_innermost():
     dims = ParallelDims(8, pp=2, tp=2)  # dp = 2
-    assert dims.coords(0) == {"pp": 0, "dp": 0, "sp": 0, "tp": 0}
-    assert dims.coords(1) == {"pp": 0, "dp": 0, "sp": 0, "tp": 1}
-    assert dims.coords(2) == {"pp": 0, "dp": 1, "sp": 0, "tp": 0}
-    assert dims.coords(7) == {"pp": 1, "dp": 1, "sp": 0, "tp": 1}
+    assert dims.coords(0) == {"pp": 0, "dp": 0, "cp": 0, "sp": 0, "tp": 0}
+    assert dims.coords(1) == {"pp": 0, "dp": 0, "cp": 0, "sp": 0, "tp": 1}
+    assert dims.coords(2) == {"pp": 0, "dp": 1, "cp": 0, "sp": 0, "tp": 0}
+    assert dims.coords(7) == {"pp": 1, "dp": 1, "cp": 0, "sp": 0, "tp": 1}
+    # cp sits between dp and sp: sp=2 pairs are neighbours, cp=2 pairs two apart.
+    usp = ParallelDims(8, cp=2, sp=2)
+    assert usp.coords(1) == {"pp": 0, "dp": 0, "cp": 0, "sp": 1, "tp": 0}
+    assert usp.coords(2) == {"pp": 0, "dp": 0, "cp": 1, "sp": 0, "tp": 0}
+    assert usp.coords(4) == {"pp": 0, "dp": 1, "cp": 0, "sp": 0, "tp": 0}
 
 
 def _mesh_groups(rank, world):

@@ -18,7 +18,7 @@ from harness import run_distributed
 P, M, LAYERS = 4, 8, 8
 T = 0.03  # seconds per layer for each of F, B and W (the ZB paper's T_F = T_B = T_W)
 STEPS = 4
-SCHEDULES = [("1f1b", 1), ("interleaved", 2), ("zero_bubble", 1)]
+SCHEDULES = [("1f1b", 1), ("interleaved", 2), ("zero_bubble", 1), ("breadth_first", 2), ("zero_bubble_v", 1)]
 
 
 def _measure(rank: int, world: int, trace_dir: str) -> dict:
@@ -65,15 +65,26 @@ def test_one_f_one_b_bubble_matches_theory(measured):
 
 
 def test_interleaved_and_zero_bubble_are_lower(measured):
-    from tetrad.parallel.pipeline import theoretical_bubble
+    """Each schedule's measured bubble sits within 5 points of what the simulator gives for
+    its action list (the papers' formulas for interleaved, ZB-H1 and breadth-first; ZB-V's
+    paper figure is the steady state's 0, so its fill and drain are the simulator's), and
+    every one is at least 5 points below 1F1B's; ZB-V keeps 1F1B's memory (8 one-layer chunks,
+    2p, the 4 two-layer units of 1F1B's first stage)."""
+    from tetrad.parallel.pipeline import build_schedule, bubble, placement, simulate, theoretical_bubble
 
     results, _ = measured
     ofob = _bubble(results, "1f1b")
     for name, v in SCHEDULES[1:]:
         b = _bubble(results, name)
-        theory = theoretical_bubble(name, P, M, v, (1.0, 1.0, 1.0))
+        sim = sum(bubble(simulate(build_schedule(name, P, M, v), (1.0, 1.0, 1.0),
+                                  placement=placement(name, P, v)))) / P
+        if name != "zero_bubble_v":
+            assert sim == pytest.approx(theoretical_bubble(name, P, M, v, (1.0, 1.0, 1.0)), abs=1e-9)
         assert b < ofob - 0.05, (name, b, ofob)
-        assert abs(b - theory) < 0.05, (name, b, theory)
+        # ZB-V crosses twice as many rank boundaries per micro-batch, each a p2p latency the
+        # simulator (comm = 0) does not count: 7 points for it, 5 for the others.
+        assert abs(b - sim) < (0.07 if name == "zero_bubble_v" else 0.05), (name, b, sim)
+    assert all(s["peak_in_flight"] <= 2 * P for s in results[0]["zero_bubble_v"])
 
 
 def test_chrome_trace_per_rank(measured):
@@ -84,7 +95,7 @@ def test_chrome_trace_per_rank(measured):
             spans = [e for e in data["traceEvents"] if e["ph"] == "X" and e.get("cat") != "step"]
             assert {e["pid"] for e in spans} == {rank}
             kinds = {e["name"][0] for e in spans}
-            assert kinds == ({"F", "B", "W"} if name == "zero_bubble" else {"F", "B"})
-            v = 2 if name == "interleaved" else 1
+            assert kinds == ({"F", "B", "W"} if name.startswith("zero_bubble") else {"F", "B"})
+            v = 2 if name in ("interleaved", "breadth_first", "zero_bubble_v") else 1
             per_step = M * v * len(kinds)
             assert len(spans) == (1 + STEPS) * per_step and all(e["dur"] > 0 for e in spans)

@@ -1,6 +1,7 @@
 """Pipeline parallelism through the Trainer reproduces one process's loss curve (fp32, rtol
-1e-5, 10 steps) under every schedule, alone and mixed with data, tensor parallelism and ZeRO-1.
-One spawned world runs every layout of its size in turn."""
+1e-5, 10 steps) under every schedule (GPipe, 1F1B, interleaved, ZB-H1, ZB-V, looped
+breadth-first), alone and mixed with data, tensor parallelism and ZeRO (1 with tp; 2 and 3,
+which the rule book allows with pp). One spawned world runs every layout of its size in turn."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from harness import run_distributed
 from test_dp_parity import tiny_config as dp_config
 
 STEPS = 10
-SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("zero_bubble", 1)]
+SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("zero_bubble", 1), ("zero_bubble_v", 1),
+             ("breadth_first", 2)]
 
 
 def tiny_config(output_dir: str, **strategy) -> dict:
@@ -54,9 +56,18 @@ def test_pp4_and_pp2_dp2_every_schedule(reference, tmp_path):
                 for s, v in SCHEDULES]
     trace = tmp_path / "trace" / "pp.json"  # the engine writes one file per rank
     _check(reference, layouts, run_distributed(_fit_all, 4, str(tmp_path), layouts, str(trace), timeout=240))
-    for rank in range(4):  # the last layout (pp=2 x dp=2, zero_bubble) wrote last
+    for rank in range(4):  # the last layout (pp=2 x dp=2, breadth_first) wrote last
         events = json.loads((trace.parent / f"pp.rank{rank}.json").read_text())["traceEvents"]
-        assert {e["name"][0] for e in events if e.get("cat") in ("forward", "backward", "weight-grad")} == {"F", "B", "W"}
+        spans = [e for e in events if e.get("cat") in ("forward", "backward", "weight-grad")]
+        assert {e["name"][0] for e in spans} == {"F", "B"} and {e["tid"] for e in spans} == {0, 1}
+
+
+def test_pp2_dp2_sharded_zero_under_every_schedule(reference, tmp_path):
+    """ZeRO-2 and -3 under pipeline schedules (breadth-first is the schedule made for them)."""
+    layouts = [{"pp": 2, "zero": z, "micro_batch_size": 1, "pipeline_schedule": s, "virtual_stages": v}
+               for z, (s, v) in [(3, ("breadth_first", 2)), (3, ("1f1b", 1)), (2, ("zero_bubble_v", 1)),
+                                 (3, ("zero_bubble_v", 1)), (2, ("interleaved", 2))]]
+    _check(reference, layouts, run_distributed(_fit_all, 4, str(tmp_path), layouts, timeout=240))
 
 
 def test_pp2_tp2_dp2_zero1(reference, tmp_path):

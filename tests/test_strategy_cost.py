@@ -142,3 +142,49 @@ def test_per_micro_batch_overhead_is_the_whole_model_minus_its_parts():
     rows = [{"mbs": b, "fwd_s": 4 * b + 0.5 * b, "bwd_s": 8 * b + 0.5 * b - 2} for b in (1, 2, 4)]
     costs._over = costs._overhead_fits(rows, 4)
     assert costs.micro_batch_overhead(1, 1, 3, 1.0) == pytest.approx((0.0, -2.0))
+
+
+def _example(name: str) -> dict:
+    import yaml
+    from pathlib import Path
+
+    return yaml.safe_load((Path(__file__).resolve().parent.parent / "examples" / "configs" / name).read_text())
+
+
+@pytest.mark.slow
+def test_128k_tokens_on_one_h100_node_needs_the_sequence_split():
+    """Llama-3-8B shape, 131072-token sequences, 8 H100s: one sequence's activations are far
+    beyond 80 GB, so every layout that fits splits the sequence over the node, and the chosen
+    one uses ring attention (cp); fixing cp=1 leaves only Ulysses, limited by the heads."""
+    raw = _example("llama8b_128k.yaml")
+    plan = _plan(raw["model"], raw["run"]["global_batch_size"], "h100_80gb_cluster", 8)
+    s = plan.chosen.strategy
+    assert s.cp > 1 and plan.chosen.memory["device"] <= 80e9 * 0.92
+    assert all(e.strategy.cp * e.strategy.sp * e.strategy.tp >= 4 for e in plan.ranked)
+    ring = [e for e in plan.ranked if e.strategy.cp > 1]
+    assert ring and min(e.step_s for e in ring) <= min(e.step_s for e in plan.ranked) * (1 + 1e-9)
+
+
+def test_cp_cost_terms():
+    """Context parallelism divides activations and work by cp, adds ring p2p that hides behind
+    the block attention on NVLink, and ZB-V prices half ZB-H1's bubble."""
+    import dataclasses
+
+    from tetrad.config.schema import StrategyConfig
+    from tetrad.strategy.memory import activation_bytes, ring_buffer_bytes
+    from tetrad.strategy.timing import _cp_comm, micro_batch_times, pipeline_time
+
+    args = ModelArgs(arch="llama", vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                     seq_len=65536)
+    costs = SpecCosts(load_hardware("h100_80gb_cluster"), args, "bf16")
+    base = StrategyConfig()
+    one, four = (activation_bytes(args, dataclasses.replace(base, cp=c), costs, 1) for c in (1, 4))
+    assert four == pytest.approx(one / 4)
+    assert ring_buffer_bytes(args, base, 2) == 0 < ring_buffer_bytes(args, dataclasses.replace(base, cp=4), 2)
+    t1 = micro_batch_times(args, base, costs, 2)
+    t4 = micro_batch_times(args, dataclasses.replace(base, cp=4), costs, 2)
+    assert t4["T_F"] == pytest.approx(t1["T_F"] / 4, rel=0.05)  # the ring's hops hide at 64k tokens
+    assert _cp_comm(args, dataclasses.replace(base, cp=4), costs, 2, 1e-9)[0] > 0  # exposed without compute
+    zb = dataclasses.replace(base, pp=4, pipeline_schedule="zero_bubble")
+    zbv = dataclasses.replace(base, pp=4, pipeline_schedule="zero_bubble_v")
+    assert pipeline_time(zbv, t1, 8)[1] == pytest.approx(pipeline_time(zb, t1, 8)[1] / 2)

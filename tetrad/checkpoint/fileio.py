@@ -133,8 +133,11 @@ def open_safetensors(path: Path):
     from safetensors import SafetensorError, safe_open
 
     with open(path, "rb") as f:
-        magic = f.read(2)
-    if magic[:1] == b"\x80":  # pickle protocol 2+ opcode: refuse before any parser touches it
+        magic = f.read(9)
+    # pickle protocol 2+ starts with the PROTO opcode 0x80: refuse before any parser touches
+    # it. A safetensors header length (8 bytes, little-endian) may start with 0x80 too (a
+    # header of 128 + 256 k bytes); its header's first character, '{', tells them apart.
+    if magic[:1] == b"\x80" and magic[8:9] != b"{":
         raise CheckpointError(f"{path}: is a pickle, not safetensors; tetrad never unpickles checkpoints")
     try:
         return safe_open(str(path), framework="pt", device="cpu")

@@ -140,19 +140,34 @@ def _unsplit(local: tuple, view: tuple, frame: tuple) -> tuple:
     return frame[:d] + (frame[d] * frame[d + 1],) + frame[d + 2:]
 
 
+def mark_stage_replica(p: torch.Tensor) -> torch.Tensor:
+    """Mark ``p`` as a pipeline stage's copy of a parameter another stage owns (the tied
+    embedding on the last stage): one tensor in checkpoints, counted once in the grad norm."""
+    p.stage_replica = True
+    return p
+
+
+def is_stage_replica(p: torch.Tensor) -> bool:
+    return bool(getattr(p, "stage_replica", False))
+
+
 def mark_writers(pieces: list[Piece], model, *, tp_rank: int, world_rank: int) -> list[Piece]:
     """Make the write flags say "one writer per element across the whole world".
 
-    ZeRO already dedupes over its own (dp or dp x sp) group. On top of that: a parameter that
-    tensor parallelism does not shard is the same on every tp rank (tp rank 0 writes it);
-    pipeline stages hold disjoint parameters (each writes its own); pieces that belong to no
-    parameter (``optim/step``, ``engine/step_count``) are the same everywhere (world rank 0).
+    ZeRO already dedupes over its own (dp, or dp x cp x sp) group. On top of that: a
+    parameter that tensor parallelism does not shard is the same on every tp rank (tp rank 0
+    writes it); pipeline stages hold disjoint parameters (each writes its own) except a stage
+    replica (the tied embedding's copy on the last stage: the first stage writes it); pieces
+    that belong to no parameter (``optim/step``, ``engine/step_count``) are the same
+    everywhere (world rank 0).
     """
-    sharded = {n for n, p in model.named_parameters() if tp_shard(p) is not None}
+    params = dict(model.named_parameters())
+    sharded = {n for n, p in params.items() if tp_shard(p) is not None}
+    replicas = {n for n, p in params.items() if is_stage_replica(p)}
     for piece in pieces:
         param = param_of(piece.name)
         if param is None:
             piece.write = world_rank == 0
-        elif tp_rank != 0 and param not in sharded:
+        elif param in replicas or (tp_rank != 0 and param not in sharded):
             piece.write = False
     return pieces

@@ -93,6 +93,8 @@ def describe(hint: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in args)
     if origin in (Union, types.UnionType):
         return " or ".join("null" if a is type(None) else describe(a) for a in args)
+    if origin is tuple and args[-1:] == (Ellipsis,):
+        return "a list of " + {int: "integers", float: "numbers"}.get(args[0], "values")
     if origin is tuple:
         return f"a list of {len(args)} " + ("numbers" if all(a is float for a in args) else "values")
     if dataclasses.is_dataclass(hint):
@@ -130,6 +132,10 @@ def convert(value: Any, hint: Any, path: str) -> Any:
     try:
         if origin in (Union, types.UnionType):
             return _union(value, args, path)
+        if origin is tuple and args[-1:] == (Ellipsis,):  # tuple[X, ...]: any length
+            if not isinstance(value, (list, tuple)):
+                raise TypeError
+            return tuple(convert(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))
         if origin is tuple:
             if not isinstance(value, (list, tuple)) or len(value) != len(args):
                 raise TypeError

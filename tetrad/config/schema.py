@@ -196,26 +196,62 @@ class OffloadConfig(Section):
 
 
 @dataclasses.dataclass
+class ZeroPPConfig(Section):
+    """ZeRO++ (Wang et al., arXiv:2306.10209): less ZeRO-3 traffic across nodes."""
+
+    quantize_weights: bool = setting(False, "qwZ: int8 block-quantized parameter all-gathers (per-block "
+                                            "fp32 scales); zero 3; approximate: error <= block max/254")
+    quantize_grads: bool = setting(False, "qgZ: gradients averaged by a quantized hierarchical all-to-all "
+                                          "(inside the node, then across); zero 2 or 3; approximate")
+    hpz: int = setting(1, "hpZ: a secondary copy of the parameter shards within groups of this many dp "
+                          "ranks (a node), so backward gathers stay there; 1 = off; zero 3, divides "
+                          "dp_shard; 1..4096", ge=1, le=MAX_DEGREE)
+
+    @property
+    def active(self) -> bool:
+        return self.quantize_weights or self.quantize_grads or self.hpz > 1
+
+
+@dataclasses.dataclass
 class StrategyConfig(Section):
     # `strategy: auto` in YAML is shorthand for a mapping with only `auto: true`.
     SCALAR_FORMS: ClassVar[dict[str, dict]] = {"auto": {"auto": True}}
+    SECTIONS: ClassVar[tuple[str, ...]] = ("offload", "zeropp")  # nested sections
 
     auto: bool = setting(False, "let the selector choose every key not given explicitly")
     tp: int = setting(1, "tensor-parallel degree; 1..4096", ge=1, le=MAX_DEGREE)
     pp: int = setting(1, "pipeline stages; 1..4096", ge=1, le=MAX_DEGREE)
     sp: int = setting(1, "sequence-parallel (Ulysses) degree, own mesh axis; 1..4096", ge=1, le=MAX_DEGREE)
+    cp: int = setting(1, "context-parallel (ring attention) degree, own mesh axis; each rank holds 1/cp "
+                      "of every sequence; 1..4096", ge=1, le=MAX_DEGREE)
+    cp_load_balance: bool = setting(True, "context parallelism: each rank holds two mirrored chunks of "
+                                    "2*cp (zigzag), which evens the causal attention work over ranks")
     megatron_sp: bool = setting(False, "Megatron sequence parallelism inside the tp group")
-    dp: Union[int, Literal["auto"]] = setting("auto", "data-parallel degree 1..4096, or auto = world/(tp*pp*sp)",
+    dp: Union[int, Literal["auto"]] = setting("auto", "data-parallel degree 1..4096, or auto = world/(tp*pp*sp*cp)",
                                               ge=1, le=MAX_DEGREE)
     zero: int = setting(0, "ZeRO stage 0..3: 0 plain DP, 1 +optimizer, 2 +gradients, 3 +parameters sharded",
                         ge=0, le=3)
+    dp_shard: Union[int, Literal["auto"]] = setting(
+        "auto", "hybrid sharding: ZeRO shards within groups of this many dp ranks and replicates across "
+        "dp/dp_shard groups (zero >= 1); auto = dp (flat ZeRO); 1..4096, divides dp", ge=1, le=MAX_DEGREE)
+    zeropp: ZeroPPConfig = setting(factory=ZeroPPConfig, doc="ZeRO++ communication: qwZ, qgZ, hpZ")
+    ranks_per_node: Union[int, Literal["auto"]] = setting(
+        "auto", "ranks on one node (consecutive ranks share a node); auto = the launcher's local world "
+        "size (torchrun LOCAL_WORLD_SIZE, MPI local size, SLURM tasks per node); 1..4096",
+        ge=1, le=MAX_DEGREE)
     micro_batch_size: int = setting(1, "sequences per micro-batch per dp rank; 1..2**31-1", ge=1, le=MAX_SIZE)
     recompute: Literal["none", "selective", "full", "budget"] = setting("none", "activation recomputation policy")
     recompute_budget_mb: Optional[float] = setting(None, "activation memory budget per rank, MB; > 0, "
                                                    "required by recompute budget", gt=0.0)
-    pipeline_schedule: Literal["gpipe", "1f1b", "interleaved", "zero_bubble"] = setting("1f1b", "pipeline order")
-    virtual_stages: int = setting(1, "model chunks per pipeline rank (interleaved schedule); 1..4096",
+    pipeline_schedule: Literal["gpipe", "1f1b", "interleaved", "zero_bubble", "zero_bubble_v",
+                               "breadth_first"] = setting(
+        "1f1b", "pipeline order; zero_bubble_v runs two chunks per rank in a V, breadth_first "
+        "virtual_stages looped chunks, every micro-batch through one before the next")
+    virtual_stages: int = setting(1, "model chunks per pipeline rank (interleaved, breadth_first); 1..4096",
                                   ge=1, le=MAX_DEGREE)
+    pp_split: Optional[tuple[int, ...]] = setting(
+        None, "layer boundaries between pipeline chunks (pp*chunks-1 increasing layer indices, e.g. "
+        "[3, 6, 8]); null = balanced by modelled cost, the embedding and the output layer counted", ge=1)
     bucket_mb: float = setting(25.0, "gradient communication bucket size, MB; > 0", gt=0.0)
     offload: OffloadConfig = setting(factory=OffloadConfig, doc="CPU/NVMe offload tiers")
     verify: int = setting(0, "under auto: run a few real steps of the K best predicted layouts and keep the "
@@ -225,14 +261,28 @@ class StrategyConfig(Section):
 
     @property
     def model_parallel_size(self) -> int:
-        """Ranks one model replica spans: tp * pp * sp."""
-        return self.tp * self.pp * self.sp
+        """Ranks one model replica spans: tp * pp * sp * cp."""
+        return self.tp * self.pp * self.sp * self.cp
+
+    @property
+    def chunks_per_rank(self) -> int:
+        """Model chunks each pipeline rank holds: two under zero_bubble_v (the V), else
+        virtual_stages."""
+        return 2 if self.pipeline_schedule == "zero_bubble_v" else self.virtual_stages
 
     def resolve_dp(self, world_size: int) -> int:
-        """The data-parallel degree on `world_size` ranks (dp itself, or world/(tp*pp*sp))."""
+        """The data-parallel degree on `world_size` ranks (dp itself, or world/(tp*pp*sp*cp))."""
         check_world_size(world_size)
         raise_all(strategy_world_errors(self, world_size))
         return world_size // self.model_parallel_size if self.dp == "auto" else self.dp
+
+    def resolve_dp_shard(self, world_size: int) -> int:
+        """dp ranks per ZeRO shard group: dp_shard itself, or dp (flat ZeRO)."""
+        return self.resolve_dp(world_size) if self.dp_shard == "auto" else self.dp_shard
+
+    def resolve_ranks_per_node(self, launcher: int) -> int:
+        """Ranks per node: ranks_per_node itself, or what the launcher says (``launcher``)."""
+        return launcher if self.ranks_per_node == "auto" else self.ranks_per_node
 
     def fixed_keys(self) -> frozenset[str]:
         """Keys the selector must keep: those given explicitly or differing from the default."""
@@ -246,9 +296,11 @@ class StrategyConfig(Section):
         if full or not self.auto:
             return out
         keep = self.fixed_keys() | {"auto"}
-        part = {k: v for k, v in out.items() if k in keep and k != "offload"}
-        offload = {k: v for k, v in out["offload"].items() if f"offload.{k}" in keep}
-        return part | ({"offload": offload} if offload else {})
+        part = {k: v for k, v in out.items() if k in keep and k not in self.SECTIONS}
+        for section in self.SECTIONS:
+            inner = {k: v for k, v in out[section].items() if f"{section}.{k}" in keep}
+            part |= {section: inner} if inner else {}
+        return part
 
     def validate(self, world_size: int | None = None) -> None:
         """Raise ConfigError for bad fields, impossible combinations, or a mismatched world."""

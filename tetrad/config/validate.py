@@ -9,6 +9,7 @@ string that also carries the rule's identity (``problem.rule``) for code that fi
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -41,10 +42,11 @@ class ModelShape:
     n_layers: int
     vocab_size: int
     d_model: int
+    attn_dropout: float = 0.0  # dropout on the attention probabilities (ring attention has none)
 
     @classmethod
     def of_config(cls, m: ModelConfig) -> "ModelShape":
-        return cls(m.n_heads, m.n_kv_heads, m.seq_len, m.n_layers, m.vocab_size, m.d_model)
+        return cls(m.n_heads, m.n_kv_heads, m.seq_len, m.n_layers, m.vocab_size, m.d_model, m.dropout)
 
 
 def raise_all(errors: list[str]) -> None:
@@ -180,21 +182,57 @@ def _offload_errors(s: StrategyConfig) -> list[Problem]:
     ])
 
 
-def strategy_errors(s: StrategyConfig) -> list[Problem]:
+def _zeropp_errors(s: StrategyConfig) -> list[Problem]:
+    z = s.zeropp
     return _rules([
-        ("pipeline.virtual_stages", s.virtual_stages > 1 and s.pipeline_schedule != "interleaved",
-         f"strategy.virtual_stages={s.virtual_stages} needs strategy.pipeline_schedule='interleaved' "
-         f"(got {s.pipeline_schedule!r}); valid: virtual_stages 1, or the interleaved schedule"),
-        ("pipeline.interleaved_pp", s.pipeline_schedule == "interleaved" and s.pp == 1,
-         "strategy.pipeline_schedule='interleaved' needs strategy.pp >= 2 (got pp=1); "
+        ("zeropp.hpz_zero3", z.hpz > 1 and s.zero != 3,
+         f"strategy.zeropp.hpz={z.hpz} needs strategy.zero=3 (got zero={s.zero}): hpZ keeps a secondary "
+         "copy of stage-3 parameter shards; valid: zero 3, or hpz 1"),
+        ("zeropp.qwz_zero3", z.quantize_weights and s.zero != 3,
+         f"strategy.zeropp.quantize_weights=true needs strategy.zero=3 (got zero={s.zero}): it quantizes "
+         "stage 3's parameter all-gathers; valid: zero 3, or quantize_weights false"),
+        ("zeropp.qgz_zero", z.quantize_grads and s.zero < 2,
+         f"strategy.zeropp.quantize_grads=true needs strategy.zero 2 or 3 (got zero={s.zero}): it replaces "
+         "the gradient reduce-scatter; valid: zero 2/3, or quantize_grads false"),
+    ])
+
+
+# Schedules with more than one chunk per rank.
+MULTI_CHUNK = ("interleaved", "zero_bubble_v", "breadth_first")
+
+
+def _pipeline_errors(s: StrategyConfig) -> list[Problem]:
+    """Schedules against pp and chunks per rank.
+
+    No rule ties ZeRO to pp (the old ``zero.pp`` refused stages 2-3 with pipelines): every
+    schedule runs all its micro-batches with gradient synchronisation off and reduces once
+    after the schedule, and ZeRO-2/3 accumulate full local gradients until then
+    (``tetrad.zero.grads``), so each stage's reduce-scatter sums exactly what one process
+    computes. Stage 3 gathers a unit before its forward and its backward; the deferred
+    weight-gradient pass of the zero-bubble schedules needs only the saved inputs and output
+    gradients, never the weights, so it is exact after the unit is freed. All of it is
+    checked against one process in tests/test_pipeline_parity.py. Breadth-first is the
+    schedule made for sharded data parallelism: each chunk's micro-batches run back to back,
+    so a unit is needed in one unbroken run per pass."""
+    sched, chunks = s.pipeline_schedule, s.virtual_stages
+    looped = ("interleaved", "breadth_first")
+    return _rules([
+        ("pipeline.virtual_stages", chunks > 1 and sched not in looped,
+         f"strategy.virtual_stages={chunks} needs strategy.pipeline_schedule 'interleaved' or "
+         f"'breadth_first' (got {sched!r}; zero_bubble_v always holds 2 chunks per rank); valid: "
+         f"virtual_stages 1, or a looped schedule"),
+        ("pipeline.interleaved_pp", sched in MULTI_CHUNK and s.pp == 1,
+         f"strategy.pipeline_schedule={sched!r} needs strategy.pp >= 2 (got pp=1); "
          "valid: pp >= 2, or pipeline_schedule '1f1b'"),
-        ("zero.pp", s.zero >= 2 and s.pp > 1,
-         f"strategy.zero={s.zero} with strategy.pp={s.pp} is not supported: ZeRO-2/3 would "
-         "reduce-scatter gradients every micro-batch; valid: zero 0 or 1 with pp > 1, or pp 1"),
+    ])
+
+
+def strategy_errors(s: StrategyConfig) -> list[Problem]:
+    return _pipeline_errors(s) + _rules([
         ("recompute.budget", s.recompute == "budget" and s.recompute_budget_mb is None,
          "strategy.recompute_budget_mb=None: required when strategy.recompute='budget'; "
          "valid: a number of MB > 0"),
-    ]) + _offload_errors(s)
+    ]) + _zeropp_errors(s) + _offload_errors(s)
 
 
 def training_errors(s: StrategyConfig, precision: str, grad_clip: float,
@@ -230,36 +268,115 @@ def layout_errors(m: ModelShape, s: StrategyConfig) -> list[Problem]:
               f"model.n_heads={m.n_heads} is not divisible by strategy.tp*strategy.sp={s.tp}*{s.sp}; "
               f"valid strategy.sp: {_divisors(max(1, m.n_heads // s.tp))}")]
     first = next(([h] for h in heads if h[1]), [])  # the later head rules assume the earlier
-    split = s.sp * (s.tp if s.megatron_sp else 1)
-    by = (f"strategy.sp={s.sp} * strategy.tp={s.tp} (strategy.megatron_sp=True) = {split}"
-          if s.megatron_sp else f"strategy.sp={s.sp}")
-    chunks = s.pp * s.virtual_stages
+    split, by = sequence_unit(s)
+    chunks = s.pp * s.chunks_per_rank
     per_rank = -(-m.vocab_size // s.tp)
     return _rules(first + [
         ("layout.seq_split", m.seq_len % split != 0,
          f"model.seq_len={m.seq_len} is not divisible by {by}; valid seq_len: {_multiples_near(m.seq_len, split)}"),
         ("layout.layers_chunks", m.n_layers < chunks,
-         f"model.n_layers={m.n_layers} < strategy.pp*strategy.virtual_stages={s.pp}*{s.virtual_stages}="
+         f"model.n_layers={m.n_layers} < strategy.pp*chunks per rank={s.pp}*{s.chunks_per_rank}="
          f"{chunks}: every pipeline chunk needs a layer; valid: n_layers >= {chunks}, "
-         f"or pp*virtual_stages <= {m.n_layers}"),
+         f"or fewer stages / virtual_stages"),
         ("layout.vocab_tp", (s.tp - 1) * per_rank >= m.vocab_size,
          f"model.vocab_size={m.vocab_size} is too small for strategy.tp={s.tp}: the last tp rank would "
          f"hold no rows; valid strategy.tp <= {max(1, m.vocab_size // per_rank)}"),
+        # Ring attention merges exact softmax blocks; a dropout mask over probabilities it never
+        # holds whole would need every rank's RNG in step (not built).
+        ("layout.cp_dropout", s.cp > 1 and m.attn_dropout > 0,
+         f"strategy.cp={s.cp} needs attention dropout 0 (model.dropout={m.attn_dropout}): ring attention "
+         f"has no dropout on the attention probabilities; valid: model.dropout 0, or strategy.cp 1"),
+    ]) + _split_errors(m, s, chunks)
+
+
+def sequence_unit(s: StrategyConfig) -> tuple[int, str]:
+    """(tokens a sequence length must be a multiple of, the keys that make it): the cp split
+    (2*cp chunks under the zigzag load balance), then Ulysses sp, then Megatron-SP's tp."""
+    cp_parts = 2 * s.cp if s.cp > 1 and s.cp_load_balance else s.cp
+    inner = s.cp * s.sp * (s.tp if s.megatron_sp else 1)
+    unit = cp_parts * inner // math.gcd(cp_parts, inner)
+    keys = [f"strategy.sp={s.sp}"] + ([f"strategy.tp={s.tp} (strategy.megatron_sp=True)"] if s.megatron_sp else [])
+    if s.cp > 1:
+        keys.insert(0, f"strategy.cp={s.cp}" + (" (2*cp chunks, cp_load_balance)" if s.cp_load_balance else ""))
+    return unit, (" * ".join(keys) + f" = {unit}" if len(keys) > 1 else keys[0])
+
+
+def _split_errors(m: ModelShape, s: StrategyConfig, chunks: int) -> list[Problem]:
+    b = s.pp_split
+    if b is None:
+        return []
+    ok = len(b) == chunks - 1 and all(x < y for x, y in zip((0, *b), (*b, m.n_layers)))
+    return _rules([
+        ("pipeline.pp_split", not ok,
+         f"strategy.pp_split={list(b)} is not valid for {chunks} pipeline chunks of model.n_layers="
+         f"{m.n_layers}; valid: {chunks - 1} strictly increasing layer indices between 1 and "
+         f"{m.n_layers - 1} (chunk i runs layers [b_(i-1), b_i)), e.g. "
+         f"{[round(m.n_layers * (i + 1) / chunks) for i in range(chunks - 1)]}"),
     ])
 
 
 # --- against a world size and a batch -------------------------------------------------------
 
-def strategy_world_errors(s: StrategyConfig, world: int) -> list[Problem]:
+def strategy_world_errors(s: StrategyConfig, world: int, ranks_per_node: int | None = None) -> list[Problem]:
+    """The degrees against the world; with ``ranks_per_node`` (the strategy's, else the
+    launcher's or the cluster spec's) the node split too."""
     mp = s.model_parallel_size
+    degrees = f"strategy.tp*pp*sp*cp={s.tp}*{s.pp}*{s.sp}*{s.cp}"
     if world % mp:
         return [Problem("world.model_parallel",
-                        f"world_size={world} is not divisible by strategy.tp*pp*sp={s.tp}*{s.pp}*{s.sp}={mp}; "
+                        f"world_size={world} is not divisible by {degrees}={mp}; "
                         f"valid world sizes: multiples of {mp}")]
     if s.dp != "auto" and mp * s.dp != world:
-        return [Problem("world.dp", f"strategy.dp={s.dp}: strategy.tp*pp*sp*dp={mp}*{s.dp}={mp * s.dp} != "
+        return [Problem("world.dp", f"strategy.dp={s.dp}: {degrees}*dp={mp * s.dp} != "
                                     f"world_size={world}; valid: strategy.dp={world // mp} or 'auto'")]
-    return []
+    return _sharding_errors(s, world // mp, world,
+                            ranks_per_node if s.ranks_per_node == "auto" else s.ranks_per_node)
+
+
+def _sharding_errors(s: StrategyConfig, dp: int, world: int, rpn: int | None) -> list[Problem]:
+    """dp_shard and hpz against dp; qgZ's hierarchy against the nodes."""
+    shard = dp if s.dp_shard == "auto" else s.dp_shard
+    hpz = s.zeropp.hpz
+    errors = _rules([
+        ("world.dp_shard", dp % shard != 0,
+         f"strategy.dp_shard={shard} does not divide dp={dp}; valid dp_shard: {_divisors(dp)} or 'auto'"),
+        ("zero.dp_shard_stage", shard < dp and s.zero == 0,
+         f"strategy.dp_shard={shard} < dp={dp} needs strategy.zero 1, 2 or 3 (got 0): plain data "
+         "parallelism shards nothing; valid: zero >= 1, or dp_shard 'auto'"),
+        ("zeropp.hpz_divides", hpz > 1 and shard % hpz != 0,
+         f"strategy.zeropp.hpz={hpz} does not divide the ZeRO shard group of dp_shard={shard} dp ranks; "
+         f"valid hpz: {_divisors(shard)}"),
+        ("world.ranks_per_node", rpn is not None and world > rpn and world % rpn != 0,
+         f"ranks_per_node={rpn} does not divide world_size={world}: every node must run the same number "
+         f"of ranks; valid: {_divisors(world)}, or at least the world size (one node)"),
+    ])
+    if errors or rpn is None or not s.zeropp.quantize_grads:
+        return errors
+    return _rules([("zeropp.qgz_nodes", not _members_per_node(s, shard, dp, rpn),
+                    f"strategy.zeropp.quantize_grads=true needs each ZeRO shard group (dp_shard={shard} x "
+                    f"cp={s.cp} x sp={s.sp} ranks, {s.tp} apart) to have the same number of members on every node, but "
+                    f"ranks_per_node={rpn} splits it unevenly (the hierarchical all-to-all pairs the members "
+                    f"of one node with those of every other); valid: quantize_grads false, or a layout "
+                    f"whose group takes the same share of each node it touches (tp dividing ranks_per_node)")])
+
+
+def _members_per_node(s: StrategyConfig, shard: int, dp: int, rpn: int) -> bool:
+    """Whether every ZeRO shard group has the same number of members on each node it touches
+    (it may differ between groups). Mesh order (pp, dp, cp, sp, tp): a group's ranks are
+    ``start + i * tp`` for i < shard * cp * sp, one group per (stage, block of shard dp ranks,
+    tp rank); the same enumeration as ``tetrad.parallel.nodes``, done on numbers only."""
+    width, stage = shard * s.cp * s.sp, dp * s.cp * s.sp * s.tp
+    for p in range(s.pp):
+        for block in range(dp // shard):
+            for t in range(s.tp):
+                start = p * stage + block * width * s.tp + t
+                nodes: dict[int, int] = {}
+                for i in range(width):
+                    node = (start + i * s.tp) // rpn
+                    nodes[node] = nodes.get(node, 0) + 1
+                if len(set(nodes.values())) != 1:
+                    return False
+    return True
 
 
 def batch_errors(run_batch: int, s: StrategyConfig, dp: int) -> list[Problem]:
@@ -307,9 +424,11 @@ def valid_world_sizes(run_batch: int, s: StrategyConfig) -> str:
 
 def problems(s: StrategyConfig, *, model: ModelShape | None = None, precision: str | None = None,
              grad_clip: float | None = None, world: int | None = None,
-             global_batch: int | None = None, compile: bool = False) -> list[Problem]:
+             global_batch: int | None = None, compile: bool = False,
+             ranks_per_node: int | None = None) -> list[Problem]:
     """Every rule ``s`` breaks, given what is known: the model's shape, what is computed
-    (precision, clipping), the world and the global batch. The one question config
+    (precision, clipping), the world, the global batch and the ranks per node (the launcher's
+    or the cluster spec's; ``strategy.ranks_per_node`` wins). The one question config
     validation, the engine and the search all ask."""
     errors = strategy_errors(s)
     if precision is not None or grad_clip is not None or compile:
@@ -317,7 +436,7 @@ def problems(s: StrategyConfig, *, model: ModelShape | None = None, precision: s
     if model is not None:
         errors += layout_errors(model, s)
     if world is not None and not errors:
-        errors = strategy_world_errors(s, world)
+        errors = strategy_world_errors(s, world, ranks_per_node)
         if global_batch is not None and not errors:
             errors = batch_errors(global_batch, s, world // s.model_parallel_size)
             if errors and s.dp == "auto":  # the world decides dp: say which worlds keep the batch

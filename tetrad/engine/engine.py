@@ -34,12 +34,13 @@ from tetrad.models import shape_of
 from tetrad.models.loss import IGNORE_INDEX, cross_entropy
 from tetrad.offload import OffloadTier
 from tetrad.parallel.launch import init_distributed
-from tetrad.parallel.layout import ResolvedLayout
-from tetrad.parallel.pipeline import build_pipeline, split_model
+from tetrad.parallel.layout import ResolvedLayout, stage_pair_group
+from tetrad.parallel.pipeline import (TiedWeights, build_pipeline, partition, placement, split_model,
+                                      stage_replicas, stage_ties)
 from tetrad.parallel.plan import parallelize
 from tetrad.parallel.tensor import vocab_parallel_cross_entropy
 from tetrad.recompute import apply_recompute, find_blocks
-from tetrad.zero import build_data_parallel
+from tetrad.zero import Sharding, build_data_parallel
 from tetrad.zero.optim import lr_at
 
 
@@ -116,8 +117,10 @@ class Engine:
         self.shape = shape_of(model)
         raise_all(problems(s, model=self.shape, precision=precision,
                            grad_clip=optim_cfg.grad_clip if optim_cfg is not None else 0.0,
-                           world=dist.get_world_size(), global_batch=global_batch_size, compile=compile))
-        self.layout = ResolvedLayout.build(s, dist.get_world_size(), self.device, compute_dtype(precision))
+                           world=dist.get_world_size(), global_batch=global_batch_size, compile=compile,
+                           ranks_per_node=self.launch.local_world_size))
+        self.layout = ResolvedLayout.build(s, dist.get_world_size(), self.device, compute_dtype(precision),
+                                           ranks_per_node=self.launch.local_world_size)
         if self.layout.tp > 1 and loss_fn is not cross_entropy:
             raise ConfigError("strategy.tp > 1 computes the loss from vocabulary-split logits with "
                               "tetrad's vocab-parallel cross-entropy; a custom loss_fn would need full "
@@ -139,7 +142,7 @@ class Engine:
             self.model, optimizer=optimizer, optim_cfg=optim_cfg, stage=s.zero,
             group=self.layout.grad_group, dtype=self.layout.compute_dtype,
             bucket_bytes=int(s.bucket_mb * 2**20), tier=self.tier, param_init=param_init or stream_init,
-            device=self.device)
+            device=self.device, sharding=self._sharding())
         self.optimizer, self.scaler = self.data_parallel.optimizer, self.data_parallel.scaler
         self.step_count, self.micro_step = 0, 0
         self.last: dict = {}
@@ -151,8 +154,15 @@ class Engine:
         sequence parallelism then slice the held layers, and recompute wraps the (possibly
         sharded) blocks. ZeRO takes ownership afterwards."""
         L, s = self.layout, self.strategy
-        chunks = split_model(model, L.rank("pp"), L.pp, s.virtual_stages) if L.pp > 1 else None
+        chunks, self.ties = None, None
+        if L.pp > 1:
+            place = placement(s.pipeline_schedule, L.pp, s.virtual_stages)
+            ranges = partition(model, place.n_chunks, self.shape.seq_len, s.pp_split)
+            chunks = split_model(model, L.rank("pp"), L.pp, ranges=ranges, placement=place)
         model = self._stream(model) if _streamed(model) else parallelize(_materialize(model, self.device, s.zero), L)
+        if getattr(model, "pipeline_tied", False):  # every rank helps build the pairs' groups
+            group = stage_pair_group(L.dims, place.rank_of(0), place.rank_of(place.n_chunks - 1))
+            self.ties = TiedWeights.build(model, stage_ties(model), stage_replicas(model), group)
         budget = None if s.recompute_budget_mb is None else int(s.recompute_budget_mb * 2**20)
         apply_recompute(model, s.recompute, budget, batch_size=s.micro_batch_size, seq_shards=L.seq_shards)
         if self.compile:
@@ -163,7 +173,7 @@ class Engine:
                                   virtual_stages=s.virtual_stages, dtype=L.compute_dtype,
                                   device=self.device, loss_fn=self.loss, chunks=chunks,
                                   tp_group=L.group("tp") if L.scatter_boundaries else None, trace=trace,
-                                  channels=L.p2p_channels)
+                                  channels=L.p2p_channels, traffic=L.nodes.traffic)
         return model, PipelineRunner(self, executor, self.shape.d_model)
 
     def _stream(self, model: nn.Module) -> nn.Module:
@@ -181,6 +191,24 @@ class Engine:
                  None if self.weights.deferred else self.weights.read)
         return model
 
+    def _sharding(self) -> Sharding:
+        """ZeRO's groups from the layout (ZeRO knows no mesh): hybrid sharding, hpZ, qgZ."""
+        n, z = self.layout.nodes, self.strategy.zeropp
+        return Sharding(shard=self.layout.shard_group, replicate=n.replicate_group, secondary=n.hpz_group,
+                        intra=n.dp_intra, inter=n.dp_inter, quantize_weights=z.quantize_weights,
+                        quantize_grads=z.quantize_grads, traffic=n.traffic)
+
+    def comm_bytes(self) -> dict[str, int]:
+        """Bytes every rank's collectives moved since the last call, summed over the world and
+        split into ``comm_bytes_intra_node`` / ``comm_bytes_inter_node`` (tetrad.traffic);
+        {} when the world is one node. Collective: every rank calls it once per step."""
+        if not self.layout.spans_nodes:
+            return {}
+        counts = self.layout.nodes.traffic.take()
+        t = torch.tensor([counts["intra"], counts["inter"]], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return {"comm_bytes_intra_node": int(t[0]), "comm_bytes_inter_node": int(t[1])}
+
     # ------------------------------------------------------------------ layout
     @property
     def pipeline(self):
@@ -188,15 +216,16 @@ class Engine:
         return getattr(self.runner, "executor", None)
 
     def shard_micro_batch(self, input_ids: torch.Tensor, labels: torch.Tensor):
-        """This rank's part of a micro-batch (a slice of the sequence under Ulysses sp; a
-        Megatron-SP model shards after the embedding itself)."""
-        sp = self.layout.sp
-        if sp == 1:
+        """This rank's part of a micro-batch (its tokens under context parallelism and Ulysses
+        sp, ``ResolvedLayout.shard_tokens``; a Megatron-SP model shards after the embedding
+        itself)."""
+        L = self.layout
+        if L.token_shards == 1:
             return input_ids, labels
-        if input_ids.shape[1] % sp:
-            raise ValueError(f"sequence length {input_ids.shape[1]} is not divisible by strategy.sp={sp}")
-        rank = self.layout.rank("sp")
-        return input_ids.chunk(sp, 1)[rank], labels.chunk(sp, 1)[rank]
+        if input_ids.shape[1] % L.token_shards:
+            raise ValueError(f"sequence length {input_ids.shape[1]} is not divisible by "
+                             f"strategy.cp*sp={L.cp}*{L.sp}")
+        return L.shard_tokens(input_ids), L.shard_tokens(labels)
 
     def loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The layout's loss for one micro-batch.
@@ -265,6 +294,7 @@ class Engine:
             total = self.runner.run(micro)
         finally:
             self._token_scale = None
+        self.layout.nodes.traffic.all_reduce(group, total.numel() * total.element_size())
         dist.all_reduce(total, group=group)
         loss = (total / (len(micro) * dist.get_world_size(group))).item()
         self.last["loss"] = loss
@@ -275,6 +305,7 @@ class Engine:
         group (dp x sp) hold after the sequence split, i.e. the global batch's, once."""
         count = torch.stack([(self.shard_micro_batch(x, y)[1] != IGNORE_INDEX).sum() for x, y in micro]).sum()
         count = count.reshape(1).to(device=self.device, dtype=torch.int64)  # counted where the labels are
+        self.layout.nodes.traffic.all_reduce(group, 8)
         dist.all_reduce(count, group=group)
         self.last["loss_tokens"] = int(count)
         return dist.get_world_size(group) * len(micro) / max(int(count), 1)

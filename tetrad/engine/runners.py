@@ -47,9 +47,11 @@ class PipelineRunner:
         dp.begin_backward(sync=False)
         total = self.executor.run([x for x, _ in micro], [y for _, y in micro], act_shape=shape,
                                   scale=lambda loss: dp.scale_loss(loss / len(micro)))
+        if e.ties is not None:  # tied embeddings: first and last stage sum their gradients
+            e.ties.sync()
         dp.begin_backward(sync=True)  # no backward follows: finish() reduces every bucket
         e.optimizer_step()
         pp_group = e.layout.group("pp")
-        dist.broadcast(total, group=pp_group, src=dist.get_global_rank(pp_group, e.layout.pp - 1))
+        dist.broadcast(total, group=pp_group, src=dist.get_global_rank(pp_group, self.executor.last_rank))
         e.last.update({f"pipeline_{k}": v for k, v in self.executor.stats.items()})
         return total

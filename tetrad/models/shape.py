@@ -26,7 +26,7 @@ def shape_of(model: nn.Module) -> ModelShape | None:
     args = getattr(model, "args", None)
     if args is not None and type(model).__name__ == "Transformer":
         return ModelShape(args.n_heads, args.n_kv_heads, args.seq_len, args.n_layers, args.vocab_size,
-                          args.d_model)
+                          args.d_model, args.dropout)
     cfg = getattr(getattr(model, "hf", model), "config", None)
     heads = _first(cfg, "num_attention_heads", "n_head")
     if cfg is None or heads is None:
@@ -34,4 +34,5 @@ def shape_of(model: nn.Module) -> ModelShape | None:
     return ModelShape(heads, _first(cfg, "num_key_value_heads") or heads,
                       _first(cfg, "max_position_embeddings", "n_positions"),
                       _first(cfg, "num_hidden_layers", "n_layer"), cfg.vocab_size,
-                      _first(cfg, "hidden_size", "n_embd"))
+                      _first(cfg, "hidden_size", "n_embd"),
+                      float(_first(cfg, "attention_dropout", "attn_pdrop") or 0.0))

@@ -81,14 +81,19 @@ class Attention(nn.Module):
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
 
-    def rope(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Rotate x [b, heads, s, hd] by its positions ([s] or [b, s]; default arange(s))."""
+    def rope_tables(self, s: int, positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for ``s`` tokens at ``positions`` ([s] or [b, s]; default arange(s))."""
         if positions is None:
-            cos, sin = self.rope_cos[: x.shape[-2]], self.rope_sin[: x.shape[-2]]
-        else:
-            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-            if cos.dim() == 3:  # per-sample positions [b, s, hd] -> broadcast over heads
-                cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+            return self.rope_cos[:s], self.rope_sin[:s]
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        if cos.dim() == 3:  # per-sample positions [b, s, hd] -> broadcast over heads
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return cos, sin
+
+    def rope(self, x: torch.Tensor, positions: torch.Tensor | None = None, tables=None) -> torch.Tensor:
+        """Rotate x [b, heads, s, hd] by its positions ([s] or [b, s]; default arange(s));
+        ``tables`` (cos, sin) already looked up, so q and k share one copy of them."""
+        cos, sin = tables if tables is not None else self.rope_tables(x.shape[-2], positions)
         # fp32 rotation, as HF does, then back to the activation dtype.
         out = x.float() * cos + rotate_half(x.float()) * sin
         return out.to(x.dtype)
@@ -101,8 +106,8 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, s, -1, hd).transpose(1, 2)
         v = self.v_proj(x).view(b, s, -1, hd).transpose(1, 2)
         if self.use_rope:
-            positions = positions if positions is not None else self.positions
-            q, k = self.rope(q, positions), self.rope(k, positions)
+            tables = self.rope_tables(s, positions if positions is not None else self.positions)
+            q, k = self.rope(q, tables=tables), self.rope(k, tables=tables)
         rep = q.shape[1] // k.shape[1]
         if rep > 1:
             k = k.repeat_interleave(rep, dim=1)

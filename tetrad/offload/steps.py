@@ -154,7 +154,7 @@ class OffloadedMasters:
         # nothing else (a CPU tensor has no backend on an NCCL group)
         sq = torch.zeros(2, dtype=torch.float64, device=self.p.device)
         for g, s in zip(self.p.groups, squares):
-            if s is not None and g.shard_size:
+            if s is not None and g.shard_size and g.counted:  # a stage replica is counted by its owner
                 sq[0 if g.tensor_parallel else 1] += s.to(self.p.device)
         norm = reduce_squares(sq, sharded=self.p.sharded, dp_group=self.p.dp_group,
                               norm_groups=norm_groups)

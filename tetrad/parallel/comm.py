@@ -15,6 +15,11 @@ reduce_scatter_to_sequence reduce-scatter seq dim       all-gather seq dim
 all_to_all                 split dim a, concat dim b    split dim b, concat dim a
 =========================  ===========================  ===========================
 
+``RingPass`` is the one point-to-point primitive: every rank of a ring sends a tensor to the
+next rank and receives the previous rank's, in one batch (context parallelism's K/V hops,
+``tetrad.parallel.context``; its autograd lives in the ring attention function, whose
+backward is a second walk of the ring).
+
 Why pairs: a region that is replicated on every rank of the group (a tensor-parallel block's
 input) must sum the partial gradients each rank computes for it, and a region whose output is
 a sum of partial results must not sum the (already full) gradient again. Every function is the
@@ -202,3 +207,39 @@ def all_to_all(x: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> tor
     heads into all of the sequence for heads/P heads; the backward is the reverse exchange.
     """
     return x if _world(group) == 1 else _AllToAll.apply(x, scatter_dim, gather_dim, group)
+
+
+class _Pending:
+    """A posted ring hop: ``wait()`` returns the tensor received from the previous rank."""
+
+    def __init__(self, works, sent: torch.Tensor, received: torch.Tensor):
+        self.works, self._sent, self.received = works, sent, received
+
+    def wait(self) -> torch.Tensor:
+        for work in self.works:
+            work.wait()
+        self._sent = None  # the send buffer may go now
+        return self.received
+
+
+class RingPass:
+    """One hop around the ring of ``group``: send to rank r+1, receive from rank r-1.
+
+    Both ops go in one ``batch_isend_irecv`` and every rank posts the same batch, so the
+    exchange is symmetric (NCCL-safe: no rank waits on a send its peer has not matched).
+    ``tag`` keeps two rings in flight between the same ranks apart (gloo matches by tag).
+    """
+
+    def __init__(self, group, tag: int = 0):
+        rank, world = dist.get_rank(group), _world(group)
+        self.next = dist.get_global_rank(group, (rank + 1) % world)
+        self.prev = dist.get_global_rank(group, (rank - 1) % world)
+        self.group, self.tag = group, tag
+
+    def start(self, x: torch.Tensor) -> _Pending:
+        """Post the hop of ``x`` (contiguous); overlap work, then ``wait()`` for the neighbour's."""
+        x = x.contiguous()
+        recv = torch.empty_like(x)
+        ops = [dist.P2POp(dist.isend, x, self.next, self.group, self.tag),
+               dist.P2POp(dist.irecv, recv, self.prev, self.group, self.tag)]
+        return _Pending(dist.batch_isend_irecv(ops), x, recv)

@@ -1,8 +1,10 @@
 """The parallel layout as one validated object, and the DeviceMesh built from it.
 
-Axis order is ``("pp", "dp", "sp", "tp")``: tp innermost so a tensor-parallel group is made
-of neighbouring ranks (on a real cluster, the GPUs of one node, where bandwidth is highest),
-then sp, then dp, with pipeline stages outermost because they exchange the least data.
+Axis order is ``("pp", "dp", "cp", "sp", "tp")``: tp innermost so a tensor-parallel group is
+made of neighbouring ranks (on a real cluster, the GPUs of one node, where bandwidth is
+highest), then Ulysses sp (an all-to-all per attention), then cp (ring attention's K/V hops,
+each hidden behind a block of attention), then dp, with pipeline stages outermost because
+they exchange the least data (torchtitan orders its cp axis the same way).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-AXES = ("pp", "dp", "sp", "tp")
+AXES = ("pp", "dp", "cp", "sp", "tp")
 
 
 class LayoutError(ValueError):
@@ -22,29 +24,30 @@ class LayoutError(ValueError):
 
 @dataclass
 class ParallelDims:
-    """Degrees of the four parallel axes; ``dp=-1`` means "whatever is left of the world"."""
+    """Degrees of the five parallel axes; ``dp=-1`` means "whatever is left of the world"."""
 
     world_size: int
     pp: int = 1
     dp: int = -1
     sp: int = 1
     tp: int = 1
+    cp: int = 1
     _mesh: DeviceMesh | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        for axis in ("pp", "sp", "tp"):
+        for axis in ("pp", "cp", "sp", "tp"):
             if getattr(self, axis) < 1:
                 raise LayoutError(f"strategy.{axis}={getattr(self, axis)}: degrees must be >= 1")
-        inner = self.pp * self.sp * self.tp
+        inner = self.pp * self.cp * self.sp * self.tp
         if self.world_size % inner:
             raise LayoutError(
-                f"world size {self.world_size} is not divisible by tp*pp*sp = "
-                f"{self.tp}*{self.pp}*{self.sp} = {inner}")
+                f"world size {self.world_size} is not divisible by tp*pp*sp*cp = "
+                f"{self.tp}*{self.pp}*{self.sp}*{self.cp} = {inner}")
         if self.dp == -1:
             self.dp = self.world_size // inner
         if self.dp * inner != self.world_size:
             raise LayoutError(
-                f"strategy.dp={self.dp}: tp*pp*sp*dp = {self.dp * inner} but the world has "
+                f"strategy.dp={self.dp}: tp*pp*sp*cp*dp = {self.dp * inner} but the world has "
                 f"{self.world_size} ranks; use dp={self.world_size // inner} or dp: auto")
 
     @property
@@ -66,6 +69,10 @@ class ParallelDims:
     @property
     def pp_enabled(self) -> bool:
         return self.pp > 1
+
+    @property
+    def cp_enabled(self) -> bool:
+        return self.cp > 1
 
     def build_mesh(self, device: torch.device) -> DeviceMesh:
         """The DeviceMesh over the default process group, built once."""

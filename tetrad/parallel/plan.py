@@ -25,6 +25,9 @@ from typing import Callable
 
 from torch import nn
 
+from tetrad.models.shape import shape_of
+from tetrad.parallel.context import RingAttention
+from tetrad.parallel.hf_context import apply_hf_context
 from tetrad.parallel.layout import ResolvedLayout
 from tetrad.parallel.sequence import (SequenceParallelReplicated, ShardedPositions, UlyssesAttention,
                                       offset_rope_positions, region_input)
@@ -47,13 +50,23 @@ class Layout:
     tp: int
     sp: int
     seq: bool                # Megatron-SP active: activations sequence-sharded over tp
-    rng_sharded: RNGFork     # data differs on every tp and sp rank (heads, Megatron-SP shards)
-    rng_sp: RNGFork          # replicated over tp, different over sp (Ulysses sequence shards)
+    rng_sharded: RNGFork     # data differs on every tp, sp and cp rank (heads, sequence shards)
+    rng_sp: RNGFork          # replicated over tp, different over sp and cp (token shards)
     ties: dict = field(default_factory=dict)  # id(plain weight) -> its sharded replacement
+    cp: int = 1
+    cp_group: object = None
+    cp_balance: bool = True
+    kv_groups: int = 1       # query heads per key/value head (GQA)
+    positions: Callable | None = None  # (n, device) -> positions of the rank's n local tokens
 
     @property
     def entry(self) -> str:
         return "gather" if self.seq else "copy"
+
+    @property
+    def token_sharded(self) -> bool:
+        """Ranks of one replica hold different tokens between blocks (Ulysses or cp)."""
+        return self.sp > 1 or self.cp > 1
 
 
 Style = Callable[[nn.Module, Layout], nn.Module]
@@ -129,8 +142,8 @@ def region(m, L):
 
 def attention(m, L):
     region(m, L)
-    if L.sp > 1 and getattr(m, "use_rope", False):
-        offset_rope_positions(m, L.sp_group)
+    if L.token_sharded and getattr(m, "use_rope", False):
+        offset_rope_positions(m, L.positions)
     return m
 
 
@@ -142,8 +155,12 @@ def gpt2_attention(m, L):
 
 
 def core(m, L):
-    if getattr(m, "p", 0.0) > 0 and (L.tp > 1 or L.sp > 1):
+    """Ring attention over cp inside Ulysses' all-to-all over sp (the hybrid "USP" layout:
+    Ulysses hands the ring the whole cp-local sequence of heads/sp heads)."""
+    if getattr(m, "p", 0.0) > 0 and (L.tp > 1 or L.token_sharded):
         m = ForkedRNG(m, L.rng_sharded)  # each rank's heads get their own mask
+    if L.cp > 1:
+        m = RingAttention(m, L.cp_group, balance=L.cp_balance, kv_groups=L.kv_groups)
     return UlyssesAttention(m, L.sp_group) if L.sp > 1 else m
 
 
@@ -153,7 +170,7 @@ def sharded_dropout(m, L):
         return m
     if L.seq:
         return ForkedRNG(m, L.rng_sharded)
-    return ForkedRNG(m, L.rng_sp) if L.sp > 1 else m
+    return ForkedRNG(m, L.rng_sp) if L.token_sharded else m
 
 
 def sp_norm(m, L):
@@ -161,9 +178,9 @@ def sp_norm(m, L):
 
 
 def positions(m, L):
-    if L.sp == 1 and not L.seq:
+    if not L.token_sharded and not L.seq:
         return m
-    return ShardedPositions(m, L.sp_group if L.sp > 1 else None, L.tp_group if L.seq else None)
+    return ShardedPositions(m, L.positions if L.token_sharded else None, L.tp_group if L.seq else None)
 
 
 # ------------------------------------------------------------------ tables
@@ -269,7 +286,7 @@ def check_layout(family: str, layout: ResolvedLayout) -> None:
     """What only the live model can say (the rule book checks its shapes before this): a
     Hugging Face model computes attention inside its own function, so Ulysses and Megatron-SP,
     which need the attention core and the positions as modules of their own, cannot split it."""
-    if layout.seq_shards > 1 and family not in SEQUENCE_SHARDABLE:
+    if (layout.sp > 1 or layout.megatron_sp_active) and family not in SEQUENCE_SHARDABLE:
         what = f"strategy.sp={layout.sp}" if layout.sp > 1 else "strategy.megatron_sp=true"
         raise PlanError(f"{what} needs a model whose attention core is a module of its own and whose "
                         f"positions follow the local sequence shard; {family} computes attention inside "
@@ -328,19 +345,20 @@ def apply_plan(model: nn.Module, plan: list[tuple[str, Style]], layout: Layout,
 
 
 def parallelize(model: nn.Module, layout: ResolvedLayout) -> nn.Module:
-    """Apply the layout's tp / Megatron-SP / sp to the plain ``model`` over its mesh's "tp" and
-    "sp" axes. Identity when tp = sp = 1, so any model trains data-parallel without a plan.
+    """Apply the layout's tp / Megatron-SP / sp / cp to the plain ``model`` over its mesh's
+    "tp", "sp" and "cp" axes. Identity when tp = sp = cp = 1, so any model trains
+    data-parallel without a plan.
     """
-    tp, sp = layout.tp, layout.sp
-    if tp == 1 and sp == 1:
+    tp, sp, cp = layout.tp, layout.sp, layout.cp
+    if tp == 1 and sp == 1 and cp == 1:
         return model
+    if tp == 1 and sp == 1 and hasattr(getattr(model, "hf", model), "config"):
+        # cp alone on a Hugging Face model needs no table: ring attention enters through the
+        # attention-function interface every HF attention module calls.
+        return apply_hf_context(model, _context(layout, model))
     family, prefix = model_family(model)
     check_layout(family, layout)
-    tp_rank, sp_rank = layout.rank("tp"), layout.rank("sp")
-    device = layout.device  # dropout masks are drawn where compute runs (the model may be on the host)
-    ctx = Layout(layout.group("tp"), layout.group("sp"), tp, sp, layout.megatron_sp_active,
-                 rng_sharded=RNGFork(tp_rank + tp * sp_rank, device),
-                 rng_sp=RNGFork(tp * sp_rank, device))
+    ctx = _context(layout, model)
     if family == "hf":
         inner = model.hf if prefix else model
         cap, vocab = getattr(inner.config, "final_logit_softcapping", None), inner.config.vocab_size
@@ -348,6 +366,22 @@ def parallelize(model: nn.Module, layout: ResolvedLayout) -> nn.Module:
             raise PlanError(f"{type(inner).__name__} soft-caps its logits, so the vocabulary padding "
                             f"of vocab_size={vocab} over strategy.tp={tp} would be predicted; valid: "
                             f"tp dividing {vocab}")
-        return apply_plan(model, hf_plan(inner), ctx, prefix, strict=False)
-    return apply_plan(model, PLANS[family], ctx, prefix)
+        model = apply_plan(model, hf_plan(inner), ctx, prefix, strict=False)
+    else:
+        model = apply_plan(model, PLANS[family], ctx, prefix)
+    if cp > 1 and family not in SEQUENCE_SHARDABLE:
+        apply_hf_context(model, ctx)
+    return model
 
+
+def _context(layout: ResolvedLayout, model: nn.Module) -> Layout:
+    """The styles' view of the resolved layout for ``model``."""
+    tp, sp = layout.tp, layout.sp
+    tokens = layout.rank("sp") + sp * layout.rank("cp")  # which token shard this rank holds
+    device = layout.device  # dropout masks are drawn where compute runs (the model may be on the host)
+    shape = shape_of(model)
+    return Layout(layout.group("tp"), layout.group("sp"), tp, sp, layout.megatron_sp_active,
+                  rng_sharded=RNGFork(layout.rank("tp") + tp * tokens, device),
+                  rng_sp=RNGFork(tp * tokens, device), cp=layout.cp, cp_group=layout.group("cp"),
+                  cp_balance=layout.cp_load_balance,
+                  kv_groups=shape.n_heads // shape.n_kv_heads if shape else 1, positions=layout.positions)

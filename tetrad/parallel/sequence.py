@@ -11,7 +11,9 @@ AccumulateGrad the tp-summed gradient; nothing hooks into gradient accumulation.
 *Ulysses* (DeepSpeed, arXiv:2309.14509) runs on its own ``sp`` mesh axis: each rank holds
 s/P tokens everywhere except inside attention, where an all-to-all swaps the sequence shard of
 every head for the whole sequence of heads/P heads, so the attention core runs unchanged.
-RoPE and learned positions must then be offset by the rank's first token.
+RoPE and learned positions must then follow the rank's tokens: with context parallelism too
+(``tetrad.parallel.context``, which splits first) they are not even contiguous, so the
+position of every local token comes from the layout (``ResolvedLayout.positions``).
 """
 
 from __future__ import annotations
@@ -60,18 +62,19 @@ class SequenceParallelReplicated(_KeepNames):
 class ShardedPositions(_KeepNames):
     """Learned position embedding for a sequence shard.
 
-    Under Ulysses the local positions 0..n-1 become sp_rank*n .. sp_rank*n + n-1; under
-    Megatron-SP the output keeps only this tp rank's slice of them (backward all-gathers, so
-    every rank gets the full gradient of the table).
+    Under Ulysses and context parallelism the local positions 0..n-1 become those of the
+    rank's tokens (``positions(n, device)``: sp_rank*n .. sp_rank*n + n-1 for Ulysses alone);
+    under Megatron-SP the output keeps only this tp rank's slice of them (backward
+    all-gathers, so every rank gets the full gradient of the table).
     """
 
-    def __init__(self, emb: nn.Embedding, sp_group=None, tp_group=None):
+    def __init__(self, emb: nn.Embedding, positions=None, tp_group=None):
         super().__init__(emb)
-        self.sp_group, self.tp_group = sp_group, tp_group
+        self.local_positions, self.tp_group = positions, tp_group
 
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
-        if self.sp_group is not None:
-            positions = positions + dist.get_rank(self.sp_group) * positions.shape[-1]
+        if self.local_positions is not None:
+            positions = self.local_positions(positions.shape[-1], positions.device)
         out = F.embedding(positions, self.weight)
         if self.tp_group is not None:
             out = scatter_to_sequence(out, self.tp_group, dim=out.dim() - 2)
@@ -91,14 +94,14 @@ def region_input(module: nn.Module, mode: str, group) -> nn.Module:
     return module
 
 
-def offset_rope_positions(attn: nn.Module, group) -> nn.Module:
-    """Before each attention call, set ``attn.positions`` to this sp rank's token positions
-    (the attention input holds tokens sp_rank*n .. sp_rank*n + n-1 of the sequence)."""
+def offset_rope_positions(attn: nn.Module, positions) -> nn.Module:
+    """Before each attention call, set ``attn.positions`` to the positions of the rank's n
+    tokens its input holds (``positions(n, device)``; under Ulysses alone sp_rank*n ..
+    sp_rank*n + n-1 of the sequence)."""
 
     def hook(mod, args, kwargs):
         x = args[0] if args else kwargs["hidden_states"]
-        n = x.shape[1]
-        mod.positions = torch.arange(n, device=x.device) + dist.get_rank(group) * n
+        mod.positions = positions(x.shape[1], x.device)
 
     attn.register_forward_pre_hook(hook, with_kwargs=True)
     return attn

@@ -48,7 +48,8 @@ def _explain(cfg: Config, plan, world: int, costs, text: str) -> str:
     from tetrad.strategy.space import Space
 
     s = parse_layout(text, cfg.strategy)
-    errors = Space(cfg, world).problems(s)  # the rule book, as the engine asks it
+    # the rule book, as the engine asks it (the cluster spec's node size: the launcher's stand-in)
+    errors = Space(cfg, world, getattr(costs, "ranks_per_node", None)).problems(s)
     if errors:
         return f"--explain {text!r}: not a valid layout here: {errors[0]}"
     want = layout(s, world)

@@ -25,7 +25,7 @@ import yaml
 from tetrad.strategy.efficiency import Efficiency, EfficiencyError
 
 SHIPPED = ("a100_40gb", "a100_80gb", "h100_sxm", "h100_pcie", "h100_nvl", "h200", "h100_96gb_500w",
-           "a100_80gb_opa")
+           "a100_80gb_opa", "v100_dgx2_100g")
 ALIASES = {"a100_80gb_cluster": "a100_80gb", "h100_80gb_cluster": "h100_sxm"}
 GIB = 2 ** 30
 

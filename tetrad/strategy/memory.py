@@ -1,6 +1,6 @@
 """Memory per rank of a candidate, term by term, on the pipeline stage that needs the most.
 
-Model states follow ZeRO (Rajbhandari et al.) over the gradient group of N = dp*sp ranks (stages
+Model states follow ZeRO (Rajbhandari et al.) over the gradient group of N = dp*cp*sp ranks (stages
 2-3 keep full gradients while accumulating micro-batches: see state_bytes), with
 P bytes per compute parameter, G per gradient and K of optimizer state per parameter
 (mixed precision: P = G = 2, K = 12 = fp32 master + two Adam moments; fp32: P = G = 4, K = 8):
@@ -15,15 +15,25 @@ the tier at stages 2-3 unless the step overlaps backward).
 
 Activations: one layer's saved bytes for one micro-batch (measured, or the spec's inventory,
 ``tetrad.strategy.layer_ops``), times the stage's layers, times its micro-batches in flight:
-the first stage holds min(p, m) under 1F1B and ZB-H1, m under GPipe, p + (p-1)/v chunks' worth
-interleaved (Korthikanti et al.); the last stage holds 1 (interleaved: ((v-1)p + 1)/v).
-A recomputing policy adds one layer's un-recomputed activations: the working set of the
-backward of the layer being recomputed.
+the first stage holds min(p, m) under 1F1B, ZB-H1 and ZB-V (ZB-V's 2p half-stage chunks hold
+the same on every rank), m under GPipe and breadth-first (every micro-batch of every chunk
+before the first backward), p + (p-1)/v chunks' worth interleaved (Korthikanti et al.); the
+last stage holds 1 (interleaved: ((v-1)p + 1)/v). A recomputing policy adds one layer's
+un-recomputed activations: the working set of the backward of the layer being recomputed.
+Context parallelism divides every term by cp: a rank holds s/cp tokens everywhere, and ring
+attention keeps q, k, v, the output and its log-sum-exp of those tokens only (no s x s
+scores), like a flash kernel.
 
-Buffers: the loss's logits on the last stage (``costs.loss_bytes_per_logit`` per logit of one
-micro-batch: tetrad's fp32 log-softmax and its gradients, see tetrad.strategy.software), the
-ZeRO-3 gathered units (the computing one plus ``zero3_prefetch`` ahead, and one unit's
-gradient) or one gradient bucket (stages 0-2), pipeline send/recv buffers.
+Hybrid sharding shards over N = dp_shard x cp x sp instead; hpZ adds its secondary shards
+(P Ψ / (hpz x cp x sp), on the device whatever the offload tiers), qwZ and qgZ their quantized
+buffers (``tetrad.strategy.sharding``).
+
+Buffers: the loss's logits on the stage holding the head (the last; under ZB-V the first
+rank holds both ends) (``costs.loss_bytes_per_logit`` per logit of one micro-batch: tetrad's
+fp32 log-softmax and its gradients, see tetrad.strategy.software), the ZeRO-3 gathered units
+(the computing one plus ``zero3_prefetch`` ahead, and one unit's gradient) or one gradient
+bucket (stages 0-2), pipeline send/recv buffers, and under cp the ring's K/V blocks (the one
+in use and the one arriving) and, in backward, their fp32 dK/dV accumulators.
 
 On an accelerator the caching allocator reserves more than it hands out: ``fragmentation``
 (fitted to published peak memory, hardware/calibration.yaml) of the allocator's peak; NCCL's
@@ -37,6 +47,7 @@ from tetrad.models.args import ModelArgs
 from tetrad.models.counts import activation_bytes as layer_activation_bytes
 from tetrad.strategy.offload_cost import placement
 from tetrad.strategy.shapes import layers_per_stage, micro_batches, param_counts, shard_group
+from tetrad.strategy.sharding import extra_buffer_bytes, secondary_bytes
 
 
 def state_bytes(psi: float, zero: int, n: int, precision: str, m: int = 1,
@@ -61,9 +72,9 @@ def in_flight(s: StrategyConfig, m: int, stage: str = "first") -> float:
     p, v = s.pp, s.virtual_stages
     if p == 1:
         return 1.0
-    if s.pipeline_schedule == "gpipe":
+    if s.pipeline_schedule in ("gpipe", "breadth_first"):
         return float(m)
-    if stage == "last":
+    if stage == "last" and s.pipeline_schedule != "zero_bubble_v":  # ZB-V: the same on every rank
         return min(float(m), ((v - 1) * p + 1) / v) if s.pipeline_schedule == "interleaved" else 1.0
     base = float(min(p, m))
     if s.pipeline_schedule == "interleaved":
@@ -75,17 +86,17 @@ def msp_ratio(a: ModelArgs, s: StrategyConfig, costs) -> float:
     """Megatron-SP's activation saving, from the formulas (measured bytes are without it)."""
     if not (s.megatron_sp and s.tp > 1):
         return 1.0
-    seq = a.seq_len / s.sp
+    seq = a.seq_len / (s.sp * s.cp)
     with_sp = layer_activation_bytes(seq, 1, a.d_model, a.n_heads, t=s.tp, policy=s.recompute, megatron_sp=True)
     return with_sp / layer_activation_bytes(seq, 1, a.d_model, a.n_heads, t=s.tp, policy=s.recompute)
 
 
 def layer_bytes(a: ModelArgs, s: StrategyConfig, costs, policy: str) -> float:
-    """One layer's activations for one micro-batch under ``policy``."""
+    """One layer's activations for one micro-batch under ``policy`` (its s/cp tokens under cp)."""
     exact = getattr(costs, "layer_activation_bytes", None)
     if exact is not None:
-        return exact(s.tp, s.sp, s.micro_batch_size, policy, s.megatron_sp and s.tp > 1)
-    return costs.act_bytes(s.tp, s.sp, s.micro_batch_size, policy) * msp_ratio(a, s, costs)
+        return exact(s.tp, s.sp, s.micro_batch_size, policy, s.megatron_sp and s.tp > 1) / s.cp
+    return costs.act_bytes(s.tp, s.sp, s.micro_batch_size, policy) * msp_ratio(a, s, costs) / s.cp
 
 
 def activation_bytes(a: ModelArgs, s: StrategyConfig, costs, m: int, stage: str = "first") -> float:
@@ -97,32 +108,58 @@ def activation_bytes(a: ModelArgs, s: StrategyConfig, costs, m: int, stage: str 
 
 def loss_bytes(a: ModelArgs, s: StrategyConfig, costs) -> float:
     """The loss's buffers over one micro-batch's logits (on the stage holding the head)."""
-    tokens = s.micro_batch_size * a.seq_len / s.sp
+    tokens = s.micro_batch_size * a.seq_len / (s.sp * s.cp)
     return getattr(costs, "loss_bytes_per_logit", 8.0) * tokens * a.vocab_size / s.tp
 
 
+def ring_buffer_bytes(a: ModelArgs, s: StrategyConfig, elem: int) -> float:
+    """Ring attention's working buffers on one rank (0 without cp): two K/V blocks of the
+    cp-local sequence for this rank's heads, and in backward two fp32 dK/dV accumulators."""
+    if s.cp == 1:
+        return 0.0
+    kv = 2 * s.micro_batch_size * a.seq_len / s.cp * a.n_kv_heads / (s.tp * s.sp) * a.head_dim
+    return 2 * kv * elem + 2 * kv * 4
+
+
 def comm_bytes(a: ModelArgs, s: StrategyConfig, costs, elem: int) -> float:
-    """ZeRO-3's gathered units and one unit's gradient, or one gradient bucket; p2p buffers."""
+    """ZeRO-3's gathered units and one unit's gradient, or one gradient bucket; p2p buffers;
+    ring attention's K/V blocks."""
     if s.zero == 3:
         unit = param_counts(a).layer / s.tp
         depth = 1 + getattr(costs, "zero3_prefetch", 1)
         comm = depth * unit * getattr(costs, "gather_elem", elem) + unit * getattr(costs, "grad_reduce_elem", elem)
+        comm += extra_buffer_bytes(s, unit, elem)
     else:
         comm = s.bucket_mb * 2**20
-    tokens = s.micro_batch_size * a.seq_len / s.sp
-    p2p = 2 * tokens * a.d_model * elem * s.virtual_stages if s.pp > 1 else 0.0
-    return comm + p2p
+    tokens = s.micro_batch_size * a.seq_len / (s.sp * s.cp)
+    p2p = 2 * tokens * a.d_model * elem * s.chunks_per_rank if s.pp > 1 else 0.0
+    return comm + p2p + ring_buffer_bytes(a, s, elem)
+
+
+def holds_head(s: StrategyConfig, stage: str) -> bool:
+    """Whether the rank of ``stage`` ('first' / 'last') holds the output layer and loss: the
+    last stage, or under ZB-V the first rank (its V turns back to it)."""
+    if s.pp == 1:
+        return True
+    return stage == ("first" if s.pipeline_schedule == "zero_bubble_v" else "last")
 
 
 def stage_params(a: ModelArgs, s: StrategyConfig, stage: str) -> float:
-    """Parameters on a rank of the first or last pipeline stage (both ends when pp = 1)."""
+    """Parameters on a rank of the first or last pipeline stage (both ends when pp = 1, and on
+    the first rank under ZB-V)."""
     c = param_counts(a)
-    edge = c.embed + c.head if s.pp == 1 else (c.embed if stage == "first" else c.head)
+    if s.pp == 1 or (s.pipeline_schedule == "zero_bubble_v" and stage == "first"):
+        edge = c.embed + c.head
+    elif s.pipeline_schedule == "zero_bubble_v":
+        edge = 0
+    else:
+        edge = c.embed if stage == "first" else c.head
     return (layers_per_stage(a, s) * c.layer + edge) / s.tp
 
 
 def process_groups(s: StrategyConfig, world: int) -> int:
-    return sum(1 for g in (s.tp, s.pp, s.sp, shard_group(s, world)) if g > 1)
+    zpp = [s.zeropp.hpz, 2 if s.zeropp.quantize_grads else 1, 1 if s.dp_shard == "auto" else 2]
+    return sum(1 for g in (s.tp, s.pp, s.sp, s.cp, shard_group(s, world), *zpp) if g > 1)
 
 
 def stage_terms(a: ModelArgs, s: StrategyConfig, costs, world: int, m: int, precision: str,
@@ -144,8 +181,9 @@ def stage_terms(a: ModelArgs, s: StrategyConfig, costs, world: int, m: int, prec
         placed = placement(s, costs, shard, precision, state_dtype, m)
         terms["host"] += placed["host"]
         terms["disk"] += placed["disk"]
+    terms["params"] += secondary_bytes(s, psi, elem)  # hpZ: on the device
     terms["activations"] = activation_bytes(a, s, costs, m, stage)
-    terms["loss"] = loss_bytes(a, s, costs) if stage == "last" or s.pp == 1 else 0.0
+    terms["loss"] = loss_bytes(a, s, costs) if holds_head(s, stage) else 0.0
     terms["comm_buffers"] = comm_bytes(a, s, costs, elem)
     allocated = sum(v for k, v in terms.items() if k not in ("host", "disk"))
     terms["fragmentation"] = getattr(costs, "fragmentation", 0.0) * allocated

@@ -15,9 +15,16 @@ from tetrad.strategy.shapes import dp_degree
 
 
 def layout(s: StrategyConfig, world: int) -> str:
-    """'tp2 pp4 sp1 dp8 msp z1 mbs2 selective interleaved/v2 off:cpu/none' (defaults left out)."""
-    parts = [f"tp{s.tp}", f"pp{s.pp}", f"sp{s.sp}", f"dp{dp_degree(s, world)}"]
+    """'tp2 pp4 sp1 cp2 dp8 shard4 msp z3 hpz4 qw qg mbs2 selective interleaved/v2 off:cpu/none'
+    (cp 1 and other defaults left out; 'cp2/contig' without the zigzag load balance)."""
+    parts = [f"tp{s.tp}", f"pp{s.pp}", f"sp{s.sp}"]
+    parts += [f"cp{s.cp}" + ("" if s.cp_load_balance else "/contig")] if s.cp > 1 else []
+    parts += [f"dp{dp_degree(s, world)}"]
+    parts += [f"shard{s.dp_shard}"] if s.dp_shard != "auto" else []
     parts += ["msp"] if s.megatron_sp else []
+    z = s.zeropp
+    parts += ([f"hpz{z.hpz}"] if z.hpz > 1 else []) + (["qw"] if z.quantize_weights else []) + \
+        (["qg"] if z.quantize_grads else [])
     parts += [f"z{s.zero}", f"mbs{s.micro_batch_size}", s.recompute]
     if s.pp > 1:
         parts.append(s.pipeline_schedule + (f"/v{s.virtual_stages}" if s.virtual_stages > 1 else ""))
@@ -102,10 +109,15 @@ def parse_layout(text: str, base: StrategyConfig | None = None) -> StrategyConfi
     s = dataclasses.replace(base or StrategyConfig(), auto=False)
     seen = []
     for tok in text.replace(",", " ").split():
-        m = re.fullmatch(r"(tp|pp|sp|dp|z|mbs)(\d+)", tok)
-        if m:
-            key = {"z": "zero", "mbs": "micro_batch_size"}.get(m.group(1), m.group(1))
+        m = re.fullmatch(r"(tp|pp|sp|dp|z|mbs|shard|hpz)(\d+)", tok)
+        if m and m.group(1) == "hpz":
+            s = dataclasses.replace(s, zeropp=dataclasses.replace(s.zeropp, hpz=int(m.group(2))))
+        elif m:
+            key = {"z": "zero", "mbs": "micro_batch_size", "shard": "dp_shard"}.get(m.group(1), m.group(1))
             s = dataclasses.replace(s, **{key: int(m.group(2))})
+        elif tok in ("qw", "qg"):
+            key = "quantize_weights" if tok == "qw" else "quantize_grads"
+            s = dataclasses.replace(s, zeropp=dataclasses.replace(s.zeropp, **{key: True}))
         elif tok == "msp":
             s = dataclasses.replace(s, megatron_sp=True)
         elif tok in _POLICIES:
@@ -120,7 +132,8 @@ def parse_layout(text: str, base: StrategyConfig | None = None) -> StrategyConfi
             s = dataclasses.replace(s, offload=OffloadConfig(optimizer=opt, params=par,
                                                              nvme_dir=s.offload.nvme_dir))
         else:
-            raise ConfigError(f"--explain: {tok!r} is not a layout token; valid: tpN ppN spN dpN msp zN mbsN, "
+            raise ConfigError(f"--explain: {tok!r} is not a layout token; valid: tpN ppN spN dpN shardN msp zN "
+                              f"hpzN qw qg mbsN, "
                               f"{'|'.join(_POLICIES)}, {'|'.join(_SCHEDULES)}[/vN], off:OPT/PARAMS")
         seen.append(tok)
     if not seen:

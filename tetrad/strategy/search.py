@@ -123,7 +123,7 @@ def _shape_ok(costs, s: StrategyConfig) -> str:
 def search(cfg: Config, world: int, costs, budget: float | None = None) -> Plan:
     """Every candidate for ``cfg`` on ``world`` ranks, priced by ``costs``; fastest that fits first."""
     budget = budget if budget is not None else costs.device_budget
-    space = Space(cfg, world)
+    space = Space(cfg, world, getattr(costs, "ranks_per_node", None))
     args = ModelArgs.from_config(cfg.model)
     ok, others, dominated = [], [], 0
     recomputes = space.recompute_options()

@@ -41,9 +41,12 @@ def layers_per_stage(a: ModelArgs, s: StrategyConfig) -> int:
 def rank_params(a: ModelArgs, s: StrategyConfig) -> float:
     """Parameters on the fullest rank. Assumption: tp splits every weight evenly (norms and the
     row-parallel biases it replicates are a rounding error); the first stage holds the
-    embedding, the last the head, and with one stage both."""
+    embedding, the last the head (and a copy of the embedding when they are tied), and with
+    one stage or ZB-V's V (rank 0 runs the first and the last chunk) both."""
     c = param_counts(a)
-    edge = c.embed + c.head if s.pp == 1 else max(c.embed, c.head)
+    both_ends = s.pp == 1 or s.pipeline_schedule == "zero_bubble_v"  # ZB-V: rank 0 holds both
+    tied_copy = a.vocab_size * a.d_model if a.tie_embeddings and not both_ends else 0  # last stage's replica
+    edge = c.embed + c.head if both_ends else max(c.embed, c.head + tied_copy)
     return (layers_per_stage(a, s) * c.layer + edge) / s.tp
 
 
@@ -55,6 +58,22 @@ def micro_batches(global_batch: int, s: StrategyConfig, world: int) -> int:
     return global_batch // (dp_degree(s, world) * s.micro_batch_size)
 
 
+def grad_group(s: StrategyConfig, world: int) -> int:
+    """Ranks that average gradients: dp x cp x sp (cp and Ulysses ranks see other tokens of
+    the same replica)."""
+    return dp_degree(s, world) * s.cp * s.sp
+
+
+def dp_shard(s: StrategyConfig, world: int) -> int:
+    """dp ranks per ZeRO shard group: strategy.dp_shard, or dp (flat ZeRO)."""
+    return dp_degree(s, world) if s.dp_shard == "auto" else s.dp_shard
+
+
 def shard_group(s: StrategyConfig, world: int) -> int:
-    """Ranks ZeRO shards over: the gradient group, dp x sp (Ulysses ranks see other tokens)."""
-    return dp_degree(s, world) * s.sp
+    """Ranks ZeRO shards over: the gradient group, or under hybrid sharding dp_shard x cp x sp."""
+    return dp_shard(s, world) * s.cp * s.sp
+
+
+def replicas(s: StrategyConfig, world: int) -> int:
+    """Copies of the ZeRO state under hybrid sharding (1: flat ZeRO)."""
+    return dp_degree(s, world) // dp_shard(s, world)

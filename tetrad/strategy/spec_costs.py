@@ -58,6 +58,7 @@ class SpecCosts:
         self.reduce_every_micro_batch = software.reduce_every_micro_batch
         self.loss_bytes_per_logit = software.loss_bytes_per_logit
         self.nccl_bytes_per_group = spec.nccl_mb_per_group * 2 ** 20
+        self.ranks_per_node = spec.accelerators_per_node
         self._layer = lru_cache(maxsize=None)(self._layer_uncached)
 
     # --- compute --------------------------------------------------------------------------
@@ -142,6 +143,11 @@ class SpecCosts:
                        "disk_write": (self.eff.disk, self.disk_write_Bps)}[kind]
         chunk = max(1.0, min(chunk, nbytes))
         return nbytes / chunk * curve.seconds(chunk, rate)
+
+    def quantize(self, elems: float, elem: int) -> float:
+        """ZeRO++'s int8 block quantization and dequantization of ``elems``: memory-bound, each
+        reads and writes every element once (elem bytes one way, 1 the other)."""
+        return self._bytes(2 * elems * (elem + 1))
 
     def adam(self, params: float) -> float:
         """Memory-bound: ~32 bytes read + written per parameter (fp32 master, two moments,

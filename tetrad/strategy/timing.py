@@ -12,10 +12,20 @@ What the model assumes (Narayanan et al., Korthikanti et al., Qi et al., Rajbhan
   2 small ones. All exposed (each sits between two dependent matmuls). See ``_tp_comm``.
 * Ulysses: per layer all-to-alls of q, k, v and the output in forward, the same in backward and
   again under full recompute (selective recompute keeps the core's inputs); exposed.
-* Pipeline: GPipe and 1F1B add (p-1) micro-batch times of bubble, interleaved (p-1)/v, ZB-H1
-  (p-1)(T_F + T_B - T_W) with T_W the weight-gradient share of backward (24h / (48h + 8s) of a
-  no-recompute backward); every micro-batch sends activations forward and gradients back
-  (b*s*h elements; /t with Megatron-SP), v times as often when interleaved, exposed.
+* Context parallelism (ring attention): a rank's layer work is the whole sequence's over cp
+  (its s/cp tokens through the matmuls; its queries against every key in attention, which the
+  zigzag load balance spreads evenly). Per layer each rank passes K/V blocks cp-1 hops in
+  forward, and in backward cp-1 K/V hops plus cp hops of the fp32 dK/dV accumulators; a hop
+  hides behind one block of attention (the core's time / cp) as far as the machine overlaps,
+  the rest is exposed. cp_load_balance off is priced like on (only the default is searched).
+* Pipeline: GPipe and 1F1B add (p-1) micro-batch times of bubble, interleaved and breadth-first
+  (p-1)/v, ZB-H1 (p-1)(T_F + T_B - T_W) with T_W the weight-gradient share of backward (24h /
+  (48h + 8s) of a no-recompute backward), ZB-V (p-1)(T_F + T_B - T_W)/2: what tetrad's
+  list-scheduled ZB-V gives on the cost model at T_F = T_B = T_W (Qi et al.'s hand-made one
+  reaches ~0 in the steady state; tests/test_pipeline_schedules.py checks the simulator against
+  this); every micro-batch sends activations forward and gradients back (b*s*h elements; /t
+  with Megatron-SP), once per chunk of the rank (v times interleaved / breadth-first, twice
+  ZB-V), exposed.
   The bubble is the time the busiest rank waits while other stages fill and drain the
   pipeline; in those phases on average half the stages compute (1 of p up to p-1 of p), so
   where ranks share cores the busy ones run faster than in the all-busy steady state: the
@@ -34,7 +44,7 @@ What the model assumes (Narayanan et al., Korthikanti et al., Qi et al., Rajbhan
   whose kernels are priced from FLOPs and whose host overhead hides behind asynchronous
   launches).
 * Per-step synchronisation (tetrad.engine): the loss is all-reduced over the gradient
-  group (dp x sp), the gradient norm's squares over the dp group (ZeRO >= 1), the tp group and
+  group (dp x cp x sp), the gradient norm's squares over the dp group (ZeRO >= 1), the tp group and
   the pp group, and the last stage broadcasts the loss to its pp group: one small-message
   latency (the alpha of the fit) each, exposed (each waits for the slowest rank).
 * Optimizer: AdamW over the rank's shard (on the host when offloaded; bf16 moments cost the
@@ -50,7 +60,9 @@ from __future__ import annotations
 from tetrad.config.schema import StrategyConfig
 from tetrad.models.args import ModelArgs
 from tetrad.strategy.offload_cost import placement
-from tetrad.strategy.shapes import dp_degree, layers_per_stage, micro_batches, param_counts, rank_params, shard_group
+from tetrad.strategy.shapes import (dp_degree, grad_group, layers_per_stage, micro_batches, param_counts,
+                                   rank_params, replicas, shard_group)
+from tetrad.strategy.sharding import gather_times, reduce_time
 
 
 def _tp_comm(a: ModelArgs, s: StrategyConfig, costs, n_act: float, elem: int) -> tuple[float, float]:
@@ -86,7 +98,7 @@ def _tp_comm(a: ModelArgs, s: StrategyConfig, costs, n_act: float, elem: int) ->
         one, extra_bwd = costs.coll("all_reduce", s.tp, 1, n_act), 0.0
     fwd = (2 * layers + 1) * one
     bwd = (2 * layers + 1 + re_forward) * one + extra_bwd
-    tokens = s.micro_batch_size * a.seq_len / s.sp
+    tokens = s.micro_batch_size * a.seq_len / (s.sp * s.cp)
     ce = 2 * costs.coll("all_reduce", s.tp, 1, 4 * tokens)  # max; sum-exp with the target logit
     return fwd + ce, bwd
 
@@ -97,7 +109,7 @@ def _sp_comm(a: ModelArgs, s: StrategyConfig, costs, elem: int) -> tuple[float, 
     backward; a full-recompute backward re-runs the forward's 4."""
     if s.sp == 1:
         return 0.0, 0.0
-    tokens = s.micro_batch_size * a.seq_len / s.sp
+    tokens = s.micro_batch_size * a.seq_len / (s.sp * s.cp)
     q = tokens * a.n_heads / s.tp * a.head_dim * elem
     kv = tokens * a.n_kv_heads / s.tp * a.head_dim * elem
     one = 2 * costs.coll("all_to_all", s.sp, s.tp, q) + 2 * costs.coll("all_to_all", s.sp, s.tp, kv)
@@ -105,19 +117,48 @@ def _sp_comm(a: ModelArgs, s: StrategyConfig, costs, elem: int) -> tuple[float, 
     return layers * one, layers * one * (2 if s.recompute == "full" else 1)
 
 
+def _cp_comm(a: ModelArgs, s: StrategyConfig, costs, elem: int, core_f: float) -> tuple[float, float]:
+    """Ring attention's exposed p2p per micro-batch (tetrad.parallel.context): per layer cp-1
+    K/V hops in forward, cp-1 K/V hops and cp fp32 dK/dV hops in backward, each hidden
+    behind one block of attention as far as the machine overlaps communication with compute:
+    a rank's s/cp queries against all s keys cost ``core_f`` / cp over cp steps, so one block
+    is ``core_f`` / cp^2 forward and twice that backward (``core_f``: the whole sequence's
+    attention core, forward)."""
+    if s.cp == 1:
+        return 0.0, 0.0
+    kv = 2 * s.micro_batch_size * a.seq_len / s.cp * a.n_kv_heads / (s.tp * s.sp) * a.head_dim
+    stride = s.tp * s.sp
+    hop, grad_hop = costs.coll("send_recv", 2, stride, kv * elem), costs.coll("send_recv", 2, stride, kv * 4)
+    block = core_f / s.cp ** 2
+    fwd = (s.cp - 1) * _hidden(hop, block, costs.overlap)
+    bwd = (s.cp - 1) * _hidden(hop, 2 * block, costs.overlap) + s.cp * _hidden(grad_hop, 2 * block, costs.overlap)
+    layers = layers_per_stage(a, s)
+    return layers * fwd, layers * bwd * (2 if s.recompute == "full" else 1)
+
+
+def _core_share(a: ModelArgs) -> float:
+    """The attention core's share of a layer's forward FLOPs (4 s h of 2 x weights + 4 s h per token)."""
+    weights = a.d_model * (a.n_heads + 2 * a.n_kv_heads) * a.head_dim + a.n_heads * a.head_dim * a.d_model
+    weights += (3 if a.arch == "llama" else 2) * a.d_model * a.d_ff
+    core = 4 * a.seq_len * a.n_heads * a.head_dim
+    return core / (2 * weights + core)
+
+
 def micro_batch_times(a: ModelArgs, s: StrategyConfig, costs, elem: int) -> dict[str, float]:
-    """T_F, T_B (compute + exposed tp/sp communication) and T_W of one micro-batch on the busiest rank."""
-    b, layers = s.micro_batch_size, layers_per_stage(a, s)
+    """T_F, T_B (compute + exposed tp/sp/cp communication) and T_W of one micro-batch on the busiest rank."""
+    b, layers, cp = s.micro_batch_size, layers_per_stage(a, s), s.cp
     msp = s.megatron_sp and s.tp > 1
-    f_l, b_l = costs.layer(s.tp, s.sp, b, s.recompute, msp=msp)
-    f_h, b_h = costs.head(s.tp, s.sp, b)
-    n_act = b * a.seq_len / s.sp * a.d_model * elem
+    f_l, b_l = (t / cp for t in costs.layer(s.tp, s.sp, b, s.recompute, msp=msp))
+    f_h, b_h = (t / cp for t in costs.head(s.tp, s.sp, b))
+    n_act = b * a.seq_len / (s.sp * cp) * a.d_model * elem
     tp_f, tp_b = _tp_comm(a, s, costs, n_act, elem)
     sp_f, sp_b = _sp_comm(a, s, costs, elem)
-    f_none = costs.layer(s.tp, s.sp, b, "none", msp=msp)[0]
+    cp_f, cp_b = _cp_comm(a, s, costs, elem, _core_share(a) * costs.layer(s.tp, s.sp, b, "none", msp=msp)[0])
+    sp_f, sp_b = sp_f + cp_f, sp_b + cp_b
+    f_none = costs.layer(s.tp, s.sp, b, "none", msp=msp)[0] / cp
     w_share = 24 * a.d_model / (48 * a.d_model + 8 * a.seq_len)
     over = getattr(costs, "micro_batch_overhead", None)
-    o_f, o_b = over(s.tp, s.sp, b, layers / a.n_layers) if over else (0.0, 0.0)
+    o_f, o_b = over(s.tp, s.sp * cp, b, layers / a.n_layers) if over else (0.0, 0.0)
     o_f = max(o_f, -(layers * f_l + f_h))  # a correction never makes compute negative
     o_b = max(o_b, -(layers * b_l + b_h))
     return {"T_F": layers * f_l + f_h + tp_f + sp_f + o_f, "T_B": layers * b_l + b_h + tp_b + sp_b + o_b,
@@ -133,7 +174,9 @@ def pipeline_time(s: StrategyConfig, mb: dict[str, float], m: int, costs=None) -
         return m * t_mb, 0.0
     bubble = {"gpipe": (p - 1) * t_mb, "1f1b": (p - 1) * t_mb,
               "interleaved": (p - 1) * t_mb / s.virtual_stages,
-              "zero_bubble": (p - 1) * max(0.0, t_mb - mb["T_W"])}[s.pipeline_schedule]
+              "breadth_first": (p - 1) * t_mb / s.virtual_stages,
+              "zero_bubble": (p - 1) * max(0.0, t_mb - mb["T_W"]),
+              "zero_bubble_v": (p - 1) * max(0.0, t_mb - mb["T_W"]) / 2}[s.pipeline_schedule]
     busy = getattr(costs, "busy_factor", None)
     if busy is not None:
         bubble *= busy(0.5)
@@ -142,20 +185,20 @@ def pipeline_time(s: StrategyConfig, mb: dict[str, float], m: int, costs=None) -
 
 def sync_time(s: StrategyConfig, costs, world: int) -> float:
     """The step's small synchronising collectives (loss and gradient-norm reductions)."""
-    t = costs.coll("all_reduce", shard_group(s, world), s.tp, 8)
+    t = costs.coll("all_reduce", grad_group(s, world), s.tp, 8)
     if s.zero:
-        t += costs.coll("all_reduce", dp_degree(s, world), s.tp * s.sp, 8)
+        t += costs.coll("all_reduce", shard_group(s, world), s.tp, 8)
     t += costs.coll("all_reduce", s.tp, 1, 8)
-    t += 2 * costs.coll("all_reduce", s.pp, s.tp * s.sp * dp_degree(s, world), 8)
+    t += 2 * costs.coll("all_reduce", s.pp, s.tp * s.sp * s.cp * dp_degree(s, world), 8)
     return t
 
 
 def _p2p(a: ModelArgs, s: StrategyConfig, costs, world: int, m: int, elem: int) -> float:
     if s.pp == 1:
         return 0.0
-    n = s.micro_batch_size * a.seq_len / s.sp * a.d_model * elem / (s.tp if s.megatron_sp else 1)
-    stride = s.tp * s.sp * dp_degree(s, world)
-    return 2 * (m * s.virtual_stages + s.pp - 1) * costs.coll("send_recv", 2, stride, n)
+    n = s.micro_batch_size * a.seq_len / (s.sp * s.cp) * a.d_model * elem / (s.tp if s.megatron_sp else 1)
+    stride = s.tp * s.sp * s.cp * dp_degree(s, world)
+    return 2 * (m * s.chunks_per_rank + s.pp - 1) * costs.coll("send_recv", 2, stride, n)
 
 
 def _hidden(comm: float, window: float, overlap: float) -> float:
@@ -194,13 +237,13 @@ def dp_time(a: ModelArgs, s: StrategyConfig, costs, world: int, m: int, mb: dict
     the first unit of forward and the first of backward wait in full, the rest hide behind the
     neighbouring units' compute as far as the machine overlaps. Element sizes: gradients are
     reduced in ``costs.grad_reduce_elem`` bytes and parameters gathered in
-    ``costs.gather_elem`` (both the compute dtype's for tetrad).
+    ``costs.gather_elem`` (both the compute dtype's for tetrad). Hybrid sharding and ZeRO++
+    change what each collective is (``tetrad.strategy.sharding``), not when it runs.
     """
     n = shard_group(s, world)
-    if n == 1:
+    if n == 1 and replicas(s, world) == 1:
         return 0.0
     stride = s.tp
-    reduce = "all_reduce" if s.zero == 0 else "reduce_scatter"
     g_elem = getattr(costs, "grad_reduce_elem", elem)
     p_elem = getattr(costs, "gather_elem", elem)
     if s.zero == 3:
@@ -210,17 +253,17 @@ def dp_time(a: ModelArgs, s: StrategyConfig, costs, world: int, m: int, mb: dict
         bucket = min(grads, s.bucket_mb * 2**20)
         full, rest = divmod(grads, bucket)
         sizes = [(bucket / g_elem, int(full))] + ([(rest / g_elem, 1)] if rest else [])
-    total = sum(k * costs.coll(reduce, n, stride, x * g_elem) for x, k in sizes)
-    last = costs.coll(reduce, n, stride, sizes[-1][0] * g_elem)
+    total = sum(k * reduce_time(s, costs, world, x, g_elem) for x, k in sizes)
+    last = reduce_time(s, costs, world, sizes[-1][0], g_elem)
     exposed = max(last, _hidden(total, mb["bwd_layers"], getattr(costs, "grad_overlap", costs.overlap)))
     if s.zero >= 2 and getattr(costs, "reduce_every_micro_batch", False):
         exposed *= m  # FSDP: every micro-batch's backward reduce-scatters its gradients
     if s.zero in (1, 2):
         exposed += costs.coll("all_gather", n, stride, rank_params(a, s) * elem)
     if s.zero == 3:
-        gathers = [(costs.coll("all_gather", n, stride, x * p_elem), k) for x, k in sizes]
-        first = gathers[0][0] + gathers[-1][0]  # forward starts at the first unit, backward at the last
-        rest = 2 * sum(t * k for t, k in gathers) - first
+        gathers = [(gather_times(s, costs, world, x, p_elem), k) for x, k in sizes]
+        first = gathers[0][0][0] + gathers[-1][0][1]  # forward starts at the first unit, backward at the last
+        rest = sum((f + b) * k for (f, b), k in gathers) - first
         exposed += m * (first + _hidden(rest, mb["T_F"] + mb["T_B"], costs.overlap))
     return exposed
 

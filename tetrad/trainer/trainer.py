@@ -184,6 +184,7 @@ class Trainer:
                   "step_time_s": elapsed, "peak_rss_mb": float(rss), "skipped": bool(last["skipped"])}
         # Pipeline runs add this rank's bubble fraction and peak in-flight micro-batches.
         record.update({k: v for k, v in last.items() if k.startswith("pipeline_")})
+        record.update(self.engine.comm_bytes())  # a world across nodes: bytes within and between them
         device_mb = peak_device_mb(self.engine.device)
         if device_mb is not None:
             record["peak_device_mb"] = device_mb

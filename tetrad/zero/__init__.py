@@ -22,6 +22,7 @@ from tetrad.zero.master import MasterOptimizer, ResidentTier
 from tetrad.zero.memory import live_tensor_bytes, memory_report
 from tetrad.zero.publish import ReplicatedPublisher, ShardedPublisher
 from tetrad.zero.scaler import DynamicLossScaler
+from tetrad.zero.sharding import Sharding
 from tetrad.zero.stage012 import ReplicatedParams
 from tetrad.zero.stage3 import ShardedParams
 from tetrad.zero.tier import GradSink, MasterStore, Placement, ShardStore, Tier, When
@@ -40,7 +41,8 @@ def _device(model: nn.Module) -> torch.device:
 def build_data_parallel(model: nn.Module, *, optimizer: torch.optim.Optimizer | None = None,
                         optim_cfg=None, stage: int = 0, group=None, dtype: torch.dtype = torch.float32,
                         bucket_bytes: int = 25 * 2**20, tier: Tier | None = None,
-                        param_init=None, device: torch.device | None = None) -> DataParallel:
+                        param_init=None, device: torch.device | None = None,
+                        sharding: Sharding | None = None) -> DataParallel:
     """Take ownership of ``model``'s parameters, gradients and optimizer for ZeRO ``stage``.
 
     The parameters are cast to the compute ``dtype`` in place (buffers are left alone: RoPE
@@ -50,10 +52,16 @@ def build_data_parallel(model: nn.Module, *, optimizer: torch.optim.Optimizer | 
     model built with untouched storage just before its group is sharded (deferred init of
     models larger than memory). ``device`` (default: where the model is) is the compute
     device; at stage 3 the model may still be on the host: each group moves to the device as
-    it is sharded, so the whole model never has to fit there.
+    it is sharded, so the whole model never has to fit there. ``sharding`` (default: flat
+    ZeRO over ``group``) gives hybrid sharding's shard and replicate groups, ZeRO++'s hpZ
+    secondary group and qwZ / qgZ switches, and the byte counter (``tetrad.zero.sharding``);
+    its ``shard`` group then replaces ``group``.
     """
     if stage not in STAGES:
         raise ValueError(f"strategy.zero={stage!r} is not valid; use one of {STAGES}")
+    sharding = sharding or Sharding(shard=group)
+    sharding.check(stage)
+    group = sharding.shard
     device = device or _device(model)
     template, builder = optimizer_template(model, optimizer, optim_cfg)
     opt_index = {p: i for i, g in enumerate(template) for p in g["params"]}
@@ -79,21 +87,21 @@ def build_data_parallel(model: nn.Module, *, optimizer: torch.optim.Optimizer | 
         device=device)
     if stage < 3:
         params = ReplicatedParams(model, groups, dtype=dtype, placement=placement)
-        publisher = ReplicatedPublisher(group, dtype)
+        publisher = ReplicatedPublisher(group, dtype, sharding.traffic)
         # after the parameters took the compute dtype: the flat gradients are views in it
-        grads = (ShardedGrads(groups, group, dtype, sink=placement.sink) if stage == 2
-                 else FullGrads(groups, group, dtype, scatter=stage == 1))
+        grads = (ShardedGrads(groups, group, dtype, sink=placement.sink, sharding=sharding) if stage == 2
+                 else FullGrads(groups, group, dtype, scatter=stage == 1, sharding=sharding))
     else:
         # Gradient hooks first: on each parameter they run in registration order, before the
         # hooks that free the unit.
-        grads = ShardedGrads(groups, group, dtype, sink=placement.sink)
+        grads = ShardedGrads(groups, group, dtype, sink=placement.sink, sharding=sharding)
         params = ShardedParams(model, units, group=group, dtype=dtype, placement=placement,
-                               param_init=param_init, device=device)
+                               param_init=param_init, device=device, sharding=sharding)
         publisher = ShardedPublisher(placement.shards, dtype)
     return DataParallel(model, stage=stage, params=params, grads=grads, master=placement.masters(),
-                        publisher=publisher, scaler=scaler)
+                        publisher=publisher, scaler=scaler, replica_rank=sharding.replica_rank)
 
 
 __all__ = ["DataParallel", "DynamicLossScaler", "GradSink", "MasterOptimizer", "MasterStore",
-           "Placement", "ResidentTier", "STAGES", "ShardStore", "Tier", "When",
+           "Placement", "ResidentTier", "STAGES", "ShardStore", "Sharding", "Tier", "When",
            "build_data_parallel", "live_tensor_bytes", "memory_report"]

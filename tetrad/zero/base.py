@@ -25,10 +25,11 @@ from tetrad.zero.tier import MasterStore, Publisher
 
 class DataParallel:
     def __init__(self, model: nn.Module, *, stage: int, params, grads, master: MasterStore,
-                 publisher: Publisher, scaler: DynamicLossScaler | None):
+                 publisher: Publisher, scaler: DynamicLossScaler | None, replica_rank: int = 0):
         self.model, self.stage = model, stage
         self.params, self.grads, self.master, self.publisher = params, grads, master, publisher
         self.scaler = scaler
+        self.replica_rank = replica_rank  # hybrid sharding: which copy of the shards this rank holds
 
     @property
     def groups(self) -> list[FlatGroup]:
@@ -79,7 +80,13 @@ class DataParallel:
         self.master.close()
 
     def state_pieces(self) -> list:
-        return self.master.state_pieces()
+        """The store's pieces; under hybrid sharding the other replicas of a shard hold the
+        same values, so only replica 0 marks them for writing (one writer per element)."""
+        pieces = self.master.state_pieces()
+        if self.replica_rank != 0:
+            for piece in pieces:
+                piece.write = False
+        return pieces
 
     def load_state_pieces(self, fill: Callable) -> None:
         """``fill(pieces)`` (or an object with a ``fill`` method, e.g. a checkpoint reader)

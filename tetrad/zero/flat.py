@@ -4,9 +4,10 @@ Every ZeRO stage uses the same layout: a group's length is padded to a multiple 
 size N so that rank r owns the contiguous elements [r*S, (r+1)*S) with S = padded/N. A
 parameter can straddle two shards; that is why checkpoint pieces are (box, flat range)
 rather than whole tensors. Groups never mix parameters of different optimizer groups (their
-weight decay differs) or of different tensor-parallel kind (their squared norms are summed
-over different process groups), so a group's master shard is one optimizer tensor with one
-set of hyperparameters.
+weight decay differs), of different tensor-parallel kind (their squared norms are summed
+over different process groups) or stage replicas with owned parameters (a replica's squares
+are the owning stage's), so a group's master shard is one optimizer tensor with one set of
+hyperparameters.
 
 The tensors ZeRO keeps per group are attributes set inside ``tetrad.zero`` only (``full``,
 ``shard``, ``master``, ``grad_full``, ``grad_shard``); None means "not held here" (a tier may
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tetrad.checkpoint.pieces import tp_shard
+from tetrad.checkpoint.pieces import is_stage_replica, tp_shard
 
 
 @dataclass(eq=False)
@@ -35,6 +36,8 @@ class FlatGroup:
     opt_index: int             # index of the optimizer param group
     tensor_parallel: bool      # parameters sharded across the tp group
     index: int = 0             # position in the model's list of groups
+    counted: bool = True       # False: a pipeline stage's copy of another stage's parameters
+                               # (tied embeddings), left out of the gradient norm
     full: torch.Tensor | None = None        # compute-dtype flat parameters (params are views)
     shard: torch.Tensor | None = None       # compute-dtype local shard of the parameters
     master: torch.Tensor | None = None      # fp32 local shard the optimizer updates
@@ -67,14 +70,14 @@ class FlatGroup:
                 yield name, p, a - off, slice(a - self.lo, b - self.lo)
 
 
-def _close(entries, rank: int, world: int, key: tuple[int, bool]) -> FlatGroup:
+def _close(entries, rank: int, world: int, key: tuple[int, bool, bool]) -> FlatGroup:
     offsets, n = [], 0
     for _, p in entries:
         offsets.append(n)
         n += p.numel()
     n = max(world, -(-n // world) * world)
     return FlatGroup([p for _, p in entries], [name for name, _ in entries], offsets, n,
-                     rank, world, key[0], key[1])
+                     rank, world, key[0], key[1], counted=not key[2])
 
 
 def plan_groups(named_params: list[tuple[str, nn.Parameter]], opt_index: dict[nn.Parameter, int],
@@ -82,7 +85,7 @@ def plan_groups(named_params: list[tuple[str, nn.Parameter]], opt_index: dict[nn
     """Cut ``named_params`` (already in the order gradients will arrive) into flat groups.
 
     A group closes once it holds ``bucket_bytes`` (counted in the compute dtype) or when the
-    next parameter belongs to another optimizer group / tensor-parallel kind. Open groups of
+    next parameter belongs to another optimizer group / tensor-parallel kind / replica kind. Open groups of
     each kind are kept separately so that interleaved kinds (weights and biases) still form
     large buckets.
     """
@@ -90,7 +93,7 @@ def plan_groups(named_params: list[tuple[str, nn.Parameter]], opt_index: dict[nn
     sizes: dict[tuple[int, bool], int] = {}
     groups: list[FlatGroup] = []
     for name, p in named_params:
-        key = (opt_index[p], tp_shard(p) is not None)
+        key = (opt_index[p], tp_shard(p) is not None, is_stage_replica(p))
         open_.setdefault(key, []).append((name, p))
         sizes[key] = sizes.get(key, 0) + p.numel() * elem_size
         if sizes[key] >= bucket_bytes:

@@ -19,6 +19,11 @@ The flat gradient buffers (and, with a tier's sink, the reduced shards) come fro
 (``tetrad.zero.buffers.Buffers``) rather than a fresh allocation per group and step. In a
 group of one rank there is nothing to communicate: the "reduce-scatter" would be a copy, so
 the flat buffer *is* the shard (``g.grad_shard``) and nothing is copied.
+
+Under hybrid sharding (``Sharding.replicate``) each reduced shard is then averaged over the
+replicas holding the same shard (an all-reduce of 1/N of the gradients, the only gradient
+traffic that leaves the shard group); with qgZ (``Sharding.quantize_grads``) the
+reduce-scatter is ZeRO++'s hierarchical quantized all-to-all (``tetrad.zero.zeropp``).
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ from torch import nn
 from tetrad.zero.buffers import Buffers
 from tetrad.zero.comm import Done, all_reduce_avg, reduce_scatter_avg
 from tetrad.zero.flat import FlatGroup
+from tetrad.zero.sharding import Sharding
 from tetrad.zero.tier import GradSink
+from tetrad.zero.zeropp import quantized_reduce_scatter
 
 
 @dataclass
@@ -46,8 +53,10 @@ class _Sync:
 
 
 class _HookedGrads:
-    def __init__(self, groups: list[FlatGroup], group, dtype: torch.dtype):
+    def __init__(self, groups: list[FlatGroup], group, dtype: torch.dtype, sharding: Sharding | None = None):
         self.groups, self.group, self.dtype = groups, group, dtype
+        self.sharding = sharding or Sharding(shard=group)
+        self.traffic = self.sharding.traffic
         self.sync = False
         self._where: dict[nn.Parameter, tuple[FlatGroup, int]] = {}
         self._state: dict[int, _Sync] = {g.index: _Sync() for g in groups}
@@ -77,6 +86,11 @@ class _HookedGrads:
     def _arrived(self, g: FlatGroup, i: int, p: nn.Parameter) -> None:
         pass
 
+    def _across_replicas(self, shard: torch.Tensor) -> None:
+        """Hybrid sharding: average the reduced shard over the replicas holding it too."""
+        if self.sharding.replicate is not None:
+            all_reduce_avg(shard, self.sharding.replicate, self.traffic).wait()
+
     def finish(self) -> None:
         """Wait for every group; groups some of whose parameters got no gradient go now."""
         if not self.sync:
@@ -94,8 +108,9 @@ class _HookedGrads:
 
 
 class FullGrads(_HookedGrads):
-    def __init__(self, groups: list[FlatGroup], group, dtype: torch.dtype, scatter: bool):
-        super().__init__(groups, group, dtype)
+    def __init__(self, groups: list[FlatGroup], group, dtype: torch.dtype, scatter: bool,
+                 sharding: Sharding | None = None):
+        super().__init__(groups, group, dtype, sharding)
         self.scatter = scatter
         for g in groups:
             g.grad_full = torch.zeros(g.numel, dtype=dtype, device=g.params[0].device)
@@ -122,9 +137,9 @@ class FullGrads(_HookedGrads):
             st.handle = Done()
         elif self.scatter:
             st.out = torch.empty_like(g.grad_shard)
-            st.handle = reduce_scatter_avg(st.out, g.grad_full, self.group)
+            st.handle = reduce_scatter_avg(st.out, g.grad_full, self.group, self.traffic)
         else:
-            st.handle = all_reduce_avg(g.grad_full, self.group)
+            st.handle = all_reduce_avg(g.grad_full, self.group, self.traffic)
 
     def _retire(self, g: FlatGroup) -> None:
         st = self._state[g.index]
@@ -133,6 +148,8 @@ class FullGrads(_HookedGrads):
         if st.out is not None:
             g.grad_shard.copy_(st.out)
             st.out = None
+        if self.scatter:  # (also a group of one rank, whose shard is the whole buffer)
+            self._across_replicas(g.grad_shard)
 
     def zero_grad(self) -> None:
         for g in self.groups:
@@ -145,8 +162,8 @@ class ShardedGrads(_HookedGrads):
     all at once."""
 
     def __init__(self, groups: list[FlatGroup], group, dtype: torch.dtype, max_inflight: int = 2,
-                 sink: GradSink | None = None):
-        super().__init__(groups, group, dtype)
+                 sink: GradSink | None = None, sharding: Sharding | None = None):
+        super().__init__(groups, group, dtype, sharding)
         self.max_inflight, self.sink = max_inflight, sink
         self.buffers = Buffers(keep=max_inflight + 1)
         self._inflight: list[FlatGroup] = []
@@ -158,7 +175,7 @@ class ShardedGrads(_HookedGrads):
         """The group's flat gradient buffer for this backward, zeroed: its own shard when the
         group has one rank and keeps its gradients (the reduction is then the identity)."""
         if g.grad_full is None:
-            if g.world == 1 and self.sink is None:
+            if g.world == 1 and self.sink is None and not self.sharding.quantize_grads:
                 g.grad_full = g.grad_shard.zero_()
             else:
                 g.grad_full = self.buffers.take(g.numel, self.dtype, g.params[0].device)
@@ -171,13 +188,16 @@ class ShardedGrads(_HookedGrads):
 
     def _launch(self, g: FlatGroup) -> None:
         flat = self._flat(g)  # (zeros if no parameter of the group got a gradient this step)
-        if g.world == 1:
+        sh = self.sharding
+        if g.world == 1 and not sh.quantize_grads:
             g.grad_shard = flat
             self._state[g.index].handle = Done()
         else:
             if g.grad_shard is None:
                 g.grad_shard = self.buffers.take(g.shard_size, self.dtype, flat.device)
-            self._state[g.index].handle = reduce_scatter_avg(g.grad_shard, flat, self.group)
+            self._state[g.index].handle = (
+                quantized_reduce_scatter(g.grad_shard, flat, sh.intra, sh.inter, self.traffic)
+                if sh.quantize_grads else reduce_scatter_avg(g.grad_shard, flat, self.group, self.traffic))
         self._inflight.append(g)
         while len(self._inflight) > self.max_inflight:
             self._retire(self._inflight[0])
@@ -187,6 +207,7 @@ class ShardedGrads(_HookedGrads):
         if st.handle is not None:
             st.handle.wait()
             st.handle = None
+            self._across_replicas(g.grad_shard)
             if self.sink is not None:  # the tier takes it now, during backward
                 shard, g.grad_shard = g.grad_shard, None
                 # pooled again only if the sink has finished reading it: an overlapped step

@@ -45,7 +45,7 @@ def global_grad_norm(groups: list[FlatGroup], grads: list[torch.Tensor], *, shar
     on every rank, and NCCL reduces device tensors only)."""
     sq = torch.zeros(2, dtype=torch.float64, device=device)  # [tensor-parallel, replicated]
     for g, grad in zip(groups, grads):
-        if grad.numel():
+        if grad.numel() and g.counted:  # a stage replica's squares are its owner's
             sq[0 if g.tensor_parallel else 1] += squares64(grad)
     return reduce_squares(sq, sharded=sharded, dp_group=dp_group, norm_groups=norm_groups)
 

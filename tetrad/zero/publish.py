@@ -61,8 +61,8 @@ class _Staging:
 
 
 class ReplicatedPublisher:
-    def __init__(self, group, dtype: torch.dtype):
-        self.group = group
+    def __init__(self, group, dtype: torch.dtype, traffic=None):
+        self.group, self.traffic = group, traffic
         self._staging = _Staging(dtype)
         self._gathers: list = []  # (handle, source kept alive until the gather is done)
 
@@ -79,7 +79,7 @@ class ReplicatedPublisher:
             return
         # A separate source tensor: gathering a slice of the output into itself is not
         # allowed by every backend.
-        self._gathers.append((all_gather(g.full, src, self.group), src))
+        self._gathers.append((all_gather(g.full, src, self.group, self.traffic), src))
 
     def finish(self) -> None:
         for g, src in self._staging.drain():

@@ -18,6 +18,15 @@ The gathered storage's memory comes from a pool (``tetrad.zero.buffers.Storages`
 the group's storage on gather, out of it on free), not a fresh page-faulted allocation per
 unit. A group of one rank whose shard stays on the compute device is never gathered or freed:
 its shard *is* the whole group, so the parameters are views of it (the gather would be a copy).
+
+ZeRO++ (``tetrad.zero.sharding.Sharding``): with qwZ the gathers from the primary shards are
+int8 block-quantized (``zeropp.quantized_all_gather``); with hpZ every gather from the
+primary shards (a forward's) also keeps this rank's slice of the gathered parameters in the
+secondary group (a node), and the backward's gathers read those secondary shards instead,
+so they never leave the node. The secondary copy is exactly what the forward used
+(dequantized, under qwZ), so backward recomputes nothing different; it is dropped and
+refilled by the next forward, after the step has changed the primary shards. It costs
+``numel / secondary size`` compute-dtype elements per group on the device.
 """
 
 from __future__ import annotations
@@ -27,11 +36,13 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from tetrad.zero.buffers import Storages
-from tetrad.zero.comm import all_gather
+from tetrad.zero.comm import all_gather, group_rank, group_size
 from tetrad.zero.flat import FlatGroup
+from tetrad.zero.sharding import Sharding
 from tetrad.zero.stage012 import flat_fp32
 from tetrad.zero.tier import Placement
 from tetrad.zero.units import UnitSpec
+from tetrad.zero.zeropp import quantized_all_gather
 
 
 class Unit:
@@ -42,6 +53,8 @@ class Unit:
         self.handles: list = []
         self.in_backward = False
         self.pending = 0
+        self.source = "primary"         # which shards the gather in flight reads
+        self.secondary_ready = False    # hpZ: this forward's parameters are in the secondary shards
 
 
 class ShardedParams:
@@ -50,8 +63,10 @@ class ShardedParams:
 
     def __init__(self, model: nn.Module, units: list[tuple[UnitSpec, list[FlatGroup]]], *,
                  group, dtype: torch.dtype, placement: Placement, param_init=None,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, sharding: Sharding | None = None):
         self.model, self.group, self.dtype = model, group, dtype
+        self.sharding = sharding or Sharding(shard=group)
+        self.traffic = self.sharding.traffic
         self.device = device or self.groups_device(units)
         self.groups = [g for _, gs in units for g in gs]
         self.units = [Unit(spec, gs) for spec, gs in units]
@@ -61,6 +76,7 @@ class ShardedParams:
         self.storages = Storages()
         self._io: dict[int, torch.Tensor] = {}  # a second tensor on each g.full's storage
         self._whole: set[int] = set()  # groups of one rank whose shard is the group (never gathered)
+        self._secondary: dict[int, torch.Tensor] = {}  # hpZ: this rank's slice of each group
         for g in self.groups:
             if param_init is not None:  # deferred init: fill the group just before sharding
                 for name, p in zip(g.names, g.params):
@@ -89,7 +105,8 @@ class ShardedParams:
         del flat32
         g.master = placement.adopt_master(g, master)
         g.shard = self.shards.adopt(g, shard)
-        if g.world == 1 and g.shard is not None and g.shard.device == self.device:
+        plain = not (self.sharding.quantize_weights or self.sharding.hpz)  # (both change what a gather yields)
+        if g.world == 1 and plain and g.shard is not None and g.shard.device == self.device:
             self._whole.add(g.index)
             g.full = g.shard
             for i, p in enumerate(g.params):
@@ -101,24 +118,48 @@ class ShardedParams:
         for i, p in enumerate(g.params):
             p.data = g.view(g.full, i)
         g.full.untyped_storage().resize_(0)
+        if self.sharding.hpz:
+            h = group_size(self.sharding.secondary)
+            if g.numel % h:
+                raise ValueError(f"hpZ secondary group of {h} ranks does not divide group {g.index}'s "
+                                 f"{g.numel} elements (it must divide the shard group of {g.world})")
+            self._secondary[g.index] = torch.empty(g.numel // h, dtype=self.dtype, device=self.device)
+
+    def _secondary_slice(self, g: FlatGroup) -> torch.Tensor:
+        size = self._secondary[g.index].numel()
+        lo = group_rank(self.sharding.secondary) * size
+        return self._io[g.index][lo:lo + size]
 
     # ------------------------------------------------------------------ gather / free
-    def _gather(self, unit: Unit, wait: bool = True) -> None:
+    def _gather(self, unit: Unit, wait: bool = True, backward: bool = False) -> None:
         if unit.state == "free":
+            secondary = backward and self.sharding.hpz and unit.secondary_ready
             for g in unit.groups:
                 if g.index in self._whole:
                     continue
                 self.storages.fill(g.full.untyped_storage(), g.numel * g.full.element_size())
-                shard = self.shards.get(g)
-                unit.handles.append(all_gather(self._io[g.index], shard.to(g.full.device), self.group))
-            unit.state = "gathering"
+                unit.handles.append(self._launch_gather(g, secondary))
+            unit.state, unit.source = "gathering", "secondary" if secondary else "primary"
         if wait and unit.state == "gathering":
             for handle in unit.handles:
                 handle.wait()
             unit.handles, unit.state = [], "full"
-            for g in unit.groups:  # a tier's host buffer for the shard can be reused
-                if g.index not in self._whole:
+            if unit.source == "primary":
+                for g in unit.groups:  # a tier's host buffer for the shard can be reused
+                    if g.index in self._whole:
+                        continue
                     self.shards.release(g)
+                    if self.sharding.hpz:
+                        self._secondary[g.index].copy_(self._secondary_slice(g))
+                unit.secondary_ready = self.sharding.hpz
+
+    def _launch_gather(self, g: FlatGroup, secondary: bool):
+        if secondary:  # hpZ: inside the node, from what this step's forward gathered
+            return all_gather(self._io[g.index], self._secondary[g.index], self.sharding.secondary,
+                              self.traffic)
+        shard = self.shards.get(g).to(g.full.device)
+        gather = quantized_all_gather if self.sharding.quantize_weights else all_gather
+        return gather(self._io[g.index], shard, self.group, self.traffic)
 
     def _free(self, unit: Unit) -> None:
         if unit.state == "free":
@@ -141,13 +182,14 @@ class ShardedParams:
             self._recording = []
         for unit in self.units:  # a unit whose parameters got no gradient last time
             unit.in_backward = False
+            unit.secondary_ready = False  # the step may have changed the primary shards
 
     def _root_post_forward(self, module, args, out) -> None:
         if self._recording is not None:
             self.order, self._recording = self._recording, None
 
     def _pre_forward(self, unit: Unit) -> None:
-        self._gather(unit)
+        self._gather(unit, backward=unit.in_backward)  # in backward: a recomputed forward
         if self._recording is not None:
             if unit not in self._recording:
                 self._recording.append(unit)
@@ -167,10 +209,10 @@ class ShardedParams:
 
     def _pre_backward(self, unit: Unit) -> None:
         unit.in_backward = True
-        self._gather(unit)
+        self._gather(unit, backward=True)
         prev = self._neighbour(unit, -1)
         if prev is not None:
-            self._gather(prev, wait=False)
+            self._gather(prev, wait=False, backward=True)
 
     def _on_grad(self, unit: Unit) -> None:
         unit.pending -= 1

@@ -3,6 +3,9 @@
 The executor knows nothing of data parallelism or optimizers: it accumulates gradients into
 ``param.grad`` over all micro-batches and returns the summed loss (on the last stage). The
 caller decides when gradients are synchronised -- once, after ``run`` -- and steps.
+
+Where the placement puts two consecutive chunks on one rank (ZB-V's turn on the last rank)
+the activation and its gradient are handed over in memory (``_local``) instead of by p2p.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import Callable
 
 import torch
 from tetrad.parallel.pipeline.p2p import ACT, GRAD, StageComm
-from tetrad.parallel.pipeline.actions import Action
+from tetrad.parallel.pipeline.actions import Action, Placement
 from tetrad.parallel.pipeline.split import Chunk
 from tetrad.parallel.pipeline.trace import Timeline, clock
 from tetrad.parallel.pipeline.zero_bubble import WeightGradStore, exclude_recomputed
@@ -27,9 +30,12 @@ class PipelineExecutor:
     """
 
     def __init__(self, chunks: list[Chunk], schedule_fn: Callable[[int], list[Action]],
-                 comm: StageComm, loss_fn: Callable, *, timeline: Timeline | None = None):
+                 comm: StageComm, loss_fn: Callable, *, timeline: Timeline | None = None,
+                 placement: Placement | None = None):
         self.chunks, self.schedule_fn, self.comm, self.loss_fn = chunks, schedule_fn, comm, loss_fn
         self.p = comm.size
+        self.placement = placement or Placement(comm.size, len(chunks))
+        self._local: dict[tuple[int, int, int], torch.Tensor] = {}  # (kind, from chunk, mb) -> tensor
         self.timeline = timeline
         self.store = WeightGradStore()
         # synchronised with the device only when someone reads the times (instrumented runs)
@@ -38,7 +44,26 @@ class PipelineExecutor:
         self.stats: dict[str, float] = {}
 
     def global_chunk(self, local: int) -> int:
-        return local * self.p + self.comm.rank
+        return self.placement.global_of(self.comm.rank, local)
+
+    @property
+    def last_rank(self) -> int:
+        """The pp rank holding the last chunk (where the loss is)."""
+        return self.placement.rank_of(self.placement.n_chunks - 1)
+
+    def _here(self, chunk: int) -> bool:
+        return self.placement.rank_of(chunk) == self.comm.rank
+
+    def _send(self, t: torch.Tensor, kind: int, c: int, to: int, mb: int) -> None:
+        if self._here(to):
+            self._local[(kind, c, mb)] = t.detach()
+        else:
+            self.comm.send(t, kind, c, to, mb)
+
+    def _recv(self, kind: int, c: int, mb: int) -> torch.Tensor:
+        if self._here(c):
+            return self._local.pop((kind, c, mb))
+        return self.comm.recv(kind, c, mb)
 
     def run(self, inputs: list[torch.Tensor], labels: list[torch.Tensor],
             scale: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss,
@@ -75,8 +100,10 @@ class PipelineExecutor:
         return self._total
 
     def _receives(self, a: Action) -> bool:
-        chunk = self.chunks[a.chunk]
-        return (a.kind == "F" and not chunk.is_first) or (a.kind == "B" and not chunk.is_last)
+        """The action waits on a p2p receive (not on nothing, or a hand-over in memory)."""
+        chunk, c = self.chunks[a.chunk], self.global_chunk(a.chunk)
+        return ((a.kind == "F" and not chunk.is_first and not self._here(c - 1))
+                or (a.kind == "B" and not chunk.is_last and not self._here(c + 1)))
 
     # ------------------------------------------------------------------ actions
     def _F(self, a: Action) -> None:
@@ -85,7 +112,7 @@ class PipelineExecutor:
         if chunk.is_first:
             x = self._inputs[a.mb]
         else:
-            x = self.comm.recv(ACT, c - 1, a.mb).requires_grad_()
+            x = self._recv(ACT, c - 1, a.mb).requires_grad_()
         t0 = self._clock()
         with self.store.capture() if self._split else contextlib.nullcontext():
             out = chunk(x)
@@ -95,7 +122,7 @@ class PipelineExecutor:
                 out = self._scale(loss)
         self._last_span = (t0, self._clock())
         if not chunk.is_last:
-            self.comm.send(out, ACT, c, c + 1, a.mb)
+            self._send(out, ACT, c, c + 1, a.mb)
         self._saved[(a.mb, a.chunk)] = (x, out)
         self._in_flight += 1
         self._peak = max(self._peak, self._in_flight)
@@ -104,13 +131,13 @@ class PipelineExecutor:
         c = self.global_chunk(a.chunk)
         chunk = self.chunks[a.chunk]
         x, out = self._saved.pop((a.mb, a.chunk))
-        grad = None if chunk.is_last else self.comm.recv(GRAD, c + 1, a.mb)
+        grad = None if chunk.is_last else self._recv(GRAD, c + 1, a.mb)
         t0 = self._clock()
         with self.store.backward_of((a.mb, a.chunk)) if self._split else contextlib.nullcontext():
             torch.autograd.backward(out, grad)
         self._last_span = (t0, self._clock())
         if not chunk.is_first:
-            self.comm.send(x.grad, GRAD, c, c - 1, a.mb)
+            self._send(x.grad, GRAD, c, c - 1, a.mb)
         self._in_flight -= 1
 
     def _W(self, a: Action) -> None:
@@ -119,6 +146,7 @@ class PipelineExecutor:
         self._last_span = (t0, self._clock())
 
     def _check_done(self) -> None:
-        if self._saved or self.store.pending():
+        if self._saved or self.store.pending() or self._local:
             raise RuntimeError(f"pipeline schedule left work undone: activations of "
-                               f"{sorted(self._saved)}, weight gradients of {self.store.pending()}")
+                               f"{sorted(self._saved)}, weight gradients of {self.store.pending()}, "
+                               f"hand-overs {sorted(self._local)}")

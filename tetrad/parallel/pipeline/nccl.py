@@ -12,8 +12,9 @@ that the plain simulator (``simulate``) finishes also finishes on gloo. NCCL doe
   real dependencies are stream order, data (a send carries what an action computed) and the
   receive an action's compute consumes.
 
-``nccl_check(schedule)`` replays the executor's exact batching (see ``executor_batches``) under
-these rules and raises naming the stuck ranks if the run would hang. The executor puts
+``nccl_check(schedule, placement=...)`` replays the executor's exact batching (see
+``executor_batches``; chunks where the schedule's placement puts them, ZB-V's V included)
+under these rules and raises naming the stuck ranks if the run would hang. The executor puts
 activations and activation gradients on two communicators of the same pp ranks
 (``CHANNELS``): on one, interleaved 1F1B hangs whenever micro-batches outnumber stages (the
 two directions' groups wait on each other); split by direction, every schedule tetrad
@@ -25,7 +26,7 @@ from __future__ import annotations
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
-from tetrad.parallel.pipeline.actions import Action, Schedule
+from tetrad.parallel.pipeline.actions import Action, Placement, Schedule
 
 ACT, GRAD = 0, 1
 CHANNELS = ("one", "by_kind", "by_pair")
@@ -68,27 +69,38 @@ def _sends(a: Action, c: int, n_chunks: int) -> list[tuple[int, int]]:
     return []
 
 
-def executor_batches(acts: list[Action], rank: int, p: int, n_chunks: int, channels: str) -> list[Batch]:
+def executor_batches(acts: list[Action], rank: int, p: int, n_chunks: int, channels: str,
+                     placement: Placement | None = None) -> list[Batch]:
     """One rank's batches in issue order, exactly as ``PipelineExecutor.run`` posts them: the
     sends an action produced go out together with the receive the next action needs, one
-    ``batch_isend_irecv`` per communicator; without a receive to pair with they are flushed."""
+    ``batch_isend_irecv`` per communicator; without a receive to pair with they are flushed.
+    ``placement`` says which rank holds which chunk (default: round-robin); a transfer between
+    two chunks of one rank (ZB-V's turn) is a hand-over in memory, no op."""
+    place = placement or Placement(p, n_chunks // p)
     chan = _channel(channels, rank)
+
+    def remote(a: Action):
+        c = place.global_of(rank, a.chunk)
+        need = _needs(a, c, n_chunks)
+        need = need if need is not None and place.rank_of(need[1]) != rank else None
+        sends = [(k, d) for k, d in _sends(a, c, n_chunks) if place.rank_of(d) != rank]
+        return c, need, sends
+
     out: list[Batch] = []
     outbox: list[Op] = []
     produced_by = -1
     for i, a in enumerate(acts):
-        c = a.chunk * p + rank
-        need = _needs(a, c, n_chunks)
+        c, need, sends = remote(a)
         if need is not None:
             kind, src = need
-            recv = Op(False, src % p, kind, src, a.mb)
+            recv = Op(False, place.rank_of(src), kind, src, a.mb)
             out += _post(outbox, chan, produced_by, i, recv)
             outbox = []
-        for kind, dst in _sends(a, c, n_chunks):
-            outbox.append(Op(True, dst % p, kind, c, a.mb))
+        for kind, dst in sends:
+            outbox.append(Op(True, place.rank_of(dst), kind, c, a.mb))
         produced_by = i
         nxt = acts[i + 1] if i + 1 < len(acts) else None
-        if nxt is None or _needs(nxt, nxt.chunk * p + rank, n_chunks) is None:
+        if nxt is None or remote(nxt)[1] is None:
             out += _post(outbox, chan, produced_by, None, None)
             outbox = []
     return out
@@ -114,11 +126,12 @@ def _post(outbox: list[Op], chan, after: int, feeds: int | None, recv: Op | None
             for comm, ops in by_comm.items()]
 
 
-def nccl_check(schedule: Schedule, channels: str = "by_pair") -> None:
-    """Raise RuntimeError if the executor's p2p would hang on NCCL for this schedule."""
+def nccl_check(schedule: Schedule, channels: str = "by_pair", placement: Placement | None = None) -> None:
+    """Raise RuntimeError if the executor's p2p would hang on NCCL for this schedule, its
+    chunks placed by ``placement`` (default: round-robin; ZB-V: ``schedule.placement``)."""
     p = len(schedule)
     n_chunks = p * (1 + max(a.chunk for acts in schedule for a in acts))
-    ranks = [executor_batches(acts, r, p, n_chunks, channels) for r, acts in enumerate(schedule)]
+    ranks = [executor_batches(acts, r, p, n_chunks, channels, placement) for r, acts in enumerate(schedule)]
     _Run(schedule, ranks).finish()
 
 

@@ -67,8 +67,9 @@ class StageComm:
     """
 
     def __init__(self, group, shape: tuple[int, ...] | None, dtype: torch.dtype, device: torch.device,
-                 *, tp_group=None, channels: dict | None = None):
+                 *, tp_group=None, owner=None, channels: dict | None = None):
         self.group, self.dtype, self.device = group, dtype, device
+        self.owner = owner  # global chunk -> pp rank holding it (None: round-robin, chunk % size)
         # {(sender pp rank, receiver pp rank): group}; the group itself when the caller made
         # none (a pp group of 2 on gloo, or a test): every rank of the world must build them
         self.channels = channels if channels is not None else ring_channels([_ranks(group)])
@@ -78,6 +79,7 @@ class StageComm:
         self.tp_group = tp_group if tp > 1 else None
         self.tp, self.tp_rank = tp, (dist.get_rank(tp_group) if tp > 1 else 0)
         self.sent_bytes = self.sent_messages = 0
+        self.traffic = None  # a tetrad.traffic.Traffic: each send counted intra/inter node
         self._sends: list = []
         self._outbox: list[dist.P2POp] = []
 
@@ -88,9 +90,13 @@ class StageComm:
     def reset_counts(self) -> None:
         self.sent_bytes = self.sent_messages = 0
 
+    def holder(self, global_chunk: int) -> int:
+        """The pp rank holding ``global_chunk``."""
+        return self.owner(global_chunk) if self.owner else global_chunk % self.size
+
     def peer(self, global_chunk: int) -> int:
         """Global rank of the pp rank holding ``global_chunk``."""
-        return dist.get_global_rank(self.group, global_chunk % self.size)
+        return dist.get_global_rank(self.group, self.holder(global_chunk))
 
     @staticmethod
     def tag(kind: int, chunk: int, mb: int) -> int:
@@ -113,7 +119,9 @@ class StageComm:
             t = t.contiguous()
         self.sent_bytes += t.numel() * t.element_size()
         self.sent_messages += 1
-        dst = to_chunk % self.size
+        if self.traffic is not None:
+            self.traffic.send(self.peer(to_chunk), t.numel() * t.element_size())
+        dst = self.holder(to_chunk)
         self._outbox.append(dist.P2POp(dist.isend, t, self.peer(to_chunk), self.channels[(self.rank, dst)],
                                        self.tag(kind, from_chunk, mb)))
 
@@ -122,7 +130,7 @@ class StageComm:
         piece = self.tp_group is not None
         buf = torch.empty((self.piece_numel(),) if piece else self.shape, dtype=self.dtype,
                           device=self.device)
-        src = from_chunk % self.size
+        src = self.holder(from_chunk)
         op = dist.P2POp(dist.irecv, buf, self.peer(from_chunk), self.channels[(src, self.rank)],
                         self.tag(kind, from_chunk, mb))
         self.flush()

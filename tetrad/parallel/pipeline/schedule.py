@@ -9,16 +9,29 @@ interleaved schedule), so global chunk ``c`` is local chunk ``c // p`` of rank `
 
 Keeping schedules as plain data lets one executor run all of them, lets the simulator in
 ``simulate.py`` check them for deadlocks and bubbles without processes, and keeps each
-schedule a few lines that can be read next to its paper.
+schedule a few lines that can be read next to its paper. ZB-V places its chunks in a V
+instead (``placement``; its list comes from ``vshape``).
 """
 
 from __future__ import annotations
 
-from tetrad.parallel.pipeline.actions import Action, Schedule
+from tetrad.parallel.pipeline.actions import Action, Placement, Schedule
 from tetrad.parallel.pipeline.simulate import list_schedule
+from tetrad.parallel.pipeline.vshape import v_placement, zero_bubble_v
 
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "zero_bubble")
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zero_bubble", "zero_bubble_v", "breadth_first")
+LOOPED = ("interleaved", "breadth_first")  # v chunks per rank, round-robin
+
+
+def chunks_per_rank(name: str, v: int) -> int:
+    """Chunks a rank holds under schedule ``name`` with ``virtual_stages=v``."""
+    return 2 if name == "zero_bubble_v" else v
+
+
+def placement(name: str, p: int, v: int = 1) -> Placement:
+    """Which rank holds which chunk under schedule ``name``."""
+    return v_placement(p) if name == "zero_bubble_v" else Placement(p, v)
 
 
 def check_micro_batches(name: str, p: int, m: int, v: int = 1) -> None:
@@ -33,8 +46,9 @@ def check_micro_batches(name: str, p: int, m: int, v: int = 1) -> None:
             f"multiple of strategy.pp={p} (Megatron's round-robin order); change "
             f"run.global_batch_size or strategy.micro_batch_size so that "
             f"global_batch_size / (dp * micro_batch_size) is a multiple of {p}")
-    if name != "interleaved" and v != 1:
-        raise ValueError(f"strategy.virtual_stages={v} needs pipeline_schedule 'interleaved' (got {name!r})")
+    if name not in LOOPED and v != 1:
+        raise ValueError(f"strategy.virtual_stages={v} needs pipeline_schedule 'interleaved' or "
+                         f"'breadth_first' (got {name!r})")
 
 
 def gpipe(p: int, m: int) -> Schedule:
@@ -92,8 +106,21 @@ def zero_bubble_h1(p: int, m: int, costs: tuple[float, float, float] = (1.0, 1.0
     return list_schedule(one_f_one_b(p, m), p, costs)
 
 
+def breadth_first(p: int, m: int, v: int) -> Schedule:
+    """Looped breadth-first (Lamy-Poirier 2022): the looping placement of interleaved 1F1B, but
+    every micro-batch runs through one chunk before the next chunk starts, forward and then
+    (in reverse) backward -- GPipe's order on v chunks per rank. A chunk's parameters are
+    needed in one unbroken run of m passes each way, which is what lets ZeRO-3 gather them
+    and reduce-scatter their gradients once per run instead of once per micro-batch; its
+    bubble is interleaved's, (p-1)/(vm + p-1), at GPipe's activation memory (m v chunks)."""
+    fwd = [Action("F", j, c) for c in range(v) for j in range(m)]
+    bwd = [Action("B", j, c) for c in reversed(range(v)) for j in range(m)]
+    return [fwd + bwd for _ in range(p)]
+
+
 def build_schedule(name: str, p: int, m: int, v: int = 1) -> Schedule:
-    """The action lists of every rank for schedule ``name`` (see ``SCHEDULES``)."""
+    """The action lists of every rank for schedule ``name`` (see ``SCHEDULES``); rank r holds
+    the chunks ``placement(name, p, v)`` gives it."""
     check_micro_batches(name, p, m, v)
     if name == "gpipe":
         return gpipe(p, m)
@@ -103,4 +130,8 @@ def build_schedule(name: str, p: int, m: int, v: int = 1) -> Schedule:
         return interleaved(p, m, v)
     if name == "zero_bubble":
         return zero_bubble_h1(p, m)
+    if name == "zero_bubble_v":
+        return zero_bubble_v(p, m)
+    if name == "breadth_first":
+        return breadth_first(p, m, v)
     raise ValueError(f"strategy.pipeline_schedule={name!r} is not valid; use one of {SCHEDULES}")
