@@ -7,6 +7,9 @@ and optimizer state in files), and how close its I/O comes to the disk.
     python bench/offload_scale.py --nvme-dir DIR --stream       # the optimizer phase alone
     python bench/offload_scale.py --nvme-dir DIR --adam         # fused AdamW vs DeepSpeedCPUAdam
     python bench/offload_scale.py --nvme-dir DIR --mode overlap # buckets stepped during backward
+    python bench/offload_scale.py --nvme-dir DIR --sizes 2.75 --host-memory-gb auto   # placement
+    python bench/offload_scale.py --nvme-dir DIR --sizes 8b --mode overlap --state-dtype bf16 \
+        --host-memory-gb auto                                  # Llama-3-8B-shaped, bf16 moments
 
 First the disk's sequential bandwidth is measured in this run (O_DIRECT, 64 MiB requests,
 one thread: what ``dd oflag=direct bs=64M`` does, and the same through tetrad's FileIO with 4
@@ -17,12 +20,21 @@ exp_avg_sq; 12 with ``--mode overlap``, which never stores gradients) would not 
 free disk, less 10% headroom, is skipped and said so; the ladder stops at the first size that
 fails. One JSON line per result.
 
-Reported per size: params, peak RSS, disk bytes, s/step (each step), bytes read and written
-per step, their rate over the step, and ``io_bound_s``: the time the step's bytes need at the
-measured disk bandwidth -- ``io_bound_s / step_s`` is the fraction of the disk the step used
--- and the same for the optimizer phase alone (``opt_phase_disk_fraction``: how close the
-swapper streams to the disk where nothing but the optimizer runs). ``--stream`` measures that
-phase without a model.
+``--host-memory-gb N|auto`` (``strategy.offload.host_memory_gb``) keeps the hottest state in
+host memory and only the rest in files; ``--state-dtype bf16`` stores Adam's moments in bf16.
+Size ``8b`` is Llama-3-8B's shape (d 4096, 32 layers, 32 heads, 8 KV heads, d_ff 14336,
+vocab 128256). Before each size the free disk is checked against what its files will take
+(the placement's disk bytes, estimated by the cost model, ``tetrad.strategy.offload_cost``,
++10%); a size that does not fit scales down to the largest smaller rung that does, and says so.
+
+Reported per size: params, peak RSS, disk bytes, the placement (bytes per tier), s/step (each
+step), bytes read and written per step, their rate over the step, the achieved read and write
+bandwidth as fractions of the disk's measured in this run, ``io_bound_s`` (the time the
+step's bytes need at that bandwidth: ``disk_share = io_bound_s / step_s`` is the share of the
+step the disk is busy), the same for the optimizer phase alone (``opt_phase_disk_fraction``),
+the cost model's predicted s/step for the same run (``predicted_s``, from the machine spec
+``--spec``, if given) and the load average. ``--stream`` measures the optimizer phase without a
+model.
 """
 
 from __future__ import annotations
@@ -38,14 +50,15 @@ import time
 SIZES = {  # nominal billions -> (d_model, n_layers); vocab 32000, heads of 128, SwiGLU 8h/3
     0.1: (768, 12), 0.5: (1536, 16), 0.75: (1792, 18), 0.9: (2048, 16), 1: (2048, 20),
     1.25: (2048, 24), 1.5: (2304, 22), 2: (2560, 24), 2.5: (2560, 30), 2.75: (2816, 27),
-    3: (2816, 30), 4: (3072, 34),
+    3: (2816, 30), 4: (3072, 34), 5: (3584, 32), 6: (4096, 29),
 }
-# fp32 files per parameter: master (which is also the compute parameter), exp_avg and
-# exp_avg_sq, plus the reduced gradient unless it is stepped as it arrives (overlap)
-DISK_BYTES_PER_PARAM = {"sync": 16, "overlap": 12}
+LLAMA3_8B = {"arch": "llama", "vocab_size": 128256, "d_model": 4096, "n_layers": 32, "n_heads": 32,
+             "n_kv_heads": 8, "d_ff": 14336, "rope_theta": 500000.0, "dropout": 0.0}
 
 
-def model_cfg(size: float, seq: int) -> dict:
+def model_cfg(size, seq: int) -> dict:
+    if size == "8b":
+        return {**LLAMA3_8B, "seq_len": seq}
     d, layers = SIZES[size]
     return {"arch": "llama", "vocab_size": 32000, "d_model": d, "n_layers": layers,
             "n_heads": d // 128, "n_kv_heads": d // 128, "seq_len": seq, "dropout": 0.0}
@@ -188,7 +201,8 @@ def compare_adam(numel: int = 4 * 2**20, reps: int = 20) -> dict:
     return {k: {"ns_per_elem_median": statistics.median(v)} for k, v in runs.items()}
 
 
-def child(size: float, nvme_dir: str, steps: int, seq: int, mode: str = "sync") -> dict:
+def child(size, nvme_dir: str, steps: int, seq: int, mode: str = "sync", host_memory_gb="0",
+          state_dtype: str = "fp32") -> dict:
     import torch
 
     from tetrad.config.schema import OptimizerConfig
@@ -199,12 +213,13 @@ def child(size: float, nvme_dir: str, steps: int, seq: int, mode: str = "sync") 
     torch.manual_seed(0)
     model, param_init = deferred_transformer(model_cfg(size, seq), seed=0)
     n_params = sum(p.numel() for p in model.parameters())
+    hm = host_memory_gb if host_memory_gb == "auto" else float(host_memory_gb)
     strategy = {"zero": 3, "micro_batch_size": 1,
                 "offload": {"optimizer": "nvme", "params": "nvme", "nvme_dir": nvme_dir,
-                            "step": mode}}
-    # the peers' optimizer (bench/offload_peers.py); clipping needs the sync step
+                            "step": mode, "host_memory_gb": hm}}
+    # the peers' optimizer (bench/offload_peers.py); clipping needs the sync or delayed step
     optim = OptimizerConfig(lr=1e-4, weight_decay=0.01, warmup_steps=0, schedule="constant",
-                            grad_clip=1.0 if mode == "sync" else 0.0)
+                            grad_clip=0.0 if mode == "overlap" else 1.0, state_dtype=state_dtype)
     t0 = time.perf_counter()
     engine = Engine(model, strategy=strategy, global_batch_size=1, param_init=param_init,
                     optim_cfg=optim, total_steps=steps)
@@ -225,14 +240,114 @@ def child(size: float, nvme_dir: str, steps: int, seq: int, mode: str = "sync") 
                      "read_bytes": io.bytes_read - r0, "written_bytes": io.bytes_written - w0,
                      "opt_s": opt_s, "opt_read_bytes": opt_r, "opt_written_bytes": opt_w})
     disk = engine.tier.store.disk_bytes
+    placement = engine.tier.summary()
     engine.close()
     return {"params": n_params, "init_s": init_s, "steps": rows, "disk_bytes": disk,
-            "peak_rss_mb": peak_rss_mb()}
+            "peak_rss_mb": peak_rss_mb(), "placement": placement}
 
 
-def run_size(size: float, args, bw: dict) -> dict | None:
-    cmd = [sys.executable, __file__, "--child", str(size), "--nvme-dir", args.nvme_dir,
-           "--steps", str(args.steps), "--seq", str(args.seq), "--mode", args.mode]
+def predicted(size, args, bw: dict | None = None) -> dict:
+    """The cost model's view of this run (tetrad.strategy): placement bytes per tier and, with
+    a machine spec (``--spec``), the predicted step time and its parts -- at the disk bandwidth
+    measured in this run (``bw``), which moves from run to run here."""
+    from tetrad.config.schema import Config, StrategyConfig
+    from tetrad.models.args import ModelArgs
+    from tetrad.strategy.offload_cost import placement
+    from tetrad.strategy.shapes import rank_params
+    from tetrad.strategy.timing import step_time
+
+    cfg = Config()
+    cfg.model = cfg.model.__class__(**{k: v for k, v in model_cfg(size, args.seq).items()})
+    args_m = ModelArgs.from_config(cfg.model)
+    hm = args.host_memory_gb if args.host_memory_gb == "auto" else float(args.host_memory_gb)
+    s = StrategyConfig(zero=3, micro_batch_size=1)
+    s.offload = s.offload.__class__(optimizer="nvme", params="nvme", nvme_dir=args.nvme_dir, step=args.mode,
+                                    host_memory_gb=hm)
+    costs = _costs(args, cfg, bw)
+    mem = placement(s, costs, rank_params(args_m, s), "fp32", args.state_dtype, 1)
+    out = {"host_bytes": mem["host"], "disk_bytes": mem["disk"]}
+    if args.spec:
+        t = step_time(args_m, s, costs, 1, 1, "fp32", args.state_dtype)
+        out.update(predicted_s=t["total"], predicted_parts={k: round(v, 2) for k, v in t.items()})
+    return out
+
+
+def _costs(args, cfg, bw: dict | None = None):
+    """SpecCosts of ``--spec`` (this machine, from ``tetrad profile --spec-out``), or a stand-in
+    with this machine's memory and no time model (placement bytes only)."""
+    from tetrad.models.args import ModelArgs
+    from tetrad.strategy.hardware import load_hardware
+    from tetrad.strategy.spec_costs import SpecCosts
+
+    if args.spec:
+        import dataclasses
+
+        from tetrad.strategy.efficiency import GemmCurve
+
+        spec = load_hardware(args.spec)
+        if bw:
+            spec = dataclasses.replace(spec, disk_read_GBps=bw["dd_read_MBps"] / 1e3,
+                                       disk_write_GBps=bw["dd_write_MBps"] / 1e3)
+        rates = (bw or {}).get("rates")
+        if rates:  # this run's machine: the rates measured at the model's shapes just before it
+            eff = dataclasses.replace(spec.efficiency, gemm=GemmCurve(top=1.0, half_dim=1.0), memory_top=1.0)
+            spec = dataclasses.replace(spec, peak_tflops={"fp32": rates["gemm_flops"] / 1e12}, efficiency=eff,
+                                       memory_bandwidth_GBps=rates["copy_Bps"] / 1e9,
+                                       cpu_adam_s_per_param=rates["adam_s_per_param"])
+        return SpecCosts(spec, ModelArgs.from_config(cfg.model), "fp32")
+    import types
+
+    from tetrad.offload.budget import _meminfo
+
+    # what auto will find: MemAvailable less the tier's working set (tetrad.offload.tier:
+    # 4 x the largest group + 3 x a block, fp32) -- budget.resolve then takes its margin
+    m = cfg.model
+    working = 4 * (4 * m.vocab_size * m.d_model + 3 * 12 * m.d_model ** 2)
+    return types.SimpleNamespace(host_budget=float(_meminfo().get("MemAvailable", 0) - working))
+
+
+def _label(size) -> str:
+    return str(size)
+
+
+def machine_rates(size, seq: int) -> dict:
+    """This machine's rates now, at the model's shapes (the machine is shared: they move with
+    the load): fp32 GEMM of ``seq`` tokens through a d x d and a d x 4d weight, torch's fused
+    AdamW on one 16 MiB piece, an fp32 copy. Medians of 5."""
+    import statistics
+
+    import torch
+
+    d = model_cfg(size, seq)["d_model"]
+
+    def timed(fn) -> float:
+        fn()
+        out = []
+        for _ in range(5):
+            t = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t)
+        return statistics.median(out)
+
+    x, w, w4 = torch.randn(seq, d), torch.randn(d, d), torch.randn(d, 4 * d)
+    gemm = 2 * seq * d * 5 * d / timed(lambda: (x @ w, x @ w4))
+    p = torch.nn.Parameter(torch.randn(4 * 2**20))
+    p.grad = torch.randn_like(p)
+    opt = torch.optim.AdamW([p], lr=1e-4, fused=True)
+    adam = timed(opt.step) / p.numel()
+    a, b = torch.empty(16 * 2**20), torch.randn(16 * 2**20)
+    copy = 2 * 4 * a.numel() / timed(lambda: a.copy_(b))
+    return {"gemm_flops": gemm, "adam_s_per_param": adam, "copy_Bps": copy}
+
+
+def run_size(size, args, bw: dict) -> dict | None:
+    cmd = [sys.executable, __file__, "--child", _label(size), "--nvme-dir", args.nvme_dir,
+           "--steps", str(args.steps), "--seq", str(args.seq), "--mode", args.mode,
+           "--host-memory-gb", str(args.host_memory_gb), "--state-dtype", args.state_dtype]
+    load0 = os.getloadavg()
+    bw = {**bw, "rates": machine_rates(size, args.seq)} if args.spec else bw
+    model = predicted(size, args, bw)
+    model["rates"] = bw.get("rates")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     if proc.returncode != 0:
         print(json.dumps({"size_b": size, "failed": proc.stderr.strip().splitlines()[-1:]}), flush=True)
@@ -242,8 +357,10 @@ def run_size(size: float, args, bw: dict) -> dict | None:
     read_bw, write_bw = bw["dd_read_MBps"] * 1e6, bw["dd_write_MBps"] * 1e6
     io_bound = last["read_bytes"] / read_bw + last["written_bytes"] / write_bw
     opt_bound = last["opt_read_bytes"] / read_bw + last["opt_written_bytes"] / write_bw
-    row = {"size_b": size, "mode": args.mode,
-           **{k: got[k] for k in ("params", "peak_rss_mb", "disk_bytes", "init_s")},
+    step_s = last["step_s"]
+    row = {"size_b": size, "mode": args.mode, "host_memory_gb": args.host_memory_gb,
+           "state_dtype": args.state_dtype,
+           **{k: got[k] for k in ("params", "peak_rss_mb", "disk_bytes", "init_s", "placement")},
            "step_s": [round(s["step_s"], 2) for s in got["steps"]],
            "read_GB_per_step": last["read_bytes"] / 1e9, "written_GB_per_step": last["written_bytes"] / 1e9,
            "read_MBps": last["read_bytes"] / last["step_s"] / 1e6,
@@ -251,7 +368,12 @@ def run_size(size: float, args, bw: dict) -> dict | None:
            "io_bound_s": io_bound, "disk_fraction": io_bound / last["step_s"],
            "fwd_s": last["fwd_s"], "fwd_read_MBps": last["fwd_read_bytes"] / last["fwd_s"] / 1e6,
            "opt_phase_s": last["opt_s"], "opt_phase_disk_fraction": opt_bound / max(last["opt_s"], 1e-9),
-           "losses": [s["loss"] for s in got["steps"]]}
+           "disk_share": io_bound / step_s,
+           "read_bw_fraction": last["read_bytes"] / step_s / read_bw,
+           "write_bw_fraction": last["written_bytes"] / step_s / write_bw,
+           "losses": [s["loss"] for s in got["steps"]],
+           "model": model, "loadavg_start": [round(v, 1) for v in load0],
+           "loadavg_end": [round(v, 1) for v in os.getloadavg()]}
     print(json.dumps(row), flush=True)
     return row
 
@@ -259,23 +381,29 @@ def run_size(size: float, args, bw: dict) -> dict | None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--nvme-dir", required=True)
-    ap.add_argument("--sizes", default="0.5,1,2,4", help="billions of parameters, from " + str(list(SIZES)))
+    ap.add_argument("--sizes", default="0.5,1,2,4",
+                    help="billions of parameters, from " + str(list(SIZES)) + ", or 8b (Llama-3-8B's shape)")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--timeout", type=int, default=3600)
     ap.add_argument("--io-only", action="store_true")
     ap.add_argument("--aio", action="store_true", help="compare with DeepSpeed's libaio op, then stop")
-    ap.add_argument("--mode", choices=["sync", "overlap"], default="sync",
-                    help="overlap: strategy.offload.step overlap (buckets stepped during backward)")
+    ap.add_argument("--mode", choices=["sync", "overlap", "delayed"], default="sync",
+                    help="strategy.offload.step (overlap: buckets stepped during backward)")
+    ap.add_argument("--host-memory-gb", default="0", help="strategy.offload.host_memory_gb: GiB or auto")
+    ap.add_argument("--state-dtype", choices=["fp32", "bf16"], default="fp32", help="optimizer.state_dtype")
+    ap.add_argument("--spec", help="this machine's spec (tetrad profile --spec-out) for predicted_s")
     ap.add_argument("--stream", action="store_true",
                     help="the optimizer phase alone (StateSwapper + fused AdamW), then stop")
     ap.add_argument("--adam", action="store_true",
                     help="torch fused AdamW vs DeepSpeedCPUAdam on one piece, then stop")
-    ap.add_argument("--child", type=float)
+    ap.add_argument("--child")
     args = ap.parse_args()
     os.makedirs(args.nvme_dir, exist_ok=True)
     if args.child is not None:
-        print(json.dumps(child(args.child, args.nvme_dir, args.steps, args.seq, args.mode)))
+        size = args.child if args.child == "8b" else float(args.child)
+        print(json.dumps(child(size, args.nvme_dir, args.steps, args.seq, args.mode, args.host_memory_gb,
+                               args.state_dtype)))
         return
     if args.aio:
         print(json.dumps({"aio": compare_aio(args.nvme_dir)}), flush=True)
@@ -293,15 +421,27 @@ def main() -> None:
             bound = r["read_bytes"] / (bw["dd_read_MBps"] * 1e6) + r["written_bytes"] / (bw["dd_write_MBps"] * 1e6)
             print(json.dumps({"stream": r, "disk_fraction": bound / r["seconds"]}), flush=True)
         return
-    for size in [float(s) for s in args.sizes.split(",")]:
-        free = shutil.disk_usage(args.nvme_dir).free
-        need = DISK_BYTES_PER_PARAM[args.mode] * size * 1e9 * 1.1
-        if need > free:
-            print(json.dumps({"size_b": size, "skipped": f"needs ~{need / 1e9:.0f} GB of disk, "
-                              f"{free / 1e9:.0f} GB free"}), flush=True)
+    for size in [s if s == "8b" else float(s) for s in args.sizes.split(",")]:
+        fits = fitting(size, args)
+        if fits is None:
             continue
-        if run_size(size, args, bw) is None:
+        if run_size(fits, args, bw) is None:
             break
+
+
+def fitting(size, args):
+    """``size``, or the largest smaller rung whose files fit the free disk (+10%), said so."""
+    ladder = [size] + sorted((s for s in SIZES if size == "8b" or s < size), reverse=True)
+    free = shutil.disk_usage(args.nvme_dir).free
+    for s in ladder:
+        need = predicted(s, args)["disk_bytes"] * 1.1
+        if need <= free:
+            if s != size:
+                print(json.dumps({"size_b": size, "scaled_down_to": s, "why": f"needs ~{need / 1e9:.0f} GB "
+                                  f"of disk at {size}, {free / 1e9:.0f} GB free"}), flush=True)
+            return s
+    print(json.dumps({"size_b": size, "skipped": f"no rung fits {free / 1e9:.0f} GB free"}), flush=True)
+    return None
 
 
 if __name__ == "__main__":

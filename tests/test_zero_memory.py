@@ -2,8 +2,10 @@
 
 ``engine.memory_report()`` sums the storages the engine holds; ``live_tensor_bytes`` walks
 every tensor the garbage collector can see in the rank's process. Both are compared with
-the paper's formulas (Adam, K = 12) after a real optimizer step, at rest between steps,
-where communication buffers are already freed.
+the paper's formulas (Adam, K = 12) after a real optimizer step, at rest between steps. The
+pooled communication buffers (gathered units and flat gradients, kept for the next step:
+``tetrad.zero.buffers``) are not model state: the live-tensor walk sees them, so the test
+subtracts what ``DataParallel.buffer_bytes()`` reports.
 """
 
 from __future__ import annotations
@@ -44,8 +46,9 @@ def _measure(rank: int, world: int, cases: list[tuple[str, int]]) -> dict:
         engine.train_step((tokens[:, :-1], tokens[:, 1:]))
         del tokens
         gc.collect()
-        live = live_tensor_bytes() - before - buffers
-        out[(precision, stage)] = {"report": engine.memory_report(), "live": live, "psi": n_params}
+        live = live_tensor_bytes() - before - buffers - engine.data_parallel.buffer_bytes()
+        out[(precision, stage)] = {"report": engine.memory_report(), "live": live, "psi": n_params,
+                                   "comm_buffers": engine.data_parallel.buffer_bytes()}
         del engine, model
     return out
 

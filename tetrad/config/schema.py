@@ -165,6 +165,9 @@ class OptimizerConfig(Section):
     warmup_steps: int = setting(10, "linear warmup steps from 0 to lr; 0..2**31-1", ge=0, le=MAX_SIZE)
     schedule: Literal["cosine", "constant", "linear"] = setting("cosine", "lr decay after warmup")
     min_lr_ratio: float = setting(0.1, "final lr as a fraction of lr; in [0, 1]", ge=0.0, le=1.0)
+    state_dtype: Literal["fp32", "bf16"] = setting(
+        "fp32", "dtype Adam's moments (exp_avg, exp_avg_sq) are stored in; bf16 rounds them "
+        "stochastically (tetrad.zero.compact); the fp32 masters stay fp32")
 
 
 @dataclasses.dataclass
@@ -177,6 +180,11 @@ class OffloadConfig(Section):
         "sync", "when the host step runs: sync after backward; overlap each gradient bucket as "
         "backward reduces it (zero 2/3, grad_clip 0, no fp16, pp 1); delayed ZeRO-Offload's "
         "one-step delayed update, during the next forward/backward")
+    host_memory_gb: Union[float, Literal["auto"]] = setting(
+        0.0, "host memory (GiB) the nvme tiers may keep state in instead of files, the state with "
+        "the most disk traffic per byte first (parameters, then fp32 masters, then Adam moments); "
+        "auto = memory available at start minus a safety margin; 0 = stream everything from disk "
+        "(bounded buffers); >= 0, needs an nvme tier", ge=0.0, le=2.0**40)
     # The two booleans this key replaced fail naming it (tetrad.config.fields.replaced_key).
     REPLACED: ClassVar[dict] = {"overlap_step": ("step", lambda v: "overlap" if v else "sync"),
                                 "delayed_update": ("step", lambda v: "delayed" if v else "sync")}

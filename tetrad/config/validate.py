@@ -172,6 +172,10 @@ def _offload_errors(s: StrategyConfig) -> list[Problem]:
         ("offload.overlap_pp", o.step == "overlap" and tier and s.pp > 1,
          f"strategy.offload.step='overlap' cannot run with strategy.pp={s.pp}: the pipeline schedule owns "
          "the backward; valid: pp 1, or step 'sync' / 'delayed'"),
+        ("offload.host_memory_nvme", o.host_memory_gb != 0 and "nvme" not in (o.optimizer, o.params),
+         f"strategy.offload.host_memory_gb={o.host_memory_gb!r} places state between host memory and "
+         f"nvme_dir files, so it needs strategy.offload.optimizer or params 'nvme' (got optimizer="
+         f"{o.optimizer!r}, params={o.params!r}); valid: host_memory_gb 0, or an nvme tier"),
         ("offload.delayed_params_nvme", o.step == "delayed" and o.params == "nvme",
          "strategy.offload.step='delayed' needs strategy.offload.params none or cpu (got 'nvme'): the "
          "delayed step would rewrite parameter files the running forward reads"),

@@ -52,8 +52,10 @@ class Transfer:
 
     @classmethod
     def combine(cls, transfers: list["Transfer"]) -> "Transfer":
-        """One handle for several transfers (e.g. the pieces of one buffer)."""
-        return cls([f for t in transfers for f in t._futures] or [_done_future()])
+        """One handle for several transfers (e.g. the pieces of one buffer); a finished handle
+        of another kind (``Done``: a copy from host memory, made when it was issued) adds
+        nothing to wait for."""
+        return cls([f for t in transfers for f in getattr(t, "_futures", ())] or [_done_future()])
 
     def add_done_callback(self, cb) -> None:
         with self._lock:

@@ -20,7 +20,8 @@ from tetrad.device import Done
 class StateStore(Protocol):
     """What the offloaded step modes need from a state tier; ``HostState`` (cpu) and
     ``tetrad.offload.swapper.StateSwapper`` (nvme) implement it. Buckets are pieces; each
-    holds the same named fp32 tensors (``master``, the optimizer's state, gradients)."""
+    holds the same named tensors (``master``, the optimizer's state, gradients), each key in its
+    own dtype (fp32, or bf16 moments under ``optimizer.state_dtype: bf16``)."""
 
     def put(self, bucket: int, key: str, t: torch.Tensor):
         """Start storing ``t``; returns a handle with ``wait``/``add_done_callback``."""
@@ -42,8 +43,10 @@ class HostState:
     the CPU only after the copies into it have landed (their events, not a device-wide
     synchronize, which from another thread would wait for device 0)."""
 
-    def __init__(self, numels: list[int], keys: Iterable[str], copies=None):
+    def __init__(self, numels: list[int], keys: Iterable[str], copies=None,
+                 dtypes: dict[str, torch.dtype] | None = None):
         self.numels, self.keys, self.copies = list(numels), tuple(keys), copies
+        self.dtypes = {k: (dtypes or {}).get(k, torch.float32) for k in self.keys}
         self.pin = copies is not None and not copies.on_host
         self.tensors: dict[tuple[int, str], torch.Tensor] = {}
         self._pending: dict[tuple[int, str], object] = {}
@@ -52,7 +55,7 @@ class HostState:
     def _tensor(self, bucket: int, key: str) -> torch.Tensor:
         t = self.tensors.get((bucket, key))
         if t is None:
-            t = self.tensors[(bucket, key)] = torch.zeros(self.numels[bucket], dtype=torch.float32,
+            t = self.tensors[(bucket, key)] = torch.zeros(self.numels[bucket], dtype=self.dtypes[key],
                                                           pin_memory=self.pin)
         return t
 
@@ -62,7 +65,7 @@ class HostState:
         if self.copies is None or t.device.type == "cpu":
             dst.copy_(t.reshape(-1))
             return Done()
-        ready = self.copies.into_host(dst, t.reshape(-1))
+        ready = self.copies.into_host(dst, t.reshape(-1).to(dst.dtype))
         with self._lock:
             self._pending[(bucket, key)] = ready
         return ready

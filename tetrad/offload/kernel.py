@@ -29,11 +29,16 @@ from tetrad.zero.flat import FlatGroup
 Piece = tuple[int, int, int]  # (flat group index, lo, hi) within the group's shard
 
 
+def state_dtypes(builder, options: list[dict]) -> dict[str, torch.dtype]:
+    """{name: dtype} of the per-element state tensors the optimizer keeps (Adam: exp_avg,
+    exp_avg_sq; bf16 under ``optimizer.state_dtype: bf16``), found by one step of a throwaway
+    instance on a 4-element tensor."""
+    return {k: v.dtype for k, v in _probe(builder, options[0] if options else {}).items()
+            if torch.is_tensor(v) and v.shape == (4,)}
+
+
 def state_keys(builder, options: list[dict]) -> list[str]:
-    """Names of the per-element state tensors the optimizer keeps (Adam: exp_avg,
-    exp_avg_sq), found by one step of a throwaway instance on a 4-element tensor."""
-    return [k for k, v in _probe(builder, options[0] if options else {}).items()
-            if torch.is_tensor(v) and v.shape == (4,)]
+    return list(state_dtypes(builder, options))
 
 
 def _probe(builder, opts: dict) -> dict:
@@ -54,7 +59,8 @@ def pieces_by_group(pieces: list[Piece]) -> dict[int, list[int]]:
 
 class PieceKernel:
     def __init__(self, groups: list[FlatGroup], pieces: list[Piece], options: list[dict], builder):
-        self.pieces, self.keys = pieces, state_keys(builder, options)
+        self.dtypes = state_dtypes(builder, options)
+        self.pieces, self.keys = pieces, list(self.dtypes)
         self._builder, self._options = builder, (options[0] if options else {})
         self.slots = [torch.empty(0) for _ in pieces]
         shard_groups = []

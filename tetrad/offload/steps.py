@@ -103,12 +103,16 @@ class SpillSink:
         return key
 
     @torch.no_grad()
-    def reduced(self, g: FlatGroup, grad: torch.Tensor) -> None:
-        grad = grad.float()  # on the device: one cast there, then fp32 copies down
+    def reduced(self, g: FlatGroup, grad: torch.Tensor) -> bool:
+        """Store the shard's pieces. Done with ``grad`` on return where every copy below is
+        synchronous (the CPU) or reads a cast of it; on a device the pinned copy may still be
+        reading it (ZeRO then does not reuse its memory)."""
+        incoming, grad = grad, grad.float()  # on the device: one cast there, then fp32 copies down
         self.squares[g.index] = squares64(grad)  # stays on the device until the norm needs it
         for k in self.p.by_group[g.index]:
             _, lo, hi = self.p.pieces[k]
-            if self.p.grad_pool is None:  # host tier: an asynchronous copy into pinned memory
+            if self.p.grad_pool is None or (k, self.key) in getattr(self.p.state, "host", ()):
+                # host memory: an asynchronous copy into pinned memory (HostState) or a copy
                 self.p.state.put(k, self.key, grad[lo:hi])
                 continue
             buf = self.p.grad_pool.acquire()  # aligned, so the write can bypass the page cache
@@ -118,6 +122,7 @@ class SpillSink:
             self.p.copies.into_host(part, grad[lo:hi]).wait()
             self.p.state.put(k, self.key, part).add_done_callback(
                 lambda _t, b=buf: self.p.grad_pool.release(b))
+        return incoming.device.type == "cpu" or grad is not incoming
 
 
 class OffloadedMasters:
@@ -211,7 +216,7 @@ class OffloadedMasters:
         into the store and published as after a step."""
         self.settle()
         keys = ["master"] + self.kernel.keys
-        host = {k: [torch.zeros(g.shard_size, dtype=torch.float32) for g in self.p.groups] for k in keys}
+        host = {k: [torch.zeros(g.shard_size, dtype=self._dtype(k)) for g in self.p.groups] for k in keys}
         step = torch.zeros((), dtype=torch.float32)
         fill(group_pieces(self.p.groups, host, True) + [Piece(OPTIM_STEP, step, (), write=self.p.rank == 0)])
         for k, (gi, lo, hi) in enumerate(self.p.pieces):
@@ -223,9 +228,12 @@ class OffloadedMasters:
             publish(self.p, publisher, self.p.groups[gi], lo, host["master"][gi][lo:hi], When.NOW)
         publisher.finish()
 
+    def _dtype(self, key: str) -> torch.dtype:
+        return self.kernel.dtypes.get(key, torch.float32)  # masters (and gradients) are fp32
+
     def _read_store(self, keys: list[str]) -> dict[str, list[torch.Tensor]]:
-        """{key: [group shard in host fp32]} read piece by piece from the store (read only)."""
-        host = {k: [torch.empty(g.shard_size, dtype=torch.float32) for g in self.p.groups] for k in keys}
+        """{key: [group shard in host memory]} read piece by piece from the store (read only)."""
+        host = {k: [torch.empty(g.shard_size, dtype=self._dtype(k)) for g in self.p.groups] for k in keys}
         for k, views in self.p.state.stream(range(len(self.p.pieces)), keys=keys, write=[]):
             gi, lo, hi = self.p.pieces[k]
             for key in keys:
@@ -299,12 +307,14 @@ class OverlapStep(OffloadedMasters):
         self._publisher = publisher
         self._stream.start()
 
-    def reduced(self, g: FlatGroup, grad: torch.Tensor) -> None:
+    def reduced(self, g: FlatGroup, grad: torch.Tensor) -> bool:
         """Group ``g``'s reduced gradient shard is ready: the optimizer thread steps its pieces.
 
         Nothing here waits for the device: the gradient and its squared norm go down to pinned
-        memory on the side stream, and the optimizer thread waits for that copy's event."""
-        grad = grad.float()
+        memory on the side stream, and the optimizer thread waits for that copy's event. So
+        ``grad`` is still read after the call (on the CPU the thread steps from it directly):
+        not done with it unless a cast made a copy of our own."""
+        incoming, grad = grad, grad.float()
         sq = squares64(grad)
         host, ready = self.p.copies.to_host(grad)
         host_sq, ready_sq = self.p.copies.to_host(sq)
@@ -315,6 +325,7 @@ class OverlapStep(OffloadedMasters):
             ready_sq.wait()
             return bool(torch.isfinite(host_sq).all())
         self._stream.arrive(g.index, host, finite=finite)
+        return grad is not incoming
 
     def _step_piece(self, k: int, views: dict, grad: torch.Tensor) -> None:
         self.kernel.step(k, views, grad, 1.0)  # the gradient is on the host already

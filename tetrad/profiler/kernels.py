@@ -20,7 +20,10 @@ import torch.nn.functional as F
 from tetrad.profiler.layers import _sync, _together
 
 GEMM_SHAPES = ((64, 64, 64), (128, 128, 128), (256, 256, 256), (512, 512, 512), (1024, 1024, 1024),
-               (2048, 256, 256), (256, 2048, 256), (256, 256, 2048))
+               (2048, 256, 256), (256, 2048, 256), (256, 256, 2048),
+               # few tokens through large weights: the shape of offloaded billion-parameter
+               # models trained at small batches (bench/offload_scale.py: 64 tokens, d 2-4 K)
+               (64, 2048, 2048), (64, 4096, 4096), (256, 4096, 1024))
 ATTENTION_SEQS = (128, 256, 512, 1024)
 MIN_SAMPLE_S = 0.02
 

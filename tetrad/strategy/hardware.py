@@ -69,6 +69,7 @@ class HardwareSpec:
     cpu_adam_s_per_param: float = 2e-9
     disk_read_GBps: float = 3.0
     disk_write_GBps: float = 1.5
+    disk_gb: float | None = None       # free space under the nvme tier's directory, per node; None: unbounded
     efficiency: Efficiency = field(default_factory=Efficiency)
     extra: dict = field(default_factory=dict)
 

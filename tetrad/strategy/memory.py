@@ -6,8 +6,12 @@ P bytes per compute parameter, G per gradient and K of optimizer state per param
 (mixed precision: P = G = 2, K = 12 = fp32 master + two Adam moments; fp32: P = G = 4, K = 8):
 stage 0 (P+G+K)Ψ, stage 1 (P+G)Ψ + KΨ/N, stage 2 PΨ + (G+K)Ψ/N, stage 3 (P+G+K)Ψ/N — which is
 16Ψ, 4Ψ+12Ψ/N, 2Ψ+14Ψ/N and 16Ψ/N for mixed precision, as in the paper. A framework keeping
-fp32 gradients (``costs.grad_elem`` 4) has G = 4. Offloading the optimizer moves the K part to
-the host (cpu) or the drive (nvme); offloading parameters (stage 3) moves the P part likewise.
+fp32 gradients (``costs.grad_elem`` 4) has G = 4; ``optimizer.state_dtype: bf16`` stores the
+two moments in 2 bytes each (K = 4 in fp32, 8 mixed). Offloading the optimizer moves the K
+part to the host (cpu) or the nvme tier; offloading parameters (stage 3) moves the P part
+likewise; what an nvme tier holds rests in host memory and files as ``host_memory_gb`` places
+it (``tetrad.strategy.offload_cost``: fp32 parameters share the master files, gradients go to
+the tier at stages 2-3 unless the step overlaps backward).
 
 Activations: one layer's saved bytes for one micro-batch (measured, or the spec's inventory,
 ``tetrad.strategy.layer_ops``), times the stage's layers, times its micro-batches in flight:
@@ -41,12 +45,13 @@ from __future__ import annotations
 from tetrad.config.schema import StrategyConfig
 from tetrad.models.args import ModelArgs
 from tetrad.models.counts import activation_bytes as layer_activation_bytes
+from tetrad.strategy.offload_cost import placement
 from tetrad.strategy.shapes import layers_per_stage, micro_batches, param_counts, shard_group
 from tetrad.strategy.sharding import extra_buffer_bytes, secondary_bytes
 
 
 def state_bytes(psi: float, zero: int, n: int, precision: str, m: int = 1,
-                grad_elem: int | None = None) -> dict[str, float]:
+                grad_elem: int | None = None, state_dtype: str = "fp32") -> dict[str, float]:
     """Bytes of parameters, gradients and optimizer state per rank, before offload.
 
     tetrad's stages 2-3 accumulate full-size gradients locally over the micro-batches of a
@@ -55,7 +60,7 @@ def state_bytes(psi: float, zero: int, n: int, precision: str, m: int = 1,
     """
     p = 4 if precision == "fp32" else 2
     g = grad_elem or p
-    k = 8 if precision == "fp32" else 12
+    k = (8 if precision == "fp32" else 12) - (4 if state_dtype == "bf16" else 0)  # bf16 moments: 2+2
     shard = {0: (1, 1, 1), 1: (1, 1, n), 2: (1, n, n), 3: (n, n, n)}[zero]
     if zero >= 2 and m > 1:
         shard = (shard[0], 1, shard[2])
@@ -158,16 +163,25 @@ def process_groups(s: StrategyConfig, world: int) -> int:
 
 
 def stage_terms(a: ModelArgs, s: StrategyConfig, costs, world: int, m: int, precision: str,
-                stage: str) -> dict[str, float]:
-    """Every term of one stage's memory (bytes on the device unless its name says host/disk)."""
+                stage: str, state_dtype: str = "fp32") -> dict[str, float]:
+    """Every term of one stage's memory (bytes on the device unless its name says host/disk).
+    What an nvme tier holds rests in host memory and files as ``host_memory_gb`` places it
+    (tetrad.strategy.offload_cost)."""
     elem = 4 if precision == "fp32" else 2
     accumulate = 1 if getattr(costs, "reduce_every_micro_batch", False) else m
-    states = state_bytes(stage_params(a, s, stage), s.zero, shard_group(s, world), precision, accumulate,
-                         getattr(costs, "grad_elem", None))
+    psi = stage_params(a, s, stage)
+    states = state_bytes(psi, s.zero, shard_group(s, world), precision, accumulate,
+                         getattr(costs, "grad_elem", None), state_dtype)
     terms = {"params": 0.0, "grads": states["grads"], "optimizer": 0.0, "host": 0.0, "disk": 0.0}
     for part, tier in (("optimizer", s.offload.optimizer), ("params", s.offload.params)):
-        terms[{"none": part, "cpu": "host", "nvme": "disk"}[tier]] += states[part]
-    terms["params"] += secondary_bytes(s, stage_params(a, s, stage), elem)  # hpZ: on the device
+        if tier != "nvme":
+            terms[{"none": part, "cpu": "host"}[tier]] += states[part]
+    if "nvme" in (s.offload.optimizer, s.offload.params):
+        shard = psi / (shard_group(s, world) if s.zero else 1)
+        placed = placement(s, costs, shard, precision, state_dtype, m)
+        terms["host"] += placed["host"]
+        terms["disk"] += placed["disk"]
+    terms["params"] += secondary_bytes(s, psi, elem)  # hpZ: on the device
     terms["activations"] = activation_bytes(a, s, costs, m, stage)
     terms["loss"] = loss_bytes(a, s, costs) if holds_head(s, stage) else 0.0
     terms["comm_buffers"] = comm_bytes(a, s, costs, elem)
@@ -182,7 +196,7 @@ DEVICE_TERMS = ("params", "grads", "optimizer", "activations", "loss", "comm_buf
 
 
 def per_rank(a: ModelArgs, s: StrategyConfig, costs, world: int, global_batch: int,
-             precision: str) -> dict[str, float]:
+             precision: str, state_dtype: str = "fp32") -> dict[str, float]:
     """{'device': bytes on the accelerator, 'host': offloaded to host RAM, 'disk': to NVMe,
     'allocator': what the framework's allocator reserves (comparable with torch's peak
     reserved memory), the parts, and 'stage': which pipeline stage peaks}, for the stage
@@ -191,7 +205,8 @@ def per_rank(a: ModelArgs, s: StrategyConfig, costs, world: int, global_batch: i
     stages = ("first", "last") if s.pp > 1 else ("only",)
     best = None
     for stage in stages:
-        terms = stage_terms(a, s, costs, world, m, precision, "last" if stage == "only" else stage)
+        terms = stage_terms(a, s, costs, world, m, precision, "last" if stage == "only" else stage,
+                            state_dtype)
         device = sum(terms[k] for k in DEVICE_TERMS)
         if best is None or device > best[0]:
             best = (device, stage, terms)

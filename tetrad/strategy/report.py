@@ -30,6 +30,8 @@ def layout(s: StrategyConfig, world: int) -> str:
         parts.append(s.pipeline_schedule + (f"/v{s.virtual_stages}" if s.virtual_stages > 1 else ""))
     if s.offload.optimizer != "none" or s.offload.params != "none":
         parts.append(f"off:{s.offload.optimizer}/{s.offload.params}")
+        if s.offload.host_memory_gb:
+            parts.append(f"host:{s.offload.host_memory_gb}GiB")
     return " ".join(parts)
 
 

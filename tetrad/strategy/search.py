@@ -17,7 +17,8 @@ from tetrad.config.schema import Config, StrategyConfig
 from tetrad.models.args import ModelArgs
 from tetrad.models.counts import flops_per_token
 from tetrad.strategy.memory import per_rank
-from tetrad.strategy.shapes import dp_degree
+from tetrad.strategy.offload_cost import chosen_host_gb
+from tetrad.strategy.shapes import dp_degree, micro_batches, rank_params, shard_group
 from tetrad.strategy.space import Space
 from tetrad.strategy.timing import step_time
 
@@ -81,14 +82,33 @@ def _fits(mem: dict, costs, budget: float) -> str:
         return f"out of memory: needs {device / 1e9:.2f} GB per rank, budget {budget / 1e9:.2f} GB"
     if not costs.same_pool and mem["host"] > costs.host_budget:
         return f"out of host memory: offload needs {mem['host'] / 1e9:.1f} GB per rank"
+    disk = getattr(costs, "disk_budget", None)
+    if disk is not None and mem["disk"] > disk:
+        return f"out of disk: the nvme tier needs {mem['disk'] / 1e9:.1f} GB per rank, {disk / 1e9:.1f} GB free"
     return ""
+
+
+def with_placement(cfg: Config, s: StrategyConfig, costs, world: int, args: ModelArgs) -> StrategyConfig:
+    """An nvme-tier candidate whose ``host_memory_gb`` the user left to the plan gets the
+    placement the spec's host memory allows (``auto`` resolved to GiB, what the runtime would
+    find on that machine): the plan says what rests in memory and what in files."""
+    if "nvme" not in (s.offload.optimizer, s.offload.params) or "offload.host_memory_gb" in cfg.strategy.given:
+        return s
+    shard = rank_params(args, s) / (shard_group(s, world) if s.zero else 1)
+    m = micro_batches(cfg.run.global_batch_size, s, world)
+    auto = dataclasses.replace(s.offload, host_memory_gb="auto")
+    gb = chosen_host_gb(dataclasses.replace(s, offload=auto), costs, shard, cfg.run.precision,
+                        cfg.optimizer.state_dtype, m)
+    return dataclasses.replace(s, offload=dataclasses.replace(s.offload, host_memory_gb=gb))
 
 
 def estimate(cfg: Config, s: StrategyConfig, costs, world: int, budget: float,
              args: ModelArgs | None = None) -> Estimate:
     args = args or ModelArgs.from_config(cfg.model)
-    t = step_time(args, s, costs, world, cfg.run.global_batch_size, cfg.run.precision)
-    mem = per_rank(args, s, costs, world, cfg.run.global_batch_size, cfg.run.precision)
+    state = cfg.optimizer.state_dtype
+    s = with_placement(cfg, s, costs, world, args)
+    t = step_time(args, s, costs, world, cfg.run.global_batch_size, cfg.run.precision, state)
+    mem = per_rank(args, s, costs, world, cfg.run.global_batch_size, cfg.run.precision, state)
     reason = _fits(mem, costs, budget)
     return Estimate(s, t, mem, "oom" if reason else "ok", reason)
 

@@ -49,6 +49,7 @@ class SpecCosts:
         self.host_device_Bps = spec.host_device_GBps * 1e9
         self.disk_read_Bps = spec.disk_read_GBps * 1e9
         self.disk_write_Bps = spec.disk_write_GBps * 1e9
+        self.disk_budget = None if spec.disk_gb is None else spec.disk_gb * 1e9 / spec.accelerators_per_node
         self.grad_overlap = 1.0 if software.grad_overlap else 0.0
         self.grad_elem = software.grad_bytes or self.elem
         self.grad_reduce_elem = software.grad_reduce_bytes or self.grad_elem

@@ -144,6 +144,8 @@ class Trainer:
                 loss = self.engine.train_step(self._next_batch())
                 elapsed = time.perf_counter() - start
                 record = self._record(step, loss, elapsed, tokens_per_step)
+                if step == first and self.engine.tier is not None:  # where offloaded state lives
+                    record["offload_placement"] = self.engine.tier.summary()
             guard.observe(record)
             with guard.step(step, "checkpoint save after step"):
                 self.ckpt.after_step(step)

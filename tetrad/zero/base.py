@@ -19,6 +19,7 @@ from torch import nn
 from tetrad.zero.flat import FlatGroup
 from tetrad.zero.memory import memory_report
 from tetrad.zero.scaler import DynamicLossScaler
+from tetrad.zero.state import converting
 from tetrad.zero.tier import MasterStore, Publisher
 
 
@@ -67,6 +68,13 @@ class DataParallel:
     def memory_report(self) -> dict[str, int]:
         return memory_report(self.model, self.groups, self.optimizer)
 
+    def buffer_bytes(self) -> int:
+        """Idle pooled communication buffers (gathered units, flat gradients; see
+        tetrad.zero.buffers): not model state, so not in ``memory_report``."""
+        return sum(pool.idle_bytes for part in (self.params, self.grads)
+                   for pool in (getattr(part, "storages", None), getattr(part, "buffers", None))
+                   if pool is not None)
+
     def close(self) -> None:
         """Stop what the master store runs beside training (threads, I/O in flight)."""
         self.master.close()
@@ -82,5 +90,6 @@ class DataParallel:
 
     def load_state_pieces(self, fill: Callable) -> None:
         """``fill(pieces)`` (or an object with a ``fill`` method, e.g. a checkpoint reader)
-        fills this rank's pieces; the compute parameters are then refreshed."""
-        self.master.load_state_pieces(getattr(fill, "fill", fill), self.publisher)
+        fills this rank's pieces; the compute parameters are then refreshed. Optimizer state
+        saved in another dtype (``optimizer.state_dtype`` changed) is converted, with a warning."""
+        self.master.load_state_pieces(converting(getattr(fill, "fill", fill)), self.publisher)

@@ -15,6 +15,11 @@ With gradient accumulation the earlier micro-batches accumulate full gradients l
 ``reduce_scatter`` at the accumulation boundary: the same volume per step as without
 accumulation, at the cost of full-size gradients during accumulation.
 
+The flat gradient buffers (and, with a tier's sink, the reduced shards) come from a pool
+(``tetrad.zero.buffers.Buffers``) rather than a fresh allocation per group and step. In a
+group of one rank there is nothing to communicate: the "reduce-scatter" would be a copy, so
+the flat buffer *is* the shard (``g.grad_shard``) and nothing is copied.
+
 Under hybrid sharding (``Sharding.replicate``) each reduced shard is then averaged over the
 replicas holding the same shard (an all-reduce of 1/N of the gradients, the only gradient
 traffic that leaves the shard group); with qgZ (``Sharding.quantize_grads``) the
@@ -28,7 +33,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from tetrad.zero.comm import all_reduce_avg, reduce_scatter_avg
+from tetrad.zero.buffers import Buffers
+from tetrad.zero.comm import Done, all_reduce_avg, reduce_scatter_avg
 from tetrad.zero.flat import FlatGroup
 from tetrad.zero.sharding import Sharding
 from tetrad.zero.tier import GradSink
@@ -127,7 +133,9 @@ class FullGrads(_HookedGrads):
 
     def _launch(self, g: FlatGroup) -> None:
         st = self._state[g.index]
-        if self.scatter:
+        if self.scatter and g.world == 1:  # the shard is the whole buffer: nothing to move
+            st.handle = Done()
+        elif self.scatter:
             st.out = torch.empty_like(g.grad_shard)
             st.handle = reduce_scatter_avg(st.out, g.grad_full, self.group, self.traffic)
         else:
@@ -137,9 +145,10 @@ class FullGrads(_HookedGrads):
         st = self._state[g.index]
         st.handle.wait()
         st.handle = None
-        if self.scatter:
+        if st.out is not None:
             g.grad_shard.copy_(st.out)
             st.out = None
+        if self.scatter:  # (also a group of one rank, whose shard is the whole buffer)
             self._across_replicas(g.grad_shard)
 
     def zero_grad(self) -> None:
@@ -156,27 +165,39 @@ class ShardedGrads(_HookedGrads):
                  sink: GradSink | None = None, sharding: Sharding | None = None):
         super().__init__(groups, group, dtype, sharding)
         self.max_inflight, self.sink = max_inflight, sink
+        self.buffers = Buffers(keep=max_inflight + 1)
         self._inflight: list[FlatGroup] = []
         for g in groups:
             g.grad_shard = None if sink is not None else torch.zeros(g.shard_size, dtype=dtype,
                                                                      device=g.params[0].device)
 
-    def _arrived(self, g: FlatGroup, i: int, p: nn.Parameter) -> None:
+    def _flat(self, g: FlatGroup) -> torch.Tensor:
+        """The group's flat gradient buffer for this backward, zeroed: its own shard when the
+        group has one rank and keeps its gradients (the reduction is then the identity)."""
         if g.grad_full is None:
-            g.grad_full = torch.zeros(g.numel, dtype=self.dtype, device=p.device)
-        g.view(g.grad_full, i).copy_(p.grad)
+            if g.world == 1 and self.sink is None and not self.sharding.quantize_grads:
+                g.grad_full = g.grad_shard.zero_()
+            else:
+                g.grad_full = self.buffers.take(g.numel, self.dtype, g.params[0].device)
+        return g.grad_full
+
+    def _arrived(self, g: FlatGroup, i: int, p: nn.Parameter) -> None:
+        g.view(self._flat(g), i).copy_(p.grad)
         self._state[g.index].packed.add(i)
         p.grad = None
 
     def _launch(self, g: FlatGroup) -> None:
-        if g.grad_full is None:  # no parameter of the group got a gradient this step
-            g.grad_full = torch.zeros(g.numel, dtype=self.dtype, device=g.params[0].device)
-        if g.grad_shard is None:
-            g.grad_shard = torch.empty(g.shard_size, dtype=self.dtype, device=g.grad_full.device)
+        flat = self._flat(g)  # (zeros if no parameter of the group got a gradient this step)
         sh = self.sharding
-        self._state[g.index].handle = (
-            quantized_reduce_scatter(g.grad_shard, g.grad_full, sh.intra, sh.inter, self.traffic)
-            if sh.quantize_grads else reduce_scatter_avg(g.grad_shard, g.grad_full, self.group, self.traffic))
+        if g.world == 1 and not sh.quantize_grads:
+            g.grad_shard = flat
+            self._state[g.index].handle = Done()
+        else:
+            if g.grad_shard is None:
+                g.grad_shard = self.buffers.take(g.shard_size, self.dtype, flat.device)
+            self._state[g.index].handle = (
+                quantized_reduce_scatter(g.grad_shard, flat, sh.intra, sh.inter, self.traffic)
+                if sh.quantize_grads else reduce_scatter_avg(g.grad_shard, flat, self.group, self.traffic))
         self._inflight.append(g)
         while len(self._inflight) > self.max_inflight:
             self._retire(self._inflight[0])
@@ -188,8 +209,16 @@ class ShardedGrads(_HookedGrads):
             st.handle = None
             self._across_replicas(g.grad_shard)
             if self.sink is not None:  # the tier takes it now, during backward
-                self.sink.reduced(g, g.grad_shard)
-                g.grad_shard = None
+                shard, g.grad_shard = g.grad_shard, None
+                # pooled again only if the sink has finished reading it: an overlapped step
+                # reads it on its thread later, and the next group's gradient must not land there
+                done = self.sink.reduced(g, shard)
+                if shard is g.grad_full:  # a group of one rank: the flat buffer was the shard
+                    g.grad_full = shard if done else None
+                elif done:
+                    self.buffers.give(shard)
+        if g.grad_full is not None and g.grad_full is not g.grad_shard:
+            self.buffers.give(g.grad_full)
         g.grad_full = None
         if g in self._inflight:
             self._inflight.remove(g)

@@ -13,6 +13,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from tetrad.zero.compact import CompactAdamW
+
 
 def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
@@ -25,8 +27,11 @@ def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay:
 
 
 def build_adamw(groups: list[dict], cfg) -> torch.optim.Optimizer:
-    """AdamW from an ``optimizer`` config section; fused when every parameter allows it."""
+    """AdamW from an ``optimizer`` config section; fused when every parameter allows it, or
+    with bf16 moments (``state_dtype: bf16``, tetrad.zero.compact)."""
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    if getattr(cfg, "state_dtype", "fp32") == "bf16":
+        return CompactAdamW(groups, **kwargs)
     try:
         return torch.optim.AdamW(groups, fused=True, **kwargs)
     except (RuntimeError, ValueError):

@@ -14,6 +14,11 @@ pre-backward (first output gradient) -> gather (wait), prefetch the previous uni
 post-accumulate-grad of the unit's last parameter -> its gradients go to the reduce-scatter
 (``ShardedGrads``) and the unit is freed. The forward order is recorded on the first call.
 
+The gathered storage's memory comes from a pool (``tetrad.zero.buffers.Storages``: moved into
+the group's storage on gather, out of it on free), not a fresh page-faulted allocation per
+unit. A group of one rank whose shard stays on the compute device is never gathered or freed:
+its shard *is* the whole group, so the parameters are views of it (the gather would be a copy).
+
 ZeRO++ (``tetrad.zero.sharding.Sharding``): with qwZ the gathers from the primary shards are
 int8 block-quantized (``zeropp.quantized_all_gather``); with hpZ every gather from the
 primary shards (a forward's) also keeps this rank's slice of the gathered parameters in the
@@ -31,6 +36,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from tetrad.device import DeviceCopies
+from tetrad.zero.buffers import Storages
 from tetrad.zero.comm import all_gather, group_rank, group_size
 from tetrad.zero.flat import FlatGroup
 from tetrad.zero.sharding import Sharding
@@ -69,7 +75,9 @@ class ShardedParams:
         # Each group's shard and master go to their tier as soon as they exist, so
         # construction never holds more than one group's state.
         self.shards = placement.shards
+        self.storages = Storages()
         self._io: dict[int, torch.Tensor] = {}  # a second tensor on each g.full's storage
+        self._whole: set[int] = set()  # groups of one rank whose shard is the group (never gathered)
         self._secondary: dict[int, torch.Tensor] = {}  # hpZ: this rank's slice of each group
         for g in self.groups:
             if param_init is not None:  # deferred init: fill the group just before sharding
@@ -99,6 +107,13 @@ class ShardedParams:
         del flat32
         g.master = placement.adopt_master(g, master)
         g.shard = self.shards.adopt(g, shard)
+        plain = not (self.sharding.quantize_weights or self.sharding.hpz)  # (both change what a gather yields)
+        if g.world == 1 and plain and g.shard is not None and g.shard.device == self.device:
+            self._whole.add(g.index)
+            g.full = g.shard
+            for i, p in enumerate(g.params):
+                p.data = g.view(g.full, i)
+            return
         g.full = torch.empty(g.numel, dtype=self.dtype, device=self.device)
         self._io[g.index] = torch.empty(0, dtype=self.dtype, device=self.device).set_(
             g.full.untyped_storage(), 0, (g.numel,))
@@ -122,7 +137,9 @@ class ShardedParams:
         if unit.state == "free":
             secondary = backward and self.sharding.hpz and unit.secondary_ready
             for g in unit.groups:
-                g.full.untyped_storage().resize_(g.numel * g.full.element_size())
+                if g.index in self._whole:
+                    continue
+                self.storages.fill(g.full.untyped_storage(), g.numel * g.full.element_size())
                 unit.handles.append(self._launch_gather(g, secondary))
             unit.state, unit.source = "gathering", "secondary" if secondary else "primary"
         if wait and unit.state == "gathering":
@@ -131,6 +148,8 @@ class ShardedParams:
             unit.handles, unit.state = [], "full"
             if unit.source == "primary":
                 for g in unit.groups:  # a tier's host buffer for the shard can be reused
+                    if g.index in self._whole:
+                        continue
                     self.shards.release(g)
                     if self.sharding.hpz:
                         self._secondary[g.index].copy_(self._secondary_slice(g))
@@ -160,7 +179,8 @@ class ShardedParams:
             return
         self._gather(unit)  # an in-flight prefetch must land before its buffer goes
         for g in unit.groups:
-            g.full.untyped_storage().resize_(0)
+            if g.index not in self._whole:
+                self.storages.empty(g.full.untyped_storage())
         unit.state = "free"
 
     def _neighbour(self, unit: Unit, step: int) -> Unit | None:

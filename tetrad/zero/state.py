@@ -10,6 +10,8 @@ then drops the other replicas a model-parallel layout makes.
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from typing import Callable
 
 import torch
@@ -70,3 +72,33 @@ def load_pieces(groups: list[FlatGroup], optimizer, fill: Callable[[list[Piece]]
             state["step"].fill_(step)
         elif "step" in state:
             state["step"] = type(state["step"])(step)
+
+
+def converting(fill: Callable[[list[Piece]], None]) -> Callable[[list[Piece]], None]:
+    """``fill``, converting optimizer state saved in another dtype (``optimizer.state_dtype``
+    fp32 <-> bf16) with a warning. The checkpoint's manifest records every tensor's dtype; a
+    reader (``fill``'s object, when it has ``dtype(name)`` and ``tensors``) is asked for each
+    piece under ``optim/``, and a piece saved in another floating dtype is read into a
+    temporary of that dtype and cast. Anything else keeps the reader's strict check."""
+    reader = getattr(fill, "__self__", fill)
+    saved_dtype, names = getattr(reader, "dtype", None), getattr(reader, "tensors", None)
+    if saved_dtype is None or names is None:
+        return fill
+
+    def run(pieces: list[Piece]) -> None:
+        swaps = {}
+        for i, p in enumerate(pieces):
+            if p.name.startswith("optim/") and p.name in names and p.tensor.is_floating_point():
+                dtype = saved_dtype(p.name)
+                if dtype != p.tensor.dtype and dtype.is_floating_point:
+                    swaps[i] = dataclasses.replace(p, tensor=torch.empty(p.tensor.shape, dtype=dtype))
+        if swaps:
+            kinds = sorted({f"{swaps[i].tensor.dtype} -> {pieces[i].tensor.dtype}" for i in swaps})
+            warnings.warn(f"checkpoint optimizer state is stored as {', '.join(kinds)} (optimizer.state_dtype "
+                          f"changed): converting {len(swaps)} pieces on load; bf16 state rounds to nearest",
+                          RuntimeWarning, stacklevel=2)
+        fill([swaps.get(i, p) for i, p in enumerate(pieces)])
+        with torch.no_grad():
+            for i, tmp in swaps.items():
+                pieces[i].tensor.copy_(tmp.tensor)
+    return run

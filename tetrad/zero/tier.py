@@ -55,8 +55,10 @@ class Publisher(Protocol):
 class GradSink(Protocol):
     """Receives a group's reduced (averaged) gradient shard during backward, stages 2-3."""
 
-    def reduced(self, g: FlatGroup, grad: torch.Tensor) -> None:
-        """``grad`` is only borrowed: copy what must outlive the call."""
+    def reduced(self, g: FlatGroup, grad: torch.Tensor) -> bool:
+        """True when the sink is done reading ``grad`` (ZeRO may reuse its memory for the next
+        group's gradient); False when it still reads it later (a thread, or a copy queued on
+        another stream): ZeRO then lets go of the tensor instead of pooling it."""
 
 
 class MasterStore(Protocol):
