@@ -44,8 +44,11 @@ def test_zero3_shards_each_group_onto_the_compute_device():
     dp = build_data_parallel(model, stage=3, group=dist.group.WORLD, dtype=torch.float32,
                              device=torch.device("cpu"))
     assert all(g.shard.device.type == "cpu" and g.master is g.shard for g in dp.groups)
-    # the parameters are views of the (freed) gather buffers, not their own host storage
-    assert all(p.untyped_storage().nbytes() == 0 for p in model.parameters())
+    # no parameter keeps storage of its own: each is a view of a freed gather buffer or, in a
+    # group of one rank (never gathered: its shard is the whole group), of the shard itself
+    shards = {g.shard.untyped_storage().data_ptr() for g in dp.groups}
+    assert all(p.untyped_storage().nbytes() == 0 or p.untyped_storage().data_ptr() in shards
+               for p in model.parameters())
 
 
 def test_tf32_is_a_cuda_switch_only():
