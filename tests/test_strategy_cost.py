@@ -159,7 +159,8 @@ def test_128k_tokens_on_one_h100_node_needs_the_sequence_split():
     raw = _example("llama8b_128k.yaml")
     plan = _plan(raw["model"], raw["run"]["global_batch_size"], "h100_80gb_cluster", 8)
     s = plan.chosen.strategy
-    assert s.cp > 1 and plan.chosen.memory["device"] <= 80e9 * 0.92
+    # fits as the calibrated memory model counts it (allocator fragmentation and NCCL included)
+    assert s.cp > 1 and plan.chosen.memory["device"] <= load_hardware("h100_80gb_cluster").device_bytes()
     assert all(e.strategy.cp * e.strategy.sp * e.strategy.tp >= 4 for e in plan.ranked)
     ring = [e for e in plan.ranked if e.strategy.cp > 1]
     assert ring and min(e.step_s for e in ring) <= min(e.step_s for e in plan.ranked) * (1 + 1e-9)
