@@ -156,7 +156,8 @@ def test_shipped_specs_load_and_old_names_still_work():
 
     for name in (*SHIPPED, *ALIASES):
         spec = load_hardware(name)
-        assert spec.family in ("ampere", "hopper") and spec.efficiency.gemm.top <= 1
+        # volta (the ZeRO++ paper's cluster) has no fitted curves: it runs on the defaults
+        assert spec.family in ("ampere", "hopper", "volta") and spec.efficiency.gemm.top <= 1
     assert load_hardware("a100_80gb_cluster").name == load_hardware("a100_80gb").name
 
 
