@@ -24,7 +24,8 @@ BLOCK_PATHS: tuple[tuple[str, str], ...] = (
 ATTENTION_NAMES: tuple[str, ...] = ("attn", "self_attn")
 
 
-def _resolve(model: nn.Module, path: str) -> nn.Module | None:
+def get_path(model: nn.Module, path: str) -> nn.Module | None:
+    """The submodule (or attribute) at dotted ``path``, None where any part is missing."""
     node = model
     for part in path.split("."):
         node = getattr(node, part, None)
@@ -39,7 +40,7 @@ def find_blocks(model: nn.Module) -> nn.ModuleList:
     Raises TypeError naming the paths tried and where to add a new one.
     """
     for _, path in BLOCK_PATHS:
-        blocks = _resolve(model, path)
+        blocks = get_path(model, path)
         if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
             return blocks
     tried = ", ".join(f"model.{p}" for _, p in BLOCK_PATHS)

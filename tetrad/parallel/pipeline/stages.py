@@ -16,14 +16,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tetrad.recompute.finder import get_path
 
-def _get(model: nn.Module, path: str):
-    node = model
-    for part in path.split("."):
-        node = getattr(node, part, None)
-        if node is None:
-            return None
-    return node
+
+_get = get_path  # the dotted lookup recompute's block finder uses too
 
 
 def _hidden(out):
