@@ -4,7 +4,9 @@
 through the engine's own micro-batch API, so ``train_step`` and a user's loop of
 ``engine(x); engine.backward(loss); engine.step()`` share every line. ``PipelineRunner``
 (pp > 1) hands all micro-batches to the schedule's executor, with gradients accumulating
-locally until the schedule is done, then synchronises and steps once. Both return this
+locally until the schedule is done, then synchronises and steps once; the data-parallel
+engine is the executor's ``residency``, so a breadth-first schedule's runs of passes through
+one chunk hold that chunk's ZeRO-3 units gathered for the run. Both return this
 rank's summed loss (fp64), which the engine averages over the gradient group.
 """
 
@@ -45,8 +47,9 @@ class PipelineRunner:
         shards = e.layout.tp if e.layout.megatron_sp_active else 1  # sequence split over tp
         shape = (x0.shape[0], x0.shape[1] // shards, self.d_model)
         dp.begin_backward(sync=False)
+        gathered = dp.gathered_units
         total = self.executor.run([x for x, _ in micro], [y for _, y in micro], act_shape=shape,
-                                  scale=lambda loss: dp.scale_loss(loss / len(micro)))
+                                  scale=lambda loss: dp.scale_loss(loss / len(micro)), residency=dp)
         if e.ties is not None:  # tied embeddings: first and last stage sum their gradients
             e.ties.sync()
         dp.begin_backward(sync=True)  # no backward follows: finish() reduces every bucket
@@ -54,4 +57,5 @@ class PipelineRunner:
         pp_group = e.layout.group("pp")
         dist.broadcast(total, group=pp_group, src=dist.get_global_rank(pp_group, self.executor.last_rank))
         e.last.update({f"pipeline_{k}": v for k, v in self.executor.stats.items()})
+        e.last["pipeline_zero3_gathers"] = dp.gathered_units - gathered  # units, this rank, this step
         return total

@@ -14,6 +14,12 @@ pre-backward (first output gradient) -> gather (wait), prefetch the previous uni
 post-accumulate-grad of the unit's last parameter -> its gradients go to the reduce-scatter
 (``ShardedGrads``) and the unit is freed. The forward order is recorded on the first call.
 
+Held spans (``hold`` / ``release``): a caller that runs many passes over the same units in a
+row -- a breadth-first pipeline's run of micro-batches through one chunk -- holds those units:
+they are gathered once when the span starts (all launched at once, each waited for at its
+first use) and freed once when it ends, instead of around every pass. ``gathers`` counts
+units gathered (each launched gather of a free unit), for tests and the step's metrics.
+
 The gathered storage's memory comes from a pool (``tetrad.zero.buffers.Storages``: moved into
 the group's storage on gather, out of it on free), not a fresh page-faulted allocation per
 unit. A group of one rank whose shard stays on the compute device is never gathered or freed:
@@ -56,6 +62,7 @@ class Unit:
         self.pending = 0
         self.source = "primary"         # which shards the gather in flight reads
         self.secondary_ready = False    # hpZ: this forward's parameters are in the secondary shards
+        self.held = False               # inside a hold/release span: no pass frees it
 
 
 class ShardedParams:
@@ -85,6 +92,7 @@ class ShardedParams:
                     param_init(name, p)
             self._shard_group(g, placement)
         self.order: list[Unit] | None = None
+        self.gathers = 0
         self._recording: list[Unit] | None = None
         model.register_forward_pre_hook(self._root_pre_forward)
         model.register_forward_hook(self._root_post_forward)
@@ -141,6 +149,7 @@ class ShardedParams:
                     continue
                 self.storages.fill(g.full.untyped_storage(), g.numel * g.full.element_size())
                 unit.handles.append(self._launch_gather(g, secondary))
+            self.gathers += bool(unit.handles)  # (a unit of whole groups gathers nothing)
             unit.state, unit.source = "gathering", "secondary" if secondary else "primary"
         if wait and unit.state == "gathering":
             for handle in unit.handles:
@@ -217,7 +226,7 @@ class ShardedParams:
             if tensors:
                 torch.autograd.graph.register_multi_grad_hook(
                     tensors, lambda grads, u=unit: self._pre_backward(u), mode="any")
-        if not unit.in_backward:
+        if not unit.in_backward and not unit.held:
             self._free(unit)
 
     def _pre_backward(self, unit: Unit) -> None:
@@ -231,6 +240,27 @@ class ShardedParams:
         unit.pending -= 1
         if unit.pending == 0:
             unit.in_backward = False
+            if not unit.held:
+                self._free(unit)
+
+    # ------------------------------------------------------------------ held spans
+    def _owning(self, params) -> list[Unit]:
+        wanted = {id(p) for p in params}
+        return [u for u in self.units if any(id(p) in wanted for p in u.params)]
+
+    def hold(self, params, backward: bool = False) -> None:
+        """Gather the units owning any of ``params`` now (launched together, so later units'
+        gathers overlap the first units' compute) and keep them until ``release(params)``.
+        ``backward``: the span starts with backward passes (hpZ reads the secondary shards)."""
+        for unit in self._owning(params):
+            unit.held = True
+            self._gather(unit, wait=False, backward=backward)
+
+    def release(self, params) -> None:
+        """End the span: the units owning ``params`` are freed (their gradients stay in
+        ``param.grad`` until the step's reduce-scatter, as with any accumulation)."""
+        for unit in self._owning(params):
+            unit.held, unit.in_backward = False, False
             self._free(unit)
 
     # ------------------------------------------------------------------ step
@@ -240,5 +270,5 @@ class ShardedParams:
 
     def finish(self) -> None:
         for unit in self.units:  # units some of whose parameters got no gradient
-            unit.in_backward = False
+            unit.in_backward = unit.held = False
             self._free(unit)
