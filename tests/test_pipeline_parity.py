@@ -26,14 +26,25 @@ def tiny_config(output_dir: str, **strategy) -> dict:
     return config
 
 
-def _fit_all(rank: int, world: int, out: str, layouts: list[dict], trace: str | None = None) -> list[list[float]]:
+def _fit_all(rank: int, world: int, out: str, layouts: list[dict], trace: str | None = None,
+             gathers: list | None = None) -> list[list[float]]:
+    """Each layout's loss curve; ``gathers`` (a list) gets (pp rank, ZeRO-3 units gathered
+    per step) of each layout."""
     from tetrad.trainer.trainer import Trainer
 
     curves = []
     for i, strategy in enumerate(layouts):
-        records = Trainer(tiny_config(f"{out}/{i}", **strategy), trace=trace).fit()
+        trainer = Trainer(tiny_config(f"{out}/{i}", **strategy), trace=trace)
+        records = trainer.fit()
         curves.append([r["loss"] for r in records])
+        if gathers is not None:
+            gathers.append((trainer.engine.layout.rank("pp"), [r["pipeline_zero3_gathers"] for r in records]))
     return curves
+
+
+def _fit_counting(rank: int, world: int, out: str, layouts: list[dict]):
+    gathers: list = []
+    return _fit_all(rank, world, out, layouts, gathers=gathers), gathers
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +74,24 @@ def test_pp4_and_pp2_dp2_every_schedule(reference, tmp_path):
 
 
 def test_pp2_dp2_sharded_zero_under_every_schedule(reference, tmp_path):
-    """ZeRO-2 and -3 under pipeline schedules (breadth-first is the schedule made for them)."""
+    """ZeRO-2 and -3 under pipeline schedules (breadth-first is the schedule made for them).
+
+    And what breadth-first saves: 8 layers in 4 chunks of 2, 4 micro-batches per step. Each
+    rank holds 2 chunks, 5 or 6 units (stage 0: the embedding + 2 blocks, 2 blocks; stage 1:
+    2 blocks, 2 blocks + final norm + head). Breadth-first gathers a chunk once for its run of
+    forwards and once for its run of backwards, the rank's last chunk once for both (its two
+    runs are adjacent): 3*2 + 2 = 8 units per step on stage 0, 2*2 + 4 = 8 on stage 1, not
+    x micro-batches. 1F1B gathers every unit in every forward: at least 5*4 or 6*4."""
     layouts = [{"pp": 2, "zero": z, "micro_batch_size": 1, "pipeline_schedule": s, "virtual_stages": v}
                for z, (s, v) in [(3, ("breadth_first", 2)), (3, ("1f1b", 1)), (2, ("zero_bubble_v", 1)),
                                  (3, ("zero_bubble_v", 1)), (2, ("interleaved", 2))]]
-    _check(reference, layouts, run_distributed(_fit_all, 4, str(tmp_path), layouts, timeout=240))
+    results = run_distributed(_fit_counting, 4, str(tmp_path), layouts, timeout=240)
+    _check(reference, layouts, [curves for curves, _ in results])
+    for _, gathers in results:
+        (stage, breadth), (_, one_f_one_b), (_, zero2) = gathers[0], gathers[1], gathers[2]
+        assert breadth == [8] * STEPS, (stage, breadth)
+        assert all(g >= (5, 6)[stage] * 4 for g in one_f_one_b), (stage, one_f_one_b)
+        assert zero2 == [0] * STEPS  # stage 2 keeps whole parameters: nothing to gather
 
 
 def test_pp2_tp2_dp2_zero1(reference, tmp_path):
