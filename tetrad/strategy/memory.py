@@ -31,7 +31,8 @@ buffers (``tetrad.strategy.sharding``).
 Buffers: the loss's logits on the stage holding the head (the last; under ZB-V the first
 rank holds both ends) (``costs.loss_bytes_per_logit`` per logit of one micro-batch: tetrad's
 fp32 log-softmax and its gradients, see tetrad.strategy.software), the ZeRO-3 gathered units
-(the computing one plus ``zero3_prefetch`` ahead, and one unit's gradient) or one gradient
+(the computing one plus ``zero3_prefetch`` ahead, or under breadth-first the chunk being run,
+and one unit's gradient) or one gradient
 bucket (stages 0-2), pipeline send/recv buffers, and under cp the ring's K/V blocks (the one
 in use and the one arriving) and, in backward, their fp32 dK/dV accumulators.
 
@@ -42,11 +43,13 @@ own buffers sit outside it, ``nccl_bytes_per_group`` for each process group the 
 
 from __future__ import annotations
 
+import math
+
 from tetrad.config.schema import StrategyConfig
 from tetrad.models.args import ModelArgs
 from tetrad.models.counts import activation_bytes as layer_activation_bytes
 from tetrad.strategy.offload_cost import placement
-from tetrad.strategy.shapes import layers_per_stage, micro_batches, param_counts, shard_group
+from tetrad.strategy.shapes import holds_chunk_runs, layers_per_stage, micro_batches, param_counts, shard_group
 from tetrad.strategy.sharding import extra_buffer_bytes, secondary_bytes
 
 
@@ -127,6 +130,8 @@ def comm_bytes(a: ModelArgs, s: StrategyConfig, costs, elem: int) -> float:
     if s.zero == 3:
         unit = param_counts(a).layer / s.tp
         depth = 1 + getattr(costs, "zero3_prefetch", 1)
+        if holds_chunk_runs(s):  # breadth-first holds a whole chunk gathered for its run
+            depth = max(depth, math.ceil(layers_per_stage(a, s) / s.virtual_stages))
         comm = depth * unit * getattr(costs, "gather_elem", elem) + unit * getattr(costs, "grad_reduce_elem", elem)
         comm += extra_buffer_bytes(s, unit, elem)
     else:
