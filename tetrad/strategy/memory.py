@@ -1,7 +1,8 @@
 """Memory per rank of a candidate, term by term, on the pipeline stage that needs the most.
 
 Model states follow ZeRO (Rajbhandari et al.) over the gradient group of N = dp*cp*sp ranks (stages
-2-3 keep full gradients while accumulating micro-batches: see state_bytes), with
+2-3 keep full gradients while accumulating micro-batches: see state_bytes; under breadth-first
+those of one chunk at a time, each chunk's reduced after its last backward), with
 P bytes per compute parameter, G per gradient and K of optimizer state per parameter
 (mixed precision: P = G = 2, K = 12 = fp32 master + two Adam moments; fp32: P = G = 4, K = 8):
 stage 0 (P+G+K)Ψ, stage 1 (P+G)Ψ + KΨ/N, stage 2 PΨ + (G+K)Ψ/N, stage 3 (P+G+K)Ψ/N — which is
@@ -177,6 +178,12 @@ def stage_terms(a: ModelArgs, s: StrategyConfig, costs, world: int, m: int, prec
     psi = stage_params(a, s, stage)
     states = state_bytes(psi, s.zero, shard_group(s, world), precision, accumulate,
                          getattr(costs, "grad_elem", None), state_dtype)
+    if holds_chunk_runs(s) and s.zero >= 2 and accumulate > 1 and not s.offload.active:
+        # breadth-first reduces a chunk's gradients after its last backward (the runner's
+        # ChunkResidency): full gradients of one chunk at a time, the rest sharded
+        sharded = state_bytes(psi, s.zero, shard_group(s, world), precision, 1,
+                              getattr(costs, "grad_elem", None), state_dtype)["grads"]
+        states["grads"] = states["grads"] / s.virtual_stages + sharded
     terms = {"params": 0.0, "grads": states["grads"], "optimizer": 0.0, "host": 0.0, "disk": 0.0}
     for part, tier in (("optimizer", s.offload.optimizer), ("params", s.offload.params)):
         if tier != "nvme":

@@ -60,8 +60,13 @@ class DataParallel:
         self.params.hold(params, backward)
 
     def release(self, params) -> None:
-        """End a ``hold`` span: stage 3 frees the units (gradients wait for the step's reduce)."""
+        """End a ``hold`` span: stage 3 frees the units."""
         self.params.release(params)
+
+    def reduce_now(self, params) -> None:
+        """``params`` get no more gradient this step: reduce (stages 2-3: reduce-scatter and
+        free) the buckets or units made only of them now, not after the whole schedule."""
+        self.grads.reduce_now(params)
 
     @property
     def gathered_units(self) -> int:

@@ -258,7 +258,7 @@ class ShardedParams:
 
     def release(self, params) -> None:
         """End the span: the units owning ``params`` are freed (their gradients stay in
-        ``param.grad`` until the step's reduce-scatter, as with any accumulation)."""
+        ``param.grad`` until reduced: ``DataParallel.reduce_now`` or the step's end)."""
         for unit in self._owning(params):
             unit.held, unit.in_backward = False, False
             self._free(unit)

@@ -6,8 +6,10 @@ caller decides when gradients are synchronised -- once, after ``run`` -- and ste
 
 Where a schedule runs each chunk in long runs of passes (``actions.held_spans``: looped
 breadth-first), the executor tells a ``residency`` (the data-parallel engine, duck-typed:
-``hold(params, backward)`` / ``release(params)``) where each run starts and ends, so ZeRO-3
-gathers a chunk once per run rather than once per pass; the executor imports nothing of ZeRO.
+``hold(params, backward)`` / ``release(params, done)``, ``done`` after the chunk's last pass of
+the step) where each run starts and ends, so ZeRO-3 gathers a chunk once per run rather than
+once per pass and can reduce its gradients as soon as they are final; the executor imports
+nothing of ZeRO.
 
 Where the placement puts two consecutive chunks on one rank (ZB-V's turn on the last rank)
 the activation and its gradient are handed over in memory (``_local``) instead of by p2p.
@@ -94,12 +96,13 @@ class PipelineExecutor:
         spans = held_spans(actions) if residency is not None else None
         starts = {r.start: r for r in spans or ()}
         ends = {r.stop - 1: r for r in spans or ()}
+        final = {actions[r.start].chunk: r for r in spans or ()}  # (the last one per chunk wins)
         for i, a in enumerate(actions):
             if i in starts:
                 residency.hold(self.chunks[a.chunk].parameters(), backward=a.kind == "B")
             getattr(self, "_" + a.kind)(a)
             if i in ends:
-                residency.release(self.chunks[a.chunk].parameters())
+                residency.release(self.chunks[a.chunk].parameters(), done=final[a.chunk] is ends[i])
             if self.timeline:
                 self.timeline.record(a.kind, a.mb, a.chunk, *self._last_span)
             if i + 1 == len(actions) or not self._receives(actions[i + 1]):
