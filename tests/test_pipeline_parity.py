@@ -115,11 +115,14 @@ def test_pp2_dp2_sharded_zero_under_every_schedule(reference, tmp_path):
                for z, (s, v) in [(3, ("breadth_first", 2)), (3, ("1f1b", 1)), (2, ("zero_bubble_v", 1)),
                                  (3, ("zero_bubble_v", 1)), (2, ("interleaved", 2)), (2, ("breadth_first", 2))]]
     layouts[5]["bucket_mb"] = 0.01  # ZeRO-2 buckets of ~2.5k elements: most within one chunk
+    # shards and optimizer in files: a span's gathers stage through the tier's bounded buffers
+    layouts.append({**layouts[0], "offload": {"params": "nvme", "optimizer": "nvme",
+                                              "nvme_dir": str(tmp_path / "nvme")}})
     results = run_distributed(_fit_counting, 4, str(tmp_path), layouts, timeout=240)
     _check(reference, layouts, [curves for curves, _ in results])
     for _, counts in results:
         (stage, breadth, bf_left, bf_mid), (_, one_f_one_b, left, _), (_, zero2, _, _) = counts[:3]
-        assert breadth == [8] * STEPS, (stage, breadth)
+        assert breadth == counts[6][1] == [8] * STEPS, (stage, breadth, counts[6][1])
         assert all(g >= (5, 6)[stage] * 4 for g in one_f_one_b), (stage, one_f_one_b)
         assert zero2 == [0] * STEPS  # stage 2 keeps whole parameters: nothing to gather
         z2_left, z2_mid = counts[5][2:]

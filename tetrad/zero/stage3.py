@@ -16,8 +16,11 @@ post-accumulate-grad of the unit's last parameter -> its gradients go to the red
 
 Held spans (``hold`` / ``release``): a caller that runs many passes over the same units in a
 row -- a breadth-first pipeline's run of micro-batches through one chunk -- holds those units:
-they are gathered once when the span starts (all launched at once, each waited for at its
-first use) and freed once when it ends, instead of around every pass. ``gathers`` counts
+each is gathered once, at its first use in the span (prefetching the next one), and all are
+freed once when it ends, instead of around every pass. Memory: the whole span's units are
+gathered together by its end (under breadth-first one chunk, 1/v of the stage; the caller
+gathers a chunk again for its backward run rather than holding it through the other chunks'
+forward and backward runs, which would keep the whole stage gathered). ``gathers`` counts
 units gathered (each launched gather of a free unit), for tests and the step's metrics.
 
 The gathered storage's memory comes from a pool (``tetrad.zero.buffers.Storages``: moved into
@@ -93,6 +96,7 @@ class ShardedParams:
             self._shard_group(g, placement)
         self.order: list[Unit] | None = None
         self.gathers = 0
+        self._span: list[Unit] = []  # the held units, in the order their first pass uses them
         self._recording: list[Unit] | None = None
         model.register_forward_pre_hook(self._root_pre_forward)
         model.register_forward_hook(self._root_post_forward)
@@ -212,10 +216,12 @@ class ShardedParams:
 
     def _pre_forward(self, unit: Unit) -> None:
         self._gather(unit, backward=unit.in_backward)  # in backward: a recomputed forward
+        if unit.held:
+            self._prefetch_span(unit, backward=unit.in_backward)
         if self._recording is not None:
             if unit not in self._recording:
                 self._recording.append(unit)
-        elif not unit.in_backward:
+        elif not unit.in_backward and not unit.held:
             nxt = self._neighbour(unit, +1)
             if nxt is not None:
                 self._gather(nxt, wait=False)
@@ -232,6 +238,9 @@ class ShardedParams:
     def _pre_backward(self, unit: Unit) -> None:
         unit.in_backward = True
         self._gather(unit, backward=True)
+        if unit.held:
+            self._prefetch_span(unit, backward=True)
+            return
         prev = self._neighbour(unit, -1)
         if prev is not None:
             self._gather(prev, wait=False, backward=True)
@@ -249,12 +258,22 @@ class ShardedParams:
         return [u for u in self.units if any(id(p) in wanted for p in u.params)]
 
     def hold(self, params, backward: bool = False) -> None:
-        """Gather the units owning any of ``params`` now (launched together, so later units'
-        gathers overlap the first units' compute) and keep them until ``release(params)``.
-        ``backward``: the span starts with backward passes (hpZ reads the secondary shards)."""
-        for unit in self._owning(params):
+        """Keep the units owning any of ``params`` gathered from their first use until
+        ``release(params)``. The first unit's gather starts now and each unit's first use
+        prefetches the next (``_span`` order: forward's, or backward's when ``backward``, which
+        also makes hpZ read the secondary shards): one ahead, as outside spans, so an offload
+        tier's bounded staging buffers are never all asked for at once."""
+        units = self._owning(params)
+        self._span = units[::-1] if backward else units
+        for unit in units:
             unit.held = True
-            self._gather(unit, wait=False, backward=backward)
+        if units:
+            self._gather(self._span[0], wait=False, backward=backward)
+
+    def _prefetch_span(self, unit: Unit, backward: bool) -> None:
+        i = next((k for k, u in enumerate(self._span) if u is unit), None)
+        if i is not None and i + 1 < len(self._span):
+            self._gather(self._span[i + 1], wait=False, backward=backward)
 
     def release(self, params) -> None:
         """End the span: the units owning ``params`` are freed (their gradients stay in
@@ -262,6 +281,7 @@ class ShardedParams:
         for unit in self._owning(params):
             unit.held, unit.in_backward = False, False
             self._free(unit)
+        self._span = []
 
     # ------------------------------------------------------------------ step
     def begin_backward(self, sync: bool) -> None:
