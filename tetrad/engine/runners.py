@@ -7,8 +7,8 @@ through the engine's own micro-batch API, so ``train_step`` and a user's loop of
 locally until the schedule is done, then synchronises and steps once; the data-parallel
 engine is the executor's residency (``ChunkResidency``), so a breadth-first schedule's runs
 of passes through one chunk hold that chunk's ZeRO-3 units gathered for the run and reduce
-its gradients after its last backward. Both return this
-rank's summed loss (fp64), which the engine averages over the gradient group.
+its gradients after its last backward. Both return this rank's summed loss (fp64), which
+the engine averages over the gradient group.
 """
 
 from __future__ import annotations
