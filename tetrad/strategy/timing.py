@@ -275,13 +275,14 @@ def _gathers_exposed(s: StrategyConfig, gathers: list, m: int, t_mb: float, over
     and the rest hide behind that micro-batch's compute. Breadth-first (``holds_chunk_runs``):
     each chunk's units once for its run of m forwards and once for its run of m backwards,
     the rank's last chunk once for both (its runs are adjacent): 2v-1 runs per step, each
-    launching its chunk's gathers at once, the first waiting, the rest hiding behind the step."""
+    prefetching one unit ahead during its first pass, so the first gather of each run waits
+    and the rest hide behind those first passes, about one micro-batch's compute in all."""
     fwd = sum(f * k for (f, _), k in gathers)
     bwd = sum(b * k for (_, b), k in gathers)
     if holds_chunk_runs(s):
         v = s.virtual_stages
         first = v * gathers[0][0][0] + (v - 1) * gathers[-1][0][1]
-        return first + _hidden(fwd + (v - 1) / v * bwd - first, m * t_mb, overlap)
+        return first + _hidden(fwd + (v - 1) / v * bwd - first, t_mb, overlap)
     first = gathers[0][0][0] + gathers[-1][0][1]
     return m * (first + _hidden(fwd + bwd - first, t_mb, overlap))
 
