@@ -142,18 +142,6 @@ def test_model_without_plan_names_what_to_add():
         parallelize(nn.Sequential(nn.Linear(2, 2)), _layout(tp=2))
 
 
-def test_sequence_parallel_needs_a_shardable_attention():
-    from tetrad.models.hf import build_hf
-    from tetrad.parallel.plan import PlanError, parallelize
-
-    model = build_hf({"arch": "hf", "hf_model_type": "llama", "d_model": 32, "n_heads": 4,
-                      "n_layers": 1, "seq_len": 16})
-    with pytest.raises(PlanError, match="strategy.sp=2 needs a model whose attention core"):
-        parallelize(model, _layout(sp=2))
-    with pytest.raises(PlanError, match="megatron_sp=true"):
-        parallelize(model, _layout(tp=2, megatron_sp=True))
-
-
 @pytest.mark.parametrize("kw,msg", [({"tp": 3}, "n_heads=4 is not divisible by strategy.tp=3"),
                                     ({"tp": 4}, "n_kv_heads=2 is not divisible"),
                                     ({"sp": 8}, "n_heads=4 is not divisible by strategy.tp*strategy.sp=1*8"),
