@@ -213,12 +213,20 @@ def test_node_sharding_composes_with_pp_sp_and_offload(tmp_path):
     """World 4 as two nodes of two (strategy.ranks_per_node 2), 10 steps, fp32, against flat
     ZeRO of the same world: replicas across nodes under pp=2 (ZeRO-1, dp_shard=1) and under
     Ulysses sp=2 (ZeRO-3, dp_shard=1: the sp pair shards, the nodes replicate); dp_shard=2 and
-    hpZ=2 with the optimizer offloaded to the host; qgZ with sp=2 (ZeRO-2)."""
+    hpZ=2 with the optimizer offloaded to the host; qgZ with sp=2 (ZeRO-2). Against flat
+    ZeRO-3 of the same world: hpZ=2 with the parameters (and optimizer) on the host, and the
+    NVMe tier (parameters and optimizer state in files) under dp_shard=2 and under hpZ=2."""
     from harness import run_distributed
 
     node = {"ranks_per_node": 2}
+    nvme = {"optimizer": "nvme", "params": "nvme", "nvme_dir": str(tmp_path / "nvme")}
     runs = {
         "flat": {**node, "zero": 1, "micro_batch_size": 2},
+        "flat_z3": {**node, "zero": 3, "micro_batch_size": 2},
+        "params_cpu_hpz2": {**node, "zero": 3, "micro_batch_size": 2, "zeropp": {"hpz": 2},
+                            "offload": {"optimizer": "cpu", "params": "cpu"}},
+        "nvme_shard2": {**node, "zero": 3, "micro_batch_size": 2, "dp_shard": 2, "offload": nvme},
+        "nvme_hpz2": {**node, "zero": 3, "micro_batch_size": 2, "zeropp": {"hpz": 2}, "offload": nvme},
         "pp2_replicas": {**node, "zero": 1, "pp": 2, "micro_batch_size": 2, "dp_shard": 1},
         "sp2_replicas": {**node, "zero": 3, "sp": 2, "micro_batch_size": 4, "dp_shard": 1},
         "offload_shard2_hpz2": {**node, "zero": 3, "micro_batch_size": 2, "dp_shard": 2, "zeropp": {"hpz": 2},
@@ -231,6 +239,8 @@ def test_node_sharding_composes_with_pp_sp_and_offload(tmp_path):
     got = results[0]
     for name in ("pp2_replicas", "sp2_replicas", "offload_shard2_hpz2"):
         np.testing.assert_allclose(got[name], got["flat"], rtol=1e-5, err_msg=name)
+    for name in ("params_cpu_hpz2", "nvme_shard2", "nvme_hpz2"):
+        np.testing.assert_allclose(got[name], got["flat_z3"], rtol=1e-5, err_msg=name)
     rel = np.abs(np.array(got["sp2_qgz"]) - got["flat"]) / np.array(got["flat"])
     print(f"\nqgZ with sp=2: max relative loss difference {rel.max():.2e} over 10 steps")
     assert rel.max() < 0.02

@@ -25,6 +25,7 @@ ZeRO shard group spans nodes (inside one node NVLink leaves them little to win).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Iterator
 
 from tetrad.config.schema import Config, OffloadConfig, StrategyConfig
@@ -127,7 +128,7 @@ class Space:
                         errors = [e for e in strategy_errors(s) if not e.rule.startswith("offload.")]
                         if not self._reject(s, errors + batch_errors(batch, s, dp)):
                             choices = self.sharded(s, dp)
-                            yield from choices if sharded else (c for c, _ in zip(choices, range(1)))
+                            yield from choices if sharded else itertools.islice(choices, 1)
 
     def sharded(self, s: StrategyConfig, dp: int, skip: StrategyConfig | None = None) -> Iterator[StrategyConfig]:
         """``s`` with each sharding-across-nodes choice (see the module doc) the rule book
