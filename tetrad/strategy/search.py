@@ -2,7 +2,10 @@
 
 Recompute and offload only ever cost time in the model, so offload tiers are tried only for a
 base layout none of whose recompute policies fits without them (cheapest tier first); the
-tiers after the first that fits are recorded as dominated rather than priced.
+tiers after the first that fits are recorded as dominated rather than priced. Sharding
+across nodes multiplies every base by up to ~40 choices (dp_shard x hpZ x qwZ x qgZ) that
+change only a few parts of its time, so those choices are priced only for bases whose other
+parts leave room to win (``search``: a branch and bound, exact for the chosen layout).
 """
 
 from __future__ import annotations
