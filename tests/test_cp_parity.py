@@ -36,4 +36,5 @@ def test_world4_cp_composed(reference, tmp_path):  # noqa: F811
         ("llama", {"cp": 2, "pp": 2, "micro_batch_size": 2}),
         ("gpt", {"cp": 2, "tp": 2, "megatron_sp": True}),
         ("hf_llama", {"cp": 2, "tp": 2}),
+        ("hf_llama", {"cp": 2, "sp": 2}),                                # USP through HF attention
     ])

@@ -241,3 +241,30 @@ def test_architecture_without_a_plan_says_how_to_add_one():
     Bare.config.base_model_tp_plan = {"layers.*.mlp.experts": "grouped_gemm"}
     with pytest.raises(PlanError, match=r"style\(s\) \['grouped_gemm'\] that tetrad does not implement"):
         hf_plan(Bare())
+
+
+def test_sequence_parallel_refusals_name_the_key():
+    """Megatron-SP on an HF model refuses what it cannot shard (a parameter its plan does not
+    cover, pipeline stages), and tetrad's attention function refuses attention dropout."""
+    from types import SimpleNamespace
+
+    import torch
+    from torch import nn
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tetrad.parallel.hf_context import _ring_attention
+    from tetrad.parallel.plan import PlanError, check_layout, hf_plan
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    assert any(p.endswith("self_attn") for p, _ in hf_plan(model, seq=True))  # the region enters once
+    model.model.layers[0].self_attn.gate = nn.Linear(16, 1)
+    with pytest.raises(PlanError, match=r"megatron_sp=true: model.layers.0.self_attn.gate .* not cover"):
+        hf_plan(model, seq=True)
+    assert hf_plan(model)  # plain tp enters per projection: the replicated gate is fine there
+    with pytest.raises(PlanError, match=r"megatron_sp=true with strategy.pp=2 on the Hugging Face model"):
+        check_layout("hf", SimpleNamespace(pp=2, megatron_sp_active=True))
+    attn = SimpleNamespace(tetrad_ring=lambda q, k, v, scale: q)
+    q = torch.zeros(1, 2, 4, 8)
+    with pytest.raises(RuntimeError, match=r"attention dropout 0.1.*model.dropout: 0.0"):
+        _ring_attention(attn, q, q, q, None, dropout=0.1)

@@ -267,3 +267,31 @@ def test_measured_costs_time_every_layer_the_embedding_and_the_head():
     model = _tiny(3)
     layers, embed, head = measure_costs(model, torch.randint(0, 32, (2, 8)), reps=2)
     assert len(layers) == 3 and all(t > 0 for t in layers) and embed > 0 and head > 0
+
+
+def test_breadth_first_alone_holds_chunks_over_runs_of_passes():
+    """``held_spans``: breadth-first's runs (each chunk's m forwards, then its m backwards; the
+    last chunk's two runs are one) are held; schedules that alternate chunks or micro-batches
+    pass by pass, or have one chunk per rank, or defer W passes, are not."""
+    from tetrad.parallel.pipeline.actions import held_spans
+
+    p, m = 2, 4
+    for acts in build_schedule("breadth_first", p, m, 2):
+        spans = held_spans(acts)
+        assert [(r.start, r.stop) for r in spans] == [(0, m), (m, 3 * m), (3 * m, 4 * m)]
+        assert [{acts[i].chunk for i in r} for r in spans] == [{0}, {1}, {0}]
+    for acts in build_schedule("breadth_first", 4, 8, 3):  # v = 3: chunk 0 and 1 twice, chunk 2 once
+        assert [acts[r.start].chunk for r in held_spans(acts)] == [0, 1, 2, 1, 0]
+    for name, v in [("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("zero_bubble", 1), ("zero_bubble_v", 1)]:
+        assert all(held_spans(acts) is None for acts in build_schedule(name, p, m, v)), name
+
+
+def test_chunk_parameters_are_its_layers_and_its_ends():
+    model = _tiny(8)
+    first, later = split_model(model, rank=0, p=2, v=2)  # global chunks 0 (embedding) and 2
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)].split(".")[0] for p in first.parameters()} == {"tok_emb", "pos_emb", "layers"}
+    assert {names[id(p)].split(".")[1] for p in later.parameters()} == {"4", "5"}
+    last = split_model(_tiny(8), rank=1, p=2, v=2)[1]
+    assert {n.split(".")[0] for n, p in last.model.named_parameters()
+            if any(p is q for q in last.parameters())} == {"layers", "norm", "lm_head"}

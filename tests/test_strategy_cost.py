@@ -195,3 +195,25 @@ def test_cp_cost_terms():
     zb = dataclasses.replace(base, pp=4, pipeline_schedule="zero_bubble")
     zbv = dataclasses.replace(base, pp=4, pipeline_schedule="zero_bubble_v")
     assert pipeline_time(zbv, t1, 8)[1] == pytest.approx(pipeline_time(zb, t1, 8)[1] / 2)
+
+
+def test_zero3_under_breadth_first_gathers_once_per_chunk_run():
+    """Breadth-first (v = 2 chunks per rank): each unit once for its chunk's run of forwards,
+    and, but for the last chunk's (whose runs are adjacent), once for its run of backwards:
+    1.5 gathers per unit per step, not 2 per micro-batch as under 1F1B; the memory model
+    holds a whole chunk's blocks gathered instead of the prefetch depth."""
+    from tetrad.strategy.memory import comm_bytes
+    from tetrad.strategy.shapes import param_counts
+    from tetrad.strategy.timing import _stage_units, dp_time
+
+    a = ModelArgs(arch="llama", vocab_size=64, d_model=32, n_layers=16, n_heads=4, seq_len=16)
+    mb = {"bwd_layers": 0.0, "T_F": 0.0, "T_B": 0.0}
+    bf = _strategy(zero=3, pp=2, pipeline_schedule="breadth_first", virtual_stages=2)
+    units = sum(k for _, k in _stage_units(a, bf))  # the busiest stage's 8 blocks and its edge
+    m = 4  # one reduce-scatter per unit, then the gathers; no overlap: nothing hides
+    assert dp_time(a, bf, _Count(), 4, m, mb, 4) == units + 1.5 * units
+    one_f_one_b = _strategy(zero=3, pp=2, pipeline_schedule="1f1b")
+    assert dp_time(a, one_f_one_b, _Count(), 4, m, mb, 4) == units + 2 * m * units
+    interleaved = _strategy(zero=3, pp=2, pipeline_schedule="interleaved", virtual_stages=2)
+    held = comm_bytes(a, bf, _Count(), 4) - comm_bytes(a, interleaved, _Count(), 4)  # same p2p
+    assert held == (8 // 2 - 2) * param_counts(a).layer * 4  # a 4-block chunk, not 1 + 1 prefetched

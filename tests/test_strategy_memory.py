@@ -91,3 +91,19 @@ def test_plan_explain_prints_the_breakdown(tmp_path, capsys):
     rc = main(["plan", str(config), "--world-size", "8", "--hardware", "a100_80gb", "--top", "1",
                "--explain", "tp3"])
     assert "not a valid layout here" in capsys.readouterr().out and rc == 0
+
+
+def test_breadth_first_zero3_holds_one_chunks_full_gradients_and_gathered_blocks():
+    """Breadth-first reduces each chunk's gradients after its last backward and gathers a whole
+    chunk for its run: against interleaved (same chunks, same p2p), full gradients are 1/v of
+    the stage's plus the shards, and a 2-block chunk is gathered instead of 1 + 1 prefetched."""
+    from tetrad.strategy.memory import stage_terms
+
+    bf, il = (StrategyConfig(pp=2, zero=3, micro_batch_size=1, pipeline_schedule=name, virtual_stages=2)
+              for name in ("breadth_first", "interleaved"))
+    costs = _costs(frag=0.0)
+    held, base = (stage_terms(A, s, costs, 8, 8, "bf16", "first") for s in (bf, il))
+    assert base["grads"] > 0 and held["grads"] == pytest.approx(base["grads"] / 2 + base["grads"] / 4)
+    assert held["comm_buffers"] == base["comm_buffers"]  # 4 blocks per stage: a chunk of 2 = depth 2
+    deep = StrategyConfig(pp=2, zero=3, micro_batch_size=1, pipeline_schedule="breadth_first", virtual_stages=1)
+    assert stage_terms(A, deep, costs, 8, 8, "bf16", "first")["grads"] == base["grads"]  # one chunk: as before

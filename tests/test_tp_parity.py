@@ -65,6 +65,11 @@ def test_world2_tp_megatron_sp_ulysses_and_hf(reference, tmp_path):
     _check(reference, tmp_path, 2, [
         ("llama", {"tp": 2}), ("llama", {"tp": 2, "megatron_sp": True}), ("llama", {"sp": 2}),
         ("hf_llama", {"tp": 2}), ("hf_gpt2", {"tp": 2}),
+        # Hugging Face attention through tetrad's attention function: Ulysses (GQA K/V heads
+        # sp divides), Megatron-SP (norms on sequence shards, RoPE over the gathered tokens,
+        # GPT-2's position table over this rank's slice)
+        ("hf_llama", {"sp": 2}), ("hf_gpt2", {"sp": 2}),
+        ("hf_llama", {"tp": 2, "megatron_sp": True}), ("hf_gpt2", {"tp": 2, "megatron_sp": True}),
     ])
 
 
@@ -75,6 +80,8 @@ def test_world4_layouts(reference, tmp_path):
         ("llama", {"tp": 2, "megatron_sp": True, "zero": 1}),             # dp = 2
         ("llama", {"tp": 2, "sp": 2, "recompute": "selective"}),
         ("gpt", {"tp": 4}), ("gpt", {"tp": 2, "sp": 2, "megatron_sp": True}),
+        # one K/V head per tp rank: Ulysses repeats it to the query heads before its all-to-all
+        ("hf_llama", {"tp": 2, "sp": 2, "megatron_sp": True}), ("hf_gpt2", {"tp": 2, "sp": 2}),
     ])
 
 

@@ -4,8 +4,11 @@
 through the engine's own micro-batch API, so ``train_step`` and a user's loop of
 ``engine(x); engine.backward(loss); engine.step()`` share every line. ``PipelineRunner``
 (pp > 1) hands all micro-batches to the schedule's executor, with gradients accumulating
-locally until the schedule is done, then synchronises and steps once. Both return this
-rank's summed loss (fp64), which the engine averages over the gradient group.
+locally until the schedule is done, then synchronises and steps once; the data-parallel
+engine is the executor's residency (``ChunkResidency``), so a breadth-first schedule's runs
+of passes through one chunk hold that chunk's ZeRO-3 units gathered for the run and reduce
+its gradients after its last backward. Both return this rank's summed loss (fp64), which
+the engine averages over the gradient group.
 """
 
 from __future__ import annotations
@@ -30,6 +33,25 @@ class MicroBatchRunner:
         return total
 
 
+class ChunkResidency:
+    """What the pipeline executor tells about a chunk's run of passes, passed on to the
+    data-parallel engine: the run holds the chunk's parameters (ZeRO-3: gathered once), and
+    after the chunk's last backward of the step its gradients are reduced at once -- except
+    tied weights', which the first and last stage sum only after the schedule."""
+
+    def __init__(self, dp, ties):
+        self.dp = dp
+        self.late = {id(p) for p in (ties.params if ties is not None else ())}
+
+    def hold(self, params, backward: bool = False) -> None:
+        self.dp.hold(params, backward)
+
+    def release(self, params, done: bool = False) -> None:
+        self.dp.release(params)
+        if done:
+            self.dp.reduce_now([p for p in params if id(p) not in self.late])
+
+
 class PipelineRunner:
     """``executor``: the schedule's ``PipelineExecutor`` over this rank's chunks."""
 
@@ -45,8 +67,10 @@ class PipelineRunner:
         shards = e.layout.tp if e.layout.megatron_sp_active else 1  # sequence split over tp
         shape = (x0.shape[0], x0.shape[1] // shards, self.d_model)
         dp.begin_backward(sync=False)
+        gathered = dp.gathered_units
         total = self.executor.run([x for x, _ in micro], [y for _, y in micro], act_shape=shape,
-                                  scale=lambda loss: dp.scale_loss(loss / len(micro)))
+                                  scale=lambda loss: dp.scale_loss(loss / len(micro)),
+                                  residency=ChunkResidency(dp, e.ties))
         if e.ties is not None:  # tied embeddings: first and last stage sum their gradients
             e.ties.sync()
         dp.begin_backward(sync=True)  # no backward follows: finish() reduces every bucket
@@ -56,4 +80,5 @@ class PipelineRunner:
         e.layout.nodes.traffic.broadcast(pp_group, total.numel() * total.element_size(), src)
         dist.broadcast(total, group=pp_group, src=src)
         e.last.update({f"pipeline_{k}": v for k, v in self.executor.stats.items()})
+        e.last["pipeline_zero3_gathers"] = dp.gathered_units - gathered  # units, this rank, this step
         return total

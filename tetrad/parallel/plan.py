@@ -88,6 +88,15 @@ def colwise_gather_output(m, L):
     return ColumnParallelLinear(m, L.tp_group, L.entry, gather_output=True) if L.tp > 1 else m
 
 
+def colwise_gather_output_entered(m, L):
+    """``colwise_gather_output`` inside a region its module already entered (Megatron-SP)."""
+    return ColumnParallelLinear(m, L.tp_group, "none", gather_output=True) if L.tp > 1 else m
+
+
+def packed_colwise_entered(m, L):
+    return ColumnParallelLinear(m, L.tp_group, "none", parts=2) if L.tp > 1 else m
+
+
 def packed_colwise(m, L):
     """A fused [gate; up] projection: each half split over ranks."""
     return ColumnParallelLinear(m, L.tp_group, L.entry, parts=2) if L.tp > 1 else m
@@ -233,8 +242,15 @@ HF_STYLES: dict[str, Style] = {
     "packed_colwise": packed_colwise, "replicated_with_grad_allreduce": replicated_grad_sum,
 }
 
+# Under Megatron-SP a Hugging Face module computes its head shapes from its own input (Qwen2:
+# ``q_proj(x).view(*x.shape[:-1], -1, head_dim)``), so the sequence is gathered once at the
+# module's entry and its column-parallel projections enter nothing themselves.
+ENTERED: dict[Style, Style] = {colwise_entering: colwise, colwise_gather_output: colwise_gather_output_entered,
+                               packed_colwise: packed_colwise_entered}
+
 # Families whose attention core is a module of its own (Ulysses wraps it) and whose embedding
-# positions come from the local sequence (Megatron-SP shards after the embedding).
+# positions come from the local sequence (Megatron-SP shards after the embedding). Hugging Face
+# models get the same layouts through their attention-function interface (hf_context).
 SEQUENCE_SHARDABLE = ("tetrad-llama", "tetrad-gpt")
 
 
@@ -243,8 +259,9 @@ def _module_name(root: nn.Module, module: nn.Module | None) -> str | None:
     return next((n for n, m in root.named_modules() if m is module), None) if module is not None else None
 
 
-def hf_plan(inner: nn.Module) -> list[tuple[str, Style]]:
-    """The plan of a Hugging Face model from transformers' own ``base_model_tp_plan``."""
+def hf_plan(inner: nn.Module, seq: bool = False) -> list[tuple[str, Style]]:
+    """The plan of a Hugging Face model from transformers' own ``base_model_tp_plan`` (``seq``:
+    its Megatron-SP form)."""
     cfg, name = getattr(inner, "config", None), type(inner).__name__
     base = getattr(cfg, "base_model_tp_plan", None) or {}
     if not base:
@@ -260,11 +277,30 @@ def hf_plan(inner: nn.Module) -> list[tuple[str, Style]]:
     prefix = getattr(inner, "base_model_prefix", "")
     emb = _module_name(inner, inner.get_input_embeddings())
     head = _module_name(inner, inner.get_output_embeddings())
-    plan = [(emb, vocab_embedding)] if emb else []
-    plan += [(f"{prefix}.{pattern}" if prefix else pattern, HF_STYLES[style]) for pattern, style in base.items()]
-    if head:
-        plan.append((head, vocab_head))
-    return plan
+    body = [(f"{prefix}.{pattern}" if prefix else pattern, HF_STYLES[style]) for pattern, style in base.items()]
+    if seq:
+        body = _entered_once(inner, body)
+    return ([(emb, vocab_embedding)] if emb else []) + body + ([(head, vocab_head)] if head else [])
+
+
+def _entered_once(inner: nn.Module, body: list[tuple[str, Style]]) -> list[tuple[str, Style]]:
+    """Megatron-SP form of a derived plan: each module holding column-parallel projections
+    enters the region (gathers the sequence) once, and its projections enter nothing. A
+    parameter of such a module that no plan entry covers would run replicated on the gathered
+    sequence, and the gather's backward would sum its gradient tp times: refused."""
+    parents = sorted({p.rpartition(".")[0] for p, style in body if style in ENTERED})
+    covered = [_matcher(p) for p, _ in body]
+    for parent in parents:
+        for name, m in inner.named_modules():
+            if not _matcher(parent).fullmatch(name):
+                continue
+            for child, sub in m.named_children():
+                if any(True for _ in sub.parameters()) and not any(rx.fullmatch(f"{name}.{child}") for rx in covered):
+                    raise PlanError(f"strategy.megatron_sp=true: {name}.{child} of {type(inner).__name__} has "
+                                    f"parameters its tensor-parallel plan does not cover, so it would run "
+                                    f"replicated on the gathered sequence; use megatron_sp=false, or give "
+                                    f"{type(inner).__name__} a table in PLANS (tetrad/parallel/plan.py)")
+    return [(p, region) for p in parents] + [(p, ENTERED.get(style, style)) for p, style in body]
 
 
 def model_family(model: nn.Module) -> tuple[str, str]:
@@ -286,14 +322,15 @@ def model_family(model: nn.Module) -> tuple[str, str]:
 
 def check_layout(family: str, layout: ResolvedLayout) -> None:
     """What only the live model can say (the rule book checks its shapes before this): a
-    Hugging Face model computes attention inside its own function, so Ulysses and Megatron-SP,
-    which need the attention core and the positions as modules of their own, cannot split it."""
-    if (layout.sp > 1 or layout.megatron_sp_active) and family not in SEQUENCE_SHARDABLE:
-        what = f"strategy.sp={layout.sp}" if layout.sp > 1 else "strategy.megatron_sp=true"
-        raise PlanError(f"{what} needs a model whose attention core is a module of its own and whose "
-                        f"positions follow the local sequence shard; {family} computes attention inside "
-                        f"Hugging Face's attention function. Use strategy.sp=1 and megatron_sp=false "
-                        f"(tensor parallelism works), or a tetrad model (model.arch gpt|llama)")
+    Hugging Face model under Megatron-SP must be one whose residual stream tetrad can shard
+    (a whole model: a pipeline stage of one would need the sequence split carried across
+    its stage boundaries, which tetrad does not do for HF models)."""
+    if family in SEQUENCE_SHARDABLE or not layout.megatron_sp_active:
+        return
+    if layout.pp > 1:
+        raise PlanError(f"strategy.megatron_sp=true with strategy.pp={layout.pp} on the Hugging Face "
+                        f"model {family}: its pipeline stages do not carry the sequence split; use "
+                        f"megatron_sp=false (tp, sp and cp work), or a tetrad model (model.arch gpt|llama)")
 
 
 def _matcher(pattern: str) -> re.Pattern:
@@ -354,8 +391,8 @@ def parallelize(model: nn.Module, layout: ResolvedLayout) -> nn.Module:
     tp, sp, cp = layout.tp, layout.sp, layout.cp
     if tp == 1 and sp == 1 and cp == 1:
         return model
-    if tp == 1 and sp == 1 and hasattr(getattr(model, "hf", model), "config"):
-        # cp alone on a Hugging Face model needs no table: ring attention enters through the
+    if tp == 1 and hasattr(getattr(model, "hf", model), "config"):
+        # cp and Ulysses sp on a Hugging Face model need no table: they enter through the
         # attention-function interface every HF attention module calls.
         ctx = _context(layout, model)
         return count_into(apply_hf_context(model, ctx), ctx.traffic)
@@ -369,10 +406,10 @@ def parallelize(model: nn.Module, layout: ResolvedLayout) -> nn.Module:
             raise PlanError(f"{type(inner).__name__} soft-caps its logits, so the vocabulary padding "
                             f"of vocab_size={vocab} over strategy.tp={tp} would be predicted; valid: "
                             f"tp dividing {vocab}")
-        model = apply_plan(model, hf_plan(inner), ctx, prefix, strict=False)
+        model = apply_plan(model, hf_plan(inner, ctx.seq), ctx, prefix, strict=False)
     else:
         model = apply_plan(model, PLANS[family], ctx, prefix)
-    if cp > 1 and family not in SEQUENCE_SHARDABLE:
+    if (cp > 1 or sp > 1 or ctx.seq) and family not in SEQUENCE_SHARDABLE:
         apply_hf_context(model, ctx)
     return count_into(model, ctx.traffic)  # every collective of the layers built above counts its bytes
 

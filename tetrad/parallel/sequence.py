@@ -117,12 +117,12 @@ class UlyssesAttention(Counted, nn.Module):
         super().__init__()
         self.inner, self.group = inner, group
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **core_kwargs) -> torch.Tensor:
         world = dist.get_world_size(self.group)
         for name, t in (("q", q), ("k", k), ("v", v)):
             if t.shape[HEAD_DIM] % world:
                 raise ValueError(f"Ulysses attention: {name} has {t.shape[HEAD_DIM]} heads on this rank, "
                                  f"not divisible by strategy.sp={world}")
         q, k, v = (all_to_all(t, self.group, HEAD_DIM, SEQ_DIM_ATTN, self.traffic) for t in (q, k, v))
-        y = self.inner(q, k, v)
+        y = self.inner(q, k, v, **core_kwargs)
         return all_to_all(y, self.group, SEQ_DIM_ATTN, HEAD_DIM, self.traffic)

@@ -1,7 +1,8 @@
 """Memory per rank of a candidate, term by term, on the pipeline stage that needs the most.
 
 Model states follow ZeRO (Rajbhandari et al.) over the gradient group of N = dp*cp*sp ranks (stages
-2-3 keep full gradients while accumulating micro-batches: see state_bytes), with
+2-3 keep full gradients while accumulating micro-batches: see state_bytes; under breadth-first
+those of one chunk at a time, each chunk's reduced after its last backward), with
 P bytes per compute parameter, G per gradient and K of optimizer state per parameter
 (mixed precision: P = G = 2, K = 12 = fp32 master + two Adam moments; fp32: P = G = 4, K = 8):
 stage 0 (P+G+K)Ψ, stage 1 (P+G)Ψ + KΨ/N, stage 2 PΨ + (G+K)Ψ/N, stage 3 (P+G+K)Ψ/N — which is
@@ -31,7 +32,8 @@ buffers (``tetrad.strategy.sharding``).
 Buffers: the loss's logits on the stage holding the head (the last; under ZB-V the first
 rank holds both ends) (``costs.loss_bytes_per_logit`` per logit of one micro-batch: tetrad's
 fp32 log-softmax and its gradients, see tetrad.strategy.software), the ZeRO-3 gathered units
-(the computing one plus ``zero3_prefetch`` ahead, and one unit's gradient) or one gradient
+(the computing one plus ``zero3_prefetch`` ahead, or under breadth-first the chunk being run,
+and one unit's gradient) or one gradient
 bucket (stages 0-2), pipeline send/recv buffers, and under cp the ring's K/V blocks (the one
 in use and the one arriving) and, in backward, their fp32 dK/dV accumulators.
 
@@ -42,11 +44,13 @@ own buffers sit outside it, ``nccl_bytes_per_group`` for each process group the 
 
 from __future__ import annotations
 
+import math
+
 from tetrad.config.schema import StrategyConfig
 from tetrad.models.args import ModelArgs
 from tetrad.models.counts import activation_bytes as layer_activation_bytes
 from tetrad.strategy.offload_cost import placement
-from tetrad.strategy.shapes import layers_per_stage, micro_batches, param_counts, shard_group
+from tetrad.strategy.shapes import holds_chunk_runs, layers_per_stage, micro_batches, param_counts, shard_group
 from tetrad.strategy.sharding import extra_buffer_bytes, secondary_bytes
 
 
@@ -127,6 +131,8 @@ def comm_bytes(a: ModelArgs, s: StrategyConfig, costs, elem: int) -> float:
     if s.zero == 3:
         unit = param_counts(a).layer / s.tp
         depth = 1 + getattr(costs, "zero3_prefetch", 1)
+        if holds_chunk_runs(s):  # breadth-first holds a whole chunk gathered for its run
+            depth = max(depth, math.ceil(layers_per_stage(a, s) / s.virtual_stages))
         comm = depth * unit * getattr(costs, "gather_elem", elem) + unit * getattr(costs, "grad_reduce_elem", elem)
         comm += extra_buffer_bytes(s, unit, elem)
     else:
@@ -172,6 +178,12 @@ def stage_terms(a: ModelArgs, s: StrategyConfig, costs, world: int, m: int, prec
     psi = stage_params(a, s, stage)
     states = state_bytes(psi, s.zero, shard_group(s, world), precision, accumulate,
                          getattr(costs, "grad_elem", None), state_dtype)
+    if holds_chunk_runs(s) and s.zero >= 2 and accumulate > 1 and not s.offload.active:
+        # breadth-first reduces a chunk's gradients after its last backward (the runner's
+        # ChunkResidency): full gradients of one chunk at a time, the rest sharded
+        sharded = state_bytes(psi, s.zero, shard_group(s, world), precision, 1,
+                              getattr(costs, "grad_elem", None), state_dtype)["grads"]
+        states["grads"] = states["grads"] / s.virtual_stages + sharded
     terms = {"params": 0.0, "grads": states["grads"], "optimizer": 0.0, "host": 0.0, "disk": 0.0}
     for part, tier in (("optimizer", s.offload.optimizer), ("params", s.offload.params)):
         if tier != "nvme":

@@ -77,3 +77,9 @@ def shard_group(s: StrategyConfig, world: int) -> int:
 def replicas(s: StrategyConfig, world: int) -> int:
     """Copies of the ZeRO state under hybrid sharding (1: flat ZeRO)."""
     return dp_degree(s, world) // dp_shard(s, world)
+
+
+def holds_chunk_runs(s: StrategyConfig) -> bool:
+    """Whether ZeRO-3 gathers a chunk once per run of its passes rather than once per pass
+    (tetrad.parallel.pipeline.actions.held_spans): looped breadth-first, >1 chunk per rank."""
+    return s.pp > 1 and s.pipeline_schedule == "breadth_first" and s.virtual_stages > 1

@@ -37,7 +37,9 @@ What the model assumes (Narayanan et al., Korthikanti et al., Qi et al., Rajbhan
   stages 1-2 reduce-scatter then all-gather updated parameters after the step (exposed);
   stage 3 all-gathers each unit (each block, the embedding, the final norm, the head) before
   its forward and its backward in every micro-batch, prefetching one ahead: the first gather
-  of each pass waits, the rest hide behind compute as far as overlap allows (``dp_time``).
+  of each pass waits, the rest hide behind compute as far as overlap allows; under looped
+  breadth-first once per chunk run instead (a chunk's m forwards, its m backwards), 2v-1 runs
+  a step (``dp_time``).
 * Per micro-batch the engine also pays for what lies between the layers (module and autograd
   Python overhead, gradient accumulation and hooks, loss glue): the profile's whole-model
   micro-batch minus its layers and head (``costs.micro_batch_overhead``; 0 for cluster specs,
@@ -60,8 +62,8 @@ from __future__ import annotations
 from tetrad.config.schema import StrategyConfig
 from tetrad.models.args import ModelArgs
 from tetrad.strategy.offload_cost import placement
-from tetrad.strategy.shapes import (dp_degree, grad_group, layers_per_stage, micro_batches, param_counts,
-                                   rank_params, replicas, shard_group)
+from tetrad.strategy.shapes import (dp_degree, grad_group, holds_chunk_runs, layers_per_stage, micro_batches,
+                                   param_counts, rank_params, replicas, shard_group)
 from tetrad.strategy.sharding import gather_times, reduce_time
 
 
@@ -233,9 +235,8 @@ def dp_time(a: ModelArgs, s: StrategyConfig, costs, world: int, m: int, mb: dict
     machine overlaps (the last waits; a framework that reduces after backward,
     ``costs.grad_overlap`` 0, hides nothing). Stages 1-2 all-gather the updated parameters
     after the optimizer (exposed). Stage 3 (tetrad.zero.stage3) gathers every unit before its
-    forward and again before its backward in every micro-batch, prefetching one unit ahead:
-    the first unit of forward and the first of backward wait in full, the rest hide behind the
-    neighbouring units' compute as far as the machine overlaps. Element sizes: gradients are
+    forward and again before its backward in every micro-batch, or once per chunk run under
+    breadth-first (``_gathers_exposed``). Element sizes: gradients are
     reduced in ``costs.grad_reduce_elem`` bytes and parameters gathered in
     ``costs.gather_elem`` (both the compute dtype's for tetrad). Hybrid sharding and ZeRO++
     change what each collective is (``tetrad.strategy.sharding``), not when it runs.
@@ -262,10 +263,28 @@ def dp_time(a: ModelArgs, s: StrategyConfig, costs, world: int, m: int, mb: dict
         exposed += costs.coll("all_gather", n, stride, rank_params(a, s) * elem)
     if s.zero == 3:
         gathers = [(gather_times(s, costs, world, x, p_elem), k) for x, k in sizes]
-        first = gathers[0][0][0] + gathers[-1][0][1]  # forward starts at the first unit, backward at the last
-        rest = sum((f + b) * k for (f, b), k in gathers) - first
-        exposed += m * (first + _hidden(rest, mb["T_F"] + mb["T_B"], costs.overlap))
+        exposed += _gathers_exposed(s, gathers, m, mb["T_F"] + mb["T_B"], costs.overlap)
     return exposed
+
+
+def _gathers_exposed(s: StrategyConfig, gathers: list, m: int, t_mb: float, overlap: float) -> float:
+    """Stage 3's exposed all-gathers per step, from each unit's ((forward, backward) seconds,
+    count). Per pass (pp = 1 and every schedule but breadth-first): every unit before its
+    forward and its backward in each of the m micro-batches, prefetching one ahead, so the
+    first unit of each pass waits (forward starts at the first unit, backward at the last)
+    and the rest hide behind that micro-batch's compute. Breadth-first (``holds_chunk_runs``):
+    each chunk's units once for its run of m forwards and once for its run of m backwards,
+    the rank's last chunk once for both (its runs are adjacent): 2v-1 runs per step, each
+    prefetching one unit ahead during its first pass, so the first gather of each run waits
+    and the rest hide behind those first passes, about one micro-batch's compute in all."""
+    fwd = sum(f * k for (f, _), k in gathers)
+    bwd = sum(b * k for (_, b), k in gathers)
+    if holds_chunk_runs(s):
+        v = s.virtual_stages
+        first = v * gathers[0][0][0] + (v - 1) * gathers[-1][0][1]
+        return first + _hidden(fwd + (v - 1) / v * bwd - first, t_mb, overlap)
+    first = gathers[0][0][0] + gathers[-1][0][1]
+    return m * (first + _hidden(fwd + bwd - first, t_mb, overlap))
 
 
 def _copy(costs, kind: str, nbytes: float, chunk: float) -> float:

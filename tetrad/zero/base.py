@@ -52,6 +52,27 @@ class DataParallel:
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         return loss if self.scaler is None else self.scaler.scale_loss(loss)
 
+    def hold(self, params, backward: bool = False) -> None:
+        """Keep ``params`` resident until ``release(params)``: the caller is about to run many
+        passes over them in a row (a breadth-first pipeline's run of micro-batches through one
+        chunk). Stage 3 gathers their units once for the span instead of once per pass;
+        stages 0-2 always hold every parameter."""
+        self.params.hold(params, backward)
+
+    def release(self, params) -> None:
+        """End a ``hold`` span: stage 3 frees the units."""
+        self.params.release(params)
+
+    def reduce_now(self, params) -> None:
+        """``params`` get no more gradient this step: reduce (stages 2-3: reduce-scatter and
+        free) the buckets or units made only of them now, not after the whole schedule."""
+        self.grads.reduce_now(params)
+
+    @property
+    def gathered_units(self) -> int:
+        """Stage-3 units all-gathered so far (0 at stages 0-2): a step's count is a difference."""
+        return self.params.gathers
+
     def finish(self) -> None:
         self.grads.finish()
         self.params.finish()

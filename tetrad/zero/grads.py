@@ -60,6 +60,8 @@ class _HookedGrads:
         self.sync = False
         self._where: dict[nn.Parameter, tuple[FlatGroup, int]] = {}
         self._state: dict[int, _Sync] = {g.index: _Sync() for g in groups}
+        self._early: set[int] = set()  # groups reduce_now launched this step
+        self._final: set[int] = set()  # ids of the parameters reduce_now was told are final
         for g in groups:
             for i, p in enumerate(g.params):
                 self._where[p] = (g, i)
@@ -67,8 +69,26 @@ class _HookedGrads:
 
     def begin_backward(self, sync: bool) -> None:
         self.sync = sync
-        if sync:
-            self._state = {g.index: _Sync(pending=len(g.params)) for g in self.groups}
+        if sync:  # (groups already reduced this step keep their collective)
+            self._state = {g.index: self._state[g.index] if g.index in self._early
+                           else _Sync(pending=len(g.params)) for g in self.groups}
+
+    def reduce_now(self, params) -> None:
+        """``params``' gradients are final for this step (a breadth-first pipeline's chunk
+        after its last backward): reduce now, before the step's synchronising backward, every
+        group all of whose parameters are final by now (a bucket spanning two chunks waits for
+        the second), so the collective overlaps the remaining chunks' backward and, at stages
+        2-3, the full gradients are freed at once."""
+        self._final |= {id(p) for p in params}
+        for g in self.groups:
+            if g.index in self._early or not all(id(p) in self._final for p in g.params):
+                continue
+            self._state[g.index] = _Sync()
+            for i, p in enumerate(g.params):
+                if p.grad is not None:
+                    self._arrived(g, i, p)
+            self._early.add(g.index)
+            self._start(g)
 
     def _on_grad(self, p: nn.Parameter) -> None:
         if self.sync:
@@ -104,7 +124,7 @@ class _HookedGrads:
                 self._start(g)
         for g in self.groups:
             self._retire(g)
-        self.sync = False
+        self.sync, self._early, self._final = False, set(), set()
 
 
 class FullGrads(_HookedGrads):
@@ -170,6 +190,13 @@ class ShardedGrads(_HookedGrads):
         for g in groups:
             g.grad_shard = None if sink is not None else torch.zeros(g.shard_size, dtype=dtype,
                                                                      device=g.params[0].device)
+
+    def reduce_now(self, params) -> None:
+        """As ``_HookedGrads.reduce_now``, except with a tier's sink: it takes each reduced
+        shard as it is ready, and the pipeline step hands it no learning rate before the
+        schedule (``prepare_step``), so its gradients wait for the step's end as before."""
+        if self.sink is None:
+            super().reduce_now(params)
 
     def _flat(self, g: FlatGroup) -> torch.Tensor:
         """The group's flat gradient buffer for this backward, zeroed: its own shard when the

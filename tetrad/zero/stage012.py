@@ -53,3 +53,11 @@ class ReplicatedParams:
 
     def finish(self) -> None:
         pass
+
+    gathers = 0  # never gathered: every rank keeps the full parameters
+
+    def hold(self, params, backward: bool = False) -> None:
+        pass  # always resident
+
+    def release(self, params) -> None:
+        pass

@@ -14,6 +14,15 @@ pre-backward (first output gradient) -> gather (wait), prefetch the previous uni
 post-accumulate-grad of the unit's last parameter -> its gradients go to the reduce-scatter
 (``ShardedGrads``) and the unit is freed. The forward order is recorded on the first call.
 
+Held spans (``hold`` / ``release``): a caller that runs many passes over the same units in a
+row -- a breadth-first pipeline's run of micro-batches through one chunk -- holds those units:
+each is gathered once, at its first use in the span (prefetching the next one), and all are
+freed once when it ends, instead of around every pass. Memory: the whole span's units are
+gathered together by its end (under breadth-first one chunk, 1/v of the stage; the caller
+gathers a chunk again for its backward run rather than holding it through the other chunks'
+forward and backward runs, which would keep the whole stage gathered). ``gathers`` counts
+units gathered (each launched gather of a free unit), for tests and the step's metrics.
+
 The gathered storage's memory comes from a pool (``tetrad.zero.buffers.Storages``: moved into
 the group's storage on gather, out of it on free), not a fresh page-faulted allocation per
 unit. A group of one rank whose shard stays on the compute device is never gathered or freed:
@@ -56,6 +65,7 @@ class Unit:
         self.pending = 0
         self.source = "primary"         # which shards the gather in flight reads
         self.secondary_ready = False    # hpZ: this forward's parameters are in the secondary shards
+        self.held = False               # inside a hold/release span: no pass frees it
 
 
 class ShardedParams:
@@ -85,6 +95,8 @@ class ShardedParams:
                     param_init(name, p)
             self._shard_group(g, placement)
         self.order: list[Unit] | None = None
+        self.gathers = 0
+        self._span: list[Unit] = []  # the held units, in the order their first pass uses them
         self._recording: list[Unit] | None = None
         model.register_forward_pre_hook(self._root_pre_forward)
         model.register_forward_hook(self._root_post_forward)
@@ -141,6 +153,7 @@ class ShardedParams:
                     continue
                 self.storages.fill(g.full.untyped_storage(), g.numel * g.full.element_size())
                 unit.handles.append(self._launch_gather(g, secondary))
+            self.gathers += bool(unit.handles)  # (a unit of whole groups gathers nothing)
             unit.state, unit.source = "gathering", "secondary" if secondary else "primary"
         if wait and unit.state == "gathering":
             for handle in unit.handles:
@@ -203,10 +216,12 @@ class ShardedParams:
 
     def _pre_forward(self, unit: Unit) -> None:
         self._gather(unit, backward=unit.in_backward)  # in backward: a recomputed forward
+        if unit.held:
+            self._prefetch_span(unit, backward=unit.in_backward)
         if self._recording is not None:
             if unit not in self._recording:
                 self._recording.append(unit)
-        elif not unit.in_backward:
+        elif not unit.in_backward and not unit.held:
             nxt = self._neighbour(unit, +1)
             if nxt is not None:
                 self._gather(nxt, wait=False)
@@ -217,12 +232,15 @@ class ShardedParams:
             if tensors:
                 torch.autograd.graph.register_multi_grad_hook(
                     tensors, lambda grads, u=unit: self._pre_backward(u), mode="any")
-        if not unit.in_backward:
+        if not unit.in_backward and not unit.held:
             self._free(unit)
 
     def _pre_backward(self, unit: Unit) -> None:
         unit.in_backward = True
         self._gather(unit, backward=True)
+        if unit.held:
+            self._prefetch_span(unit, backward=True)
+            return
         prev = self._neighbour(unit, -1)
         if prev is not None:
             self._gather(prev, wait=False, backward=True)
@@ -231,7 +249,39 @@ class ShardedParams:
         unit.pending -= 1
         if unit.pending == 0:
             unit.in_backward = False
+            if not unit.held:
+                self._free(unit)
+
+    # ------------------------------------------------------------------ held spans
+    def _owning(self, params) -> list[Unit]:
+        wanted = {id(p) for p in params}
+        return [u for u in self.units if any(id(p) in wanted for p in u.params)]
+
+    def hold(self, params, backward: bool = False) -> None:
+        """Keep the units owning any of ``params`` gathered from their first use until
+        ``release(params)``. The first unit's gather starts now and each unit's first use
+        prefetches the next (``_span`` order: forward's, or backward's when ``backward``, which
+        also makes hpZ read the secondary shards): one ahead, as outside spans, so an offload
+        tier's bounded staging buffers are never all asked for at once."""
+        units = self._owning(params)
+        self._span = units[::-1] if backward else units
+        for unit in units:
+            unit.held = True
+        if units:
+            self._gather(self._span[0], wait=False, backward=backward)
+
+    def _prefetch_span(self, unit: Unit, backward: bool) -> None:
+        i = next((k for k, u in enumerate(self._span) if u is unit), None)
+        if i is not None and i + 1 < len(self._span):
+            self._gather(self._span[i + 1], wait=False, backward=backward)
+
+    def release(self, params) -> None:
+        """End the span: the units owning ``params`` are freed (their gradients stay in
+        ``param.grad`` until reduced: ``DataParallel.reduce_now`` or the step's end)."""
+        for unit in self._owning(params):
+            unit.held, unit.in_backward = False, False
             self._free(unit)
+        self._span = []
 
     # ------------------------------------------------------------------ step
     def begin_backward(self, sync: bool) -> None:
@@ -240,5 +290,5 @@ class ShardedParams:
 
     def finish(self) -> None:
         for unit in self.units:  # units some of whose parameters got no gradient
-            unit.in_backward = False
+            unit.in_backward = unit.held = False
             self._free(unit)

@@ -51,3 +51,29 @@ class Placement(NamedTuple):
         if self.shape == "v":
             return 0 if chunk < self.p else 1
         return chunk // self.p
+
+
+def held_spans(actions: list[Action]) -> list[range] | None:
+    """Where a rank's chunk parameters can stay resident across passes: the index ranges of
+    the maximal runs of consecutive actions on one chunk, when that is worth holding, else None.
+
+    Worth it when the rank holds more than one chunk, every chunk's passes come in at most two
+    runs (its forwards, its backwards; the last chunk's two are adjacent, one run) and no W
+    pass is deferred: looped breadth-first, whose runs are m passes long. A sharded
+    data-parallel engine (ZeRO-3) then gathers a chunk once per run, one chunk at a time.
+    Schedules that alternate chunks or micro-batches pass by pass (1F1B, interleaved, ZB) get
+    None: holding across their runs would keep every chunk gathered at once (the whole
+    stage), and with one chunk per rank (GPipe) a span would be the whole stage for the whole
+    step -- stage 3's memory saving gone; they keep the per-pass gather.
+    """
+    spans: list[range] = []
+    start = 0
+    for i in range(1, len(actions) + 1):
+        if i == len(actions) or actions[i].chunk != actions[start].chunk:
+            spans.append(range(start, i))
+            start = i
+    chunks = [actions[r.start].chunk for r in spans]
+    if (len(set(chunks)) < 2 or any(chunks.count(c) > 2 for c in set(chunks))
+            or any(a.kind == "W" for a in actions)):
+        return None
+    return spans

@@ -4,6 +4,13 @@ The executor knows nothing of data parallelism or optimizers: it accumulates gra
 ``param.grad`` over all micro-batches and returns the summed loss (on the last stage). The
 caller decides when gradients are synchronised -- once, after ``run`` -- and steps.
 
+Where a schedule runs each chunk in long runs of passes (``actions.held_spans``: looped
+breadth-first), the executor tells a ``residency`` (the data-parallel engine, duck-typed:
+``hold(params, backward)`` / ``release(params, done)``, ``done`` after the chunk's last pass of
+the step) where each run starts and ends, so ZeRO-3 gathers a chunk once per run rather than
+once per pass and can reduce its gradients as soon as they are final; the executor imports
+nothing of ZeRO.
+
 Where the placement puts two consecutive chunks on one rank (ZB-V's turn on the last rank)
 the activation and its gradient are handed over in memory (``_local``) instead of by p2p.
 """
@@ -16,7 +23,7 @@ from typing import Callable
 
 import torch
 from tetrad.parallel.pipeline.p2p import ACT, GRAD, StageComm
-from tetrad.parallel.pipeline.actions import Action, Placement
+from tetrad.parallel.pipeline.actions import Action, Placement, held_spans
 from tetrad.parallel.pipeline.split import Chunk
 from tetrad.parallel.pipeline.trace import Timeline, clock
 from tetrad.parallel.pipeline.zero_bubble import WeightGradStore, exclude_recomputed
@@ -67,10 +74,11 @@ class PipelineExecutor:
 
     def run(self, inputs: list[torch.Tensor], labels: list[torch.Tensor],
             scale: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss,
-            act_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+            act_shape: tuple[int, ...] | None = None, residency=None) -> torch.Tensor:
         """One step over micro-batches ``inputs``/``labels``; returns the sum of their losses
         on the last stage (a zero elsewhere), as a detached fp64 scalar. ``act_shape`` is the
-        [micro_batch, local_seq, d_model] of tensors crossing stages (default: as built)."""
+        [micro_batch, local_seq, d_model] of tensors crossing stages (default: as built).
+        ``residency``: told where each held span of a chunk's passes starts and ends."""
         if act_shape is not None:
             self.comm.shape = tuple(act_shape)
         if self.comm.shape is None:
@@ -85,8 +93,16 @@ class PipelineExecutor:
         self.comm.reset_counts()
         if self.timeline:
             self.timeline.begin_step(self.comm.group, self.comm.device)
+        spans = held_spans(actions) if residency is not None else None
+        starts = {r.start: r for r in spans or ()}
+        ends = {r.stop - 1: r for r in spans or ()}
+        final = {actions[r.start].chunk: r for r in spans or ()}  # (the last one per chunk wins)
         for i, a in enumerate(actions):
+            if i in starts:
+                residency.hold(self.chunks[a.chunk].parameters(), backward=a.kind == "B")
             getattr(self, "_" + a.kind)(a)
+            if i in ends:
+                residency.release(self.chunks[a.chunk].parameters(), done=final[a.chunk] is ends[i])
             if self.timeline:
                 self.timeline.record(a.kind, a.mb, a.chunk, *self._last_span)
             if i + 1 == len(actions) or not self._receives(actions[i + 1]):

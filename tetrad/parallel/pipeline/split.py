@@ -173,6 +173,18 @@ class Chunk:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.view.run(self.model, self.layers, x, self.is_first, self.is_last)
 
+    def parameters(self) -> list[nn.Parameter]:
+        """The parameters this chunk's passes use: its layers', and the embedding's (first)
+        or the head's (last; with tied embeddings that includes the embedding weight). Read
+        when asked, so modules that tensor parallelism replaced are the ones found."""
+        paths = (self.view.embed if self.is_first else ()) + (self.view.head if self.is_last else ())
+        modules = self.layers + [m for m in (_get(self.model, p) for p in paths) if m is not None]
+        seen: dict[int, nn.Parameter] = {}
+        for module in modules:
+            for p in module.parameters():
+                seen.setdefault(id(p), p)
+        return list(seen.values())
+
 
 def split_model(model: nn.Module, rank: int, p: int, v: int = 1, ranges: list[range] | None = None,
                 placement: Placement | None = None) -> list[Chunk]:
