@@ -11,6 +11,8 @@ shard, a reduce-scatter the chunk, an all-to-all half the buffer, a ring hop the
 
 from __future__ import annotations
 
+import pytest
+
 from harness import run_distributed
 
 B, S, H, HEADS, KV_HEADS, LAYERS = 2, 32, 32, 4, 2, 2
@@ -88,6 +90,7 @@ def _ulysses(sp: int) -> int:
     return a2a, LAYERS * 4 * act + 2 * act + 3 * B * (S // sp) * E
 
 
+@pytest.mark.slow  # ~20 s: one spawned world of 4, three layouts
 def test_activation_collectives_count_what_the_shapes_say():
     got = run_distributed(_one_step, 4, timeout=300)
     a2a, tp_in_sp = _ulysses(2)
