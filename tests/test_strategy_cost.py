@@ -37,8 +37,9 @@ def test_placement_keeps_small_groups_inside_a_node():
     assert members_per_node(16, 2, 8) == 4
 
 
-# Hybrid sharding and ZeRO++ kept at their defaults: with them free the 1024-GPU search takes
-# minutes (tests/test_zeropp_plan.py searches them on the paper's cluster).
+# Hybrid sharding and ZeRO++ kept at their defaults: with them free the 1024-GPU search prices
+# 1.14x the candidates (docs/benchmarks.md, "Search time"), minutes on this box, and picks
+# qwZ + qgZ (tests/test_zeropp_plan.py searches them on the paper's cluster).
 FLAT = {"auto": True, "dp_shard": "auto",
         "zeropp": {"hpz": 1, "quantize_weights": False, "quantize_grads": False}}
 

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from slurm_env import without_launchers
+from test_dp_parity import tiny_config
 from test_launchers import _free_port
 from tetrad.zero.quant import wire_bytes
 
@@ -94,11 +95,51 @@ def _formula(run: dict, strategy: dict) -> float:
     return WORLD * per_rank
 
 
-def _loss_bytes(strategy: dict) -> float:
-    """The step's two scalar all-reduces over the dp group (the global batch's token count,
-    8 bytes; the loss, fp64, 8), counted as all-reduces: 2/dp of them to each of the dp/2 far peers."""
-    dp = WORLD // strategy.get("tp", 1)
-    return WORLD * (dp - dp // 2) * 2 * (8 + 8) / dp
+WORLD_SUMS = 8 + 24 + 16  # the step's all-reduces over the world: peak RSS (fp64), the fault
+# guard's agreement (3 int64) and the comm_bytes counts themselves (2 fp64)
+
+
+def _scalar_bytes(run: dict, strategy: dict, side: str) -> float:
+    """The step's small all-reduces, ``side`` "inter" or "intra" of the node: over the dp group
+    the global batch's token count (int64) and the loss (fp64); over ZeRO's shard group (n) the
+    gradient norm's fp64 squares [tp-sharded, replicated]; over tp the tp-sharded squares
+    (fp64, intra: tp is inside a node); over the world ``WORLD_SUMS``. Each counted as an
+    all-reduce: 2/n of it to each peer on the ``side``."""
+    tp = strategy.get("tp", 1)
+    dp, n = WORLD // tp, run["groups"][0][1]
+
+    def peers(size: int, near: int) -> int:  # near: the group's members on one node
+        return size - near if side == "inter" else near - 1
+
+    per_rank = (peers(dp, min(dp, PER_NODE // tp)) * 2 * (8 + 8) / dp
+                + peers(n, min(n, PER_NODE // tp)) * 2 * 16 / n
+                + peers(WORLD, PER_NODE) * 2 * WORLD_SUMS / WORLD)
+    if tp > 1 and side == "intra":
+        per_rank += (tp - 1) * 2 * 8 / tp
+    return WORLD * per_rank
+
+
+def _tp_activation_bytes(strategy: dict) -> float:
+    """tp's activation collectives per step (intra: tp is inside a node), one micro-batch of
+    b sequences per rank: Megatron's 4 all-reduces of b s h per layer (2 forward, 2 backward),
+    the embedding's forward and the head input's backward all-reduce, and the vocab-parallel
+    loss's two all-reduces ([tokens] max, [2, tokens]); on a pair an all-reduce of N sends N."""
+    if strategy.get("tp", 1) == 1:
+        return 0.0
+    model = tiny_config("-")["model"]
+    b, s, h, layers, e = strategy["micro_batch_size"], model["seq_len"], model["d_model"], model["n_layers"], 4
+    return WORLD * ((4 * layers + 2) * b * s * h * e + 3 * b * s * e)
+
+
+def _intra_formula(run: dict, strategy: dict) -> float:
+    """Intra-node bytes per step of flat ZeRO-3 (the inter formula's collectives, to the k - 1
+    other members on the node), plus the scalars and tp's activations."""
+    tp, e = strategy.get("tp", 1), 4
+    per_rank = 0.0
+    for numel, n in run["groups"]:
+        k = min(n, PER_NODE // tp)
+        per_rank += 3 * (k - 1) * (numel // n) * e  # all-gather forward and backward, reduce-scatter
+    return WORLD * per_rank + _scalar_bytes(run, strategy, "intra") + _tp_activation_bytes(strategy)
 
 
 @pytest.mark.slow
@@ -134,18 +175,30 @@ def test_inter_node_bytes_per_step_against_flat_and_the_formula(results, name, f
     inter, intra = run["inter"], run["intra"]
     assert len(inter) == 20 and len(set(inter)) == 1 and all(b > 0 for b in intra)  # every step the same
     ratio = inter[0] / results[flat]["inter"][0]
-    want = _formula(run, RUNS[name]) + _loss_bytes(RUNS[name])
+    want = _formula(run, RUNS[name]) + _scalar_bytes(run, RUNS[name], "inter")
     print(f"\n{name}: inter-node {inter[0]} B/step (formula {want:.0f}), intra-node {intra[0]} B/step, "
           f"{ratio:.3f} of {flat}")
     assert ratio < most
     assert inter[0] == pytest.approx(want, rel=1e-3)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["flat", "flat_tp2"])
+def test_intra_node_bytes_include_tp_activation_collectives(results, name):
+    """metrics.jsonl's comm_bytes_intra_node counts every collective: with tp=2 it is flat
+    ZeRO-3's intra-node volume plus the step's scalars plus tp's activation all-reduces
+    (forward and backward) and the vocab-parallel loss's, exactly (to truncation)."""
+    intra = results[name]["intra"]
+    assert len(set(intra)) == 1
+    want = _intra_formula(results[name], RUNS[name])
+    print(f"\n{name}: intra-node {intra[0]} B/step (formula {want:.0f}; tp activations "
+          f"{_tp_activation_bytes(RUNS[name]):.0f} of it)")
+    assert intra[0] == pytest.approx(want, rel=1e-6)
+
+
 # --------------------------------------------------------------------- composition
 def _fit_many(rank: int, world: int, out: str, runs: dict) -> dict:
     from tetrad.trainer.trainer import Trainer
-
-    from test_dp_parity import tiny_config
 
     losses = {}
     for name, strategy in runs.items():
@@ -160,12 +213,20 @@ def test_node_sharding_composes_with_pp_sp_and_offload(tmp_path):
     """World 4 as two nodes of two (strategy.ranks_per_node 2), 10 steps, fp32, against flat
     ZeRO of the same world: replicas across nodes under pp=2 (ZeRO-1, dp_shard=1) and under
     Ulysses sp=2 (ZeRO-3, dp_shard=1: the sp pair shards, the nodes replicate); dp_shard=2 and
-    hpZ=2 with the optimizer offloaded to the host; qgZ with sp=2 (ZeRO-2)."""
+    hpZ=2 with the optimizer offloaded to the host; qgZ with sp=2 (ZeRO-2). Against flat
+    ZeRO-3 of the same world: hpZ=2 with the parameters (and optimizer) on the host, and the
+    NVMe tier (parameters and optimizer state in files) under dp_shard=2 and under hpZ=2."""
     from harness import run_distributed
 
     node = {"ranks_per_node": 2}
+    nvme = {"optimizer": "nvme", "params": "nvme", "nvme_dir": str(tmp_path / "nvme")}
     runs = {
         "flat": {**node, "zero": 1, "micro_batch_size": 2},
+        "flat_z3": {**node, "zero": 3, "micro_batch_size": 2},
+        "params_cpu_hpz2": {**node, "zero": 3, "micro_batch_size": 2, "zeropp": {"hpz": 2},
+                            "offload": {"optimizer": "cpu", "params": "cpu"}},
+        "nvme_shard2": {**node, "zero": 3, "micro_batch_size": 2, "dp_shard": 2, "offload": nvme},
+        "nvme_hpz2": {**node, "zero": 3, "micro_batch_size": 2, "zeropp": {"hpz": 2}, "offload": nvme},
         "pp2_replicas": {**node, "zero": 1, "pp": 2, "micro_batch_size": 2, "dp_shard": 1},
         "sp2_replicas": {**node, "zero": 3, "sp": 2, "micro_batch_size": 4, "dp_shard": 1},
         "offload_shard2_hpz2": {**node, "zero": 3, "micro_batch_size": 2, "dp_shard": 2, "zeropp": {"hpz": 2},
@@ -178,6 +239,8 @@ def test_node_sharding_composes_with_pp_sp_and_offload(tmp_path):
     got = results[0]
     for name in ("pp2_replicas", "sp2_replicas", "offload_shard2_hpz2"):
         np.testing.assert_allclose(got[name], got["flat"], rtol=1e-5, err_msg=name)
+    for name in ("params_cpu_hpz2", "nvme_shard2", "nvme_hpz2"):
+        np.testing.assert_allclose(got[name], got["flat_z3"], rtol=1e-5, err_msg=name)
     rel = np.abs(np.array(got["sp2_qgz"]) - got["flat"]) / np.array(got["flat"])
     print(f"\nqgZ with sp=2: max relative loss difference {rel.max():.2e} over 10 steps")
     assert rel.max() < 0.02

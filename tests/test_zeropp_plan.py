@@ -47,6 +47,30 @@ def test_low_bandwidth_plan_picks_zeropp_and_predicts_the_papers_speedup(paper):
     assert all(s > 1.0 for s in parts.values()), parts
 
 
+MID = {"arch": "gpt", "vocab_size": 51200, "d_model": 4096, "n_layers": 32, "n_heads": 32, "seq_len": 2048}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["paper_384", "gpt_6.7b_32"])
+def test_two_phase_search_chooses_what_the_exhaustive_search_chooses(paper, case):
+    """The search prices sharding choices only for bases whose bound is within the fastest step
+    (tetrad.strategy.search); the exhaustive search prices all. Same choice, same step, on the
+    paper's 384-GPU case and a mid-size one (6.7B GPT on 32 V100s, two nodes) whose winner's
+    flat base is not the fastest flat layout (the flat ranking alone would miss it)."""
+    if case == "paper_384":
+        (cfg, costs), world = paper, 384
+    else:
+        cfg = load_config({"run": {"global_batch_size": 128, "precision": "fp16"}, "model": MID,
+                           "strategy": "auto"})
+        costs, world = SpecCosts(load_hardware("v100_dgx2_100g"), ModelArgs.from_config(cfg.model), "fp16"), 32
+    fast, full = search(cfg, world, costs), search(cfg, world, costs, exhaustive=True)
+    assert fast.chosen.strategy == full.chosen.strategy and fast.chosen.step_s == full.chosen.step_s
+    assert len(fast.ranked) < len(full.ranked)  # it did skip something
+    flat = next(e for e in full.ranked if e.strategy.dp_shard == "auto" and not e.strategy.zeropp.active)
+    print(f"\n{case}: chosen {layout(fast.chosen.strategy, world)} {fast.chosen.step_s:.4f}s by both; "
+          f"fastest flat {layout(flat.strategy, world)} {flat.step_s:.4f}s; {fast.notes[-1]}")
+
+
 def test_one_node_searches_no_node_sharding():
     cfg = load_config({"run": {"global_batch_size": 16, "precision": "bf16"},
                        "model": {"arch": "gpt", "vocab_size": 256, "d_model": 96, "n_layers": 4, "n_heads": 6,

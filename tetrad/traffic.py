@@ -75,6 +75,11 @@ class Traffic:
         if n > 1:
             self.to_each_peer(group, 2 * nbytes / n)
 
+    def broadcast(self, group, nbytes: int, src: int) -> None:
+        """From global rank ``src`` to the rest of ``group``: the root sends it to each peer."""
+        if self.rank == src:
+            self.to_each_peer(group, nbytes)
+
     def send(self, peer: int, nbytes: int) -> None:
         """Point to point, to global rank ``peer``."""
         side = "intra" if self.node(peer) == self.node(self.rank) else "inter"

@@ -5,7 +5,9 @@ engine for strategies and models that do not come from YAML (``problems`` with t
 model's ``ModelShape``), and by the strategy search (``tetrad.strategy.space``), so the
 selector can never rank a layout the engine refuses. Every rule returns messages rather
 than raising, so one error lists every problem at once; each message is a ``Problem``, a
-string that also carries the rule's identity (``problem.rule``) for code that filters by rule.
+string that also carries the rule's identity (``problem.rule``) for code that filters by rule
+(``tetrad.config.problem``). The sharding-across-nodes rules (dp_shard, ZeRO++) are their own
+part, ``tetrad.config.sharding_rules``, called from here: this module stays the one entry.
 """
 from __future__ import annotations
 
@@ -15,20 +17,11 @@ from typing import TYPE_CHECKING
 
 from tetrad.config.errors import ConfigError
 from tetrad.config.fields import check_instance
+from tetrad.config.problem import Problem, divisors, rules
+from tetrad.config.sharding_rules import sharding_errors, zeropp_errors
 
 if TYPE_CHECKING:
     from tetrad.config.schema import Config, ModelConfig, StrategyConfig
-
-
-class Problem(str):
-    """A rule book message; ``rule`` names the rule it breaks (e.g. ``offload.params_zero3``)."""
-
-    rule: str
-
-    def __new__(cls, rule: str, message: str) -> "Problem":
-        obj = super().__new__(cls, message)
-        obj.rule = rule
-        return obj
 
 
 @dataclass(frozen=True)
@@ -62,20 +55,10 @@ def check_world_size(world_size: object) -> None:
         raise ConfigError(f"world_size={world_size!r}: expected an integer >= 1")
 
 
-def _divisors(n: int, limit: int = 8) -> str:
-    """'1, 2, 4, 8' — the divisors of n (the first `limit` of them)."""
-    divs = [d for d in range(1, n + 1) if n % d == 0]
-    return ", ".join(map(str, divs[:limit])) + (", ..." if len(divs) > limit else "")
-
-
 def _multiples_near(value: int, unit: int) -> str:
     """'8 or 16' — the multiples of `unit` either side of `value`."""
     low = value // unit * unit
     return f"{low} or {low + unit}" if low > 0 else str(unit)
-
-
-def _rules(table: list[tuple[str, bool, str]]) -> list[Problem]:
-    return [Problem(rule, message) for rule, broken, message in table if broken]
 
 
 # --- the model alone -----------------------------------------------------------------------
@@ -118,13 +101,13 @@ def hf_checkpoint_errors(m: ModelConfig) -> list[Problem]:
 
 def model_errors(m: ModelConfig) -> list[Problem]:
     errors = hf_checkpoint_errors(m)
-    return errors + _rules([
+    return errors + rules([
         ("model.heads_width", m.d_model % m.n_heads != 0,
          f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; valid: d_model "
-         f"{_multiples_near(m.d_model, m.n_heads)}, or n_heads one of {_divisors(m.d_model)}"),
+         f"{_multiples_near(m.d_model, m.n_heads)}, or n_heads one of {divisors(m.d_model)}"),
         ("model.kv_heads", m.n_heads % m.n_kv_heads != 0,
          f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}; "
-         f"valid n_kv_heads: {_divisors(m.n_heads)}"),
+         f"valid n_kv_heads: {divisors(m.n_heads)}"),
         ("model.hf_type", m.arch == "hf" and m.hf_model_type is None and m.hf_path is None,
          "model.hf_model_type=None and model.hf_path=None: model.arch='hf' needs one of them; valid: "
          "hf_path a local checkpoint directory, or hf_model_type a causal-LM model_type such as "
@@ -135,7 +118,7 @@ def model_errors(m: ModelConfig) -> list[Problem]:
 def data_errors(d) -> list[Problem]:
     """``data`` keys that are valid alone but not together."""
     raw = d.kind in ("jsonl", "parquet", "hf")
-    return _rules([
+    return rules([
         ("data.sft_source", d.format == "sft" and not raw,
          f"data.format='sft' needs a dataset with columns (data.source jsonl:, parquet: or hf:), got "
          f"data.source={d.source!r}; valid: one of those sources, or format 'pretrain'"),
@@ -150,7 +133,7 @@ def data_errors(d) -> list[Problem]:
 def _offload_errors(s: StrategyConfig) -> list[Problem]:
     o = s.offload
     tier = o.optimizer != "none"
-    return _rules([
+    return rules([
         ("offload.nvme_dir", "nvme" in (o.optimizer, o.params) and o.nvme_dir is None,
          f"strategy.offload.nvme_dir=None: required when strategy.offload."
          f"{'optimizer' if o.optimizer == 'nvme' else 'params'}='nvme'; valid: a directory on the NVMe drive"),
@@ -182,21 +165,6 @@ def _offload_errors(s: StrategyConfig) -> list[Problem]:
     ])
 
 
-def _zeropp_errors(s: StrategyConfig) -> list[Problem]:
-    z = s.zeropp
-    return _rules([
-        ("zeropp.hpz_zero3", z.hpz > 1 and s.zero != 3,
-         f"strategy.zeropp.hpz={z.hpz} needs strategy.zero=3 (got zero={s.zero}): hpZ keeps a secondary "
-         "copy of stage-3 parameter shards; valid: zero 3, or hpz 1"),
-        ("zeropp.qwz_zero3", z.quantize_weights and s.zero != 3,
-         f"strategy.zeropp.quantize_weights=true needs strategy.zero=3 (got zero={s.zero}): it quantizes "
-         "stage 3's parameter all-gathers; valid: zero 3, or quantize_weights false"),
-        ("zeropp.qgz_zero", z.quantize_grads and s.zero < 2,
-         f"strategy.zeropp.quantize_grads=true needs strategy.zero 2 or 3 (got zero={s.zero}): it replaces "
-         "the gradient reduce-scatter; valid: zero 2/3, or quantize_grads false"),
-    ])
-
-
 # Schedules with more than one chunk per rank.
 MULTI_CHUNK = ("interleaved", "zero_bubble_v", "breadth_first")
 
@@ -216,7 +184,7 @@ def _pipeline_errors(s: StrategyConfig) -> list[Problem]:
     so a unit is needed in one unbroken run per pass."""
     sched, chunks = s.pipeline_schedule, s.virtual_stages
     looped = ("interleaved", "breadth_first")
-    return _rules([
+    return rules([
         ("pipeline.virtual_stages", chunks > 1 and sched not in looped,
          f"strategy.virtual_stages={chunks} needs strategy.pipeline_schedule 'interleaved' or "
          f"'breadth_first' (got {sched!r}; zero_bubble_v always holds 2 chunks per rank); valid: "
@@ -228,11 +196,11 @@ def _pipeline_errors(s: StrategyConfig) -> list[Problem]:
 
 
 def strategy_errors(s: StrategyConfig) -> list[Problem]:
-    return _pipeline_errors(s) + _rules([
+    return _pipeline_errors(s) + rules([
         ("recompute.budget", s.recompute == "budget" and s.recompute_budget_mb is None,
          "strategy.recompute_budget_mb=None: required when strategy.recompute='budget'; "
          "valid: a number of MB > 0"),
-    ]) + _zeropp_errors(s) + _offload_errors(s)
+    ]) + zeropp_errors(s) + _offload_errors(s)
 
 
 def training_errors(s: StrategyConfig, precision: str, grad_clip: float,
@@ -241,7 +209,7 @@ def training_errors(s: StrategyConfig, precision: str, grad_clip: float,
     bucket before the global gradient norm exists, which clipping and the fp16 loss scale
     need; compiled blocks cannot follow ZeRO-3's storage games."""
     overlap = s.offload.step == "overlap" and s.offload.optimizer != "none"
-    return _rules([
+    return rules([
         ("run.compile_zero3", compile and s.zero == 3,
          "run.compile=true cannot run with strategy.zero=3: ZeRO-3 frees and re-gathers parameter "
          "storage from module hooks around each block, which a compiled block cannot follow (seen "
@@ -259,19 +227,19 @@ def layout_errors(m: ModelShape, s: StrategyConfig) -> list[Problem]:
     """The strategy's degrees against the model's shapes."""
     heads = [("layout.heads_tp", m.n_heads % s.tp != 0,
               f"model.n_heads={m.n_heads} is not divisible by strategy.tp={s.tp}; "
-              f"valid strategy.tp: {_divisors(m.n_heads)}"),
+              f"valid strategy.tp: {divisors(m.n_heads)}"),
              ("layout.kv_heads_tp", m.n_kv_heads % s.tp != 0,
               f"model.n_kv_heads={m.n_kv_heads} is not divisible by strategy.tp={s.tp}; "
-              f"valid strategy.tp: {_divisors(m.n_kv_heads)}"),
+              f"valid strategy.tp: {divisors(m.n_kv_heads)}"),
              # Ulysses all-to-all hands each sp rank a slice of the heads its tp rank holds.
              ("layout.heads_sp", (m.n_heads // s.tp) % s.sp != 0,
               f"model.n_heads={m.n_heads} is not divisible by strategy.tp*strategy.sp={s.tp}*{s.sp}; "
-              f"valid strategy.sp: {_divisors(max(1, m.n_heads // s.tp))}")]
+              f"valid strategy.sp: {divisors(max(1, m.n_heads // s.tp))}")]
     first = next(([h] for h in heads if h[1]), [])  # the later head rules assume the earlier
     split, by = sequence_unit(s)
     chunks = s.pp * s.chunks_per_rank
     per_rank = -(-m.vocab_size // s.tp)
-    return _rules(first + [
+    return rules(first + [
         ("layout.seq_split", m.seq_len % split != 0,
          f"model.seq_len={m.seq_len} is not divisible by {by}; valid seq_len: {_multiples_near(m.seq_len, split)}"),
         ("layout.layers_chunks", m.n_layers < chunks,
@@ -306,7 +274,7 @@ def _split_errors(m: ModelShape, s: StrategyConfig, chunks: int) -> list[Problem
     if b is None:
         return []
     ok = len(b) == chunks - 1 and all(x < y for x, y in zip((0, *b), (*b, m.n_layers)))
-    return _rules([
+    return rules([
         ("pipeline.pp_split", not ok,
          f"strategy.pp_split={list(b)} is not valid for {chunks} pipeline chunks of model.n_layers="
          f"{m.n_layers}; valid: {chunks - 1} strictly increasing layer indices between 1 and "
@@ -329,54 +297,8 @@ def strategy_world_errors(s: StrategyConfig, world: int, ranks_per_node: int | N
     if s.dp != "auto" and mp * s.dp != world:
         return [Problem("world.dp", f"strategy.dp={s.dp}: {degrees}*dp={mp * s.dp} != "
                                     f"world_size={world}; valid: strategy.dp={world // mp} or 'auto'")]
-    return _sharding_errors(s, world // mp, world,
+    return sharding_errors(s, world // mp, world,
                             ranks_per_node if s.ranks_per_node == "auto" else s.ranks_per_node)
-
-
-def _sharding_errors(s: StrategyConfig, dp: int, world: int, rpn: int | None) -> list[Problem]:
-    """dp_shard and hpz against dp; qgZ's hierarchy against the nodes."""
-    shard = dp if s.dp_shard == "auto" else s.dp_shard
-    hpz = s.zeropp.hpz
-    errors = _rules([
-        ("world.dp_shard", dp % shard != 0,
-         f"strategy.dp_shard={shard} does not divide dp={dp}; valid dp_shard: {_divisors(dp)} or 'auto'"),
-        ("zero.dp_shard_stage", shard < dp and s.zero == 0,
-         f"strategy.dp_shard={shard} < dp={dp} needs strategy.zero 1, 2 or 3 (got 0): plain data "
-         "parallelism shards nothing; valid: zero >= 1, or dp_shard 'auto'"),
-        ("zeropp.hpz_divides", hpz > 1 and shard % hpz != 0,
-         f"strategy.zeropp.hpz={hpz} does not divide the ZeRO shard group of dp_shard={shard} dp ranks; "
-         f"valid hpz: {_divisors(shard)}"),
-        ("world.ranks_per_node", rpn is not None and world > rpn and world % rpn != 0,
-         f"ranks_per_node={rpn} does not divide world_size={world}: every node must run the same number "
-         f"of ranks; valid: {_divisors(world)}, or at least the world size (one node)"),
-    ])
-    if errors or rpn is None or not s.zeropp.quantize_grads:
-        return errors
-    return _rules([("zeropp.qgz_nodes", not _members_per_node(s, shard, dp, rpn),
-                    f"strategy.zeropp.quantize_grads=true needs each ZeRO shard group (dp_shard={shard} x "
-                    f"cp={s.cp} x sp={s.sp} ranks, {s.tp} apart) to have the same number of members on every node, but "
-                    f"ranks_per_node={rpn} splits it unevenly (the hierarchical all-to-all pairs the members "
-                    f"of one node with those of every other); valid: quantize_grads false, or a layout "
-                    f"whose group takes the same share of each node it touches (tp dividing ranks_per_node)")])
-
-
-def _members_per_node(s: StrategyConfig, shard: int, dp: int, rpn: int) -> bool:
-    """Whether every ZeRO shard group has the same number of members on each node it touches
-    (it may differ between groups). Mesh order (pp, dp, cp, sp, tp): a group's ranks are
-    ``start + i * tp`` for i < shard * cp * sp, one group per (stage, block of shard dp ranks,
-    tp rank); the same enumeration as ``tetrad.parallel.nodes``, done on numbers only."""
-    width, stage = shard * s.cp * s.sp, dp * s.cp * s.sp * s.tp
-    for p in range(s.pp):
-        for block in range(dp // shard):
-            for t in range(s.tp):
-                start = p * stage + block * width * s.tp + t
-                nodes: dict[int, int] = {}
-                for i in range(width):
-                    node = (start + i * s.tp) // rpn
-                    nodes[node] = nodes.get(node, 0) + 1
-                if len(set(nodes.values())) != 1:
-                    return False
-    return True
 
 
 def batch_errors(run_batch: int, s: StrategyConfig, dp: int) -> list[Problem]:
@@ -384,7 +306,7 @@ def batch_errors(run_batch: int, s: StrategyConfig, dp: int) -> list[Problem]:
     (a multiple of pp for the interleaved schedule)."""
     mbs, unit = s.micro_batch_size, dp * s.micro_batch_size
     if run_batch % unit:
-        per_rank = (f", or strategy.micro_batch_size one of {_divisors(run_batch // dp)}"
+        per_rank = (f", or strategy.micro_batch_size one of {divisors(run_batch // dp)}"
                     if run_batch % dp == 0 else "")
         return [Problem("batch.divisible",
                         f"run.global_batch_size={run_batch} is not divisible by dp={dp} * "

@@ -162,7 +162,7 @@ class Engine:
         model = self._stream(model) if _streamed(model) else parallelize(_materialize(model, self.device, s.zero), L)
         if getattr(model, "pipeline_tied", False):  # every rank helps build the pairs' groups
             group = stage_pair_group(L.dims, place.rank_of(0), place.rank_of(place.n_chunks - 1))
-            self.ties = TiedWeights.build(model, stage_ties(model), stage_replicas(model), group)
+            self.ties = TiedWeights.build(model, stage_ties(model), stage_replicas(model), group, L.nodes.traffic)
         budget = None if s.recompute_budget_mb is None else int(s.recompute_budget_mb * 2**20)
         apply_recompute(model, s.recompute, budget, batch_size=s.micro_batch_size, seq_shards=L.seq_shards)
         if self.compile:
@@ -204,7 +204,9 @@ class Engine:
         {} when the world is one node. Collective: every rank calls it once per step."""
         if not self.layout.spans_nodes:
             return {}
-        counts = self.layout.nodes.traffic.take()
+        traffic = self.layout.nodes.traffic
+        traffic.all_reduce(None, 2 * 8)  # the sum below, of two fp64 counts, is this step's too
+        counts = traffic.take()
         t = torch.tensor([counts["intra"], counts["inter"]], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return {"comm_bytes_intra_node": int(t[0]), "comm_bytes_inter_node": int(t[1])}
@@ -242,10 +244,10 @@ class Engine:
         """
         scale = self._token_scale
         if self.layout.tp > 1:
-            group = self.layout.group("tp")
+            group, traffic = self.layout.group("tp"), self.layout.nodes.traffic
             if scale is None:
-                return vocab_parallel_cross_entropy(output, labels, group)
-            return vocab_parallel_cross_entropy(output, labels, group, reduction="sum") * scale
+                return vocab_parallel_cross_entropy(output, labels, group, traffic=traffic)
+            return vocab_parallel_cross_entropy(output, labels, group, reduction="sum", traffic=traffic) * scale
         if scale is None or self.loss_fn is not cross_entropy:
             return self.loss_fn(output, labels)
         return cross_entropy(output, labels, reduction="sum") * scale

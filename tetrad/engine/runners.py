@@ -76,7 +76,9 @@ class PipelineRunner:
         dp.begin_backward(sync=True)  # no backward follows: finish() reduces every bucket
         e.optimizer_step()
         pp_group = e.layout.group("pp")
-        dist.broadcast(total, group=pp_group, src=dist.get_global_rank(pp_group, self.executor.last_rank))
+        src = dist.get_global_rank(pp_group, self.executor.last_rank)
+        e.layout.nodes.traffic.broadcast(pp_group, total.numel() * total.element_size(), src)
+        dist.broadcast(total, group=pp_group, src=src)
         e.last.update({f"pipeline_{k}": v for k, v in self.executor.stats.items()})
         e.last["pipeline_zero3_gathers"] = dp.gathered_units - gathered  # units, this rank, this step
         return total

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.autograd import Function
 
-from tetrad.parallel.comm import RingPass
+from tetrad.parallel.comm import Counted, RingPass
 
 # Ring steps are one of: the rank's own block (causal inside), a past block seen whole by all
 # local queries ("all"), a past block seen whole only by the local second half ("late"), or a
@@ -155,9 +155,9 @@ class _RingAttention(Function):
     """q [b, g, rep, n, d] (query heads grouped by their K/V head), k, v [b, g, n, d]."""
 
     @staticmethod
-    def forward(ctx, q, k, v, group, causal, balance, scale):
+    def forward(ctx, q, k, v, group, causal, balance, scale, traffic):
         cp, rank = dist.get_world_size(group), dist.get_rank(group)
-        ring = RingPass(group)
+        ring = RingPass(group, traffic=traffic)
         kv = torch.stack((k, v)).contiguous()
         out = torch.zeros(q.shape, dtype=_acc(q), device=q.device)
         lse = torch.full(q.shape[:-1], float("-inf"), dtype=_acc(q), device=q.device)
@@ -175,7 +175,7 @@ class _RingAttention(Function):
         # output projection is then a view, so that projection's saved input is this tensor.
         result = out.permute(0, 3, 1, 2, 4).to(q.dtype).contiguous().permute(0, 2, 3, 1, 4)
         ctx.save_for_backward(q, k, v, result, lse)
-        ctx.group, ctx.causal, ctx.balance, ctx.scale = group, causal, balance, scale
+        ctx.group, ctx.causal, ctx.balance, ctx.scale, ctx.traffic = group, causal, balance, scale, traffic
         return result
 
     @staticmethod
@@ -183,7 +183,7 @@ class _RingAttention(Function):
         q, k, v, out, lse = ctx.saved_tensors
         group, scale = ctx.group, ctx.scale
         cp, rank = dist.get_world_size(group), dist.get_rank(group)
-        kv_ring, grad_ring = RingPass(group, tag=1), RingPass(group, tag=2)
+        kv_ring, grad_ring = RingPass(group, 1, ctx.traffic), RingPass(group, 2, ctx.traffic)
         acc = lse.dtype
         do = dout.to(acc)
         delta = (do * out.to(acc)).sum(-1)
@@ -210,16 +210,17 @@ class _RingAttention(Function):
             if pending is not None:
                 kv = pending.wait()
         dkv = incoming.wait() if cp > 1 else dkv
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, *, causal: bool = True,
-                   balance: bool = True, scale: float | None = None) -> torch.Tensor:
+                   balance: bool = True, scale: float | None = None, traffic=None) -> torch.Tensor:
     """Softmax attention of this cp rank's queries over the whole sequence's keys and values.
 
     ``q`` [b, heads, n, d] and ``k``, ``v`` [b, kv_heads, n, d] (GQA: query head i uses K/V
     head i // (heads / kv_heads), as ``repeat_interleave`` lays them out) hold this rank's
     n = s/C tokens, split as ``shard_sequence(..., balance)`` splits them; returns [b, heads, n, d].
+    ``traffic``: a ``tetrad.traffic.Traffic`` told every hop (None: not counted).
     """
     b, h, n, d = q.shape
     g = k.shape[1]
@@ -228,11 +229,11 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, *, 
     if causal and balance and n % 2:
         raise ValueError(f"ring attention with load balance needs an even number of local tokens (got {n})")
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    out = _RingAttention.apply(q.reshape(b, g, h // g, n, d), k, v, group, causal, balance, scale)
+    out = _RingAttention.apply(q.reshape(b, g, h // g, n, d), k, v, group, causal, balance, scale, traffic)
     return out.reshape(b, h, n, d)
 
 
-class RingAttention(nn.Module):
+class RingAttention(Counted, nn.Module):
     """An attention core on [b, heads, n, d] replaced by ring attention over the cp group.
 
     ``inner`` is the unchanged core, kept (not called) so recomputation and the RNG checks
@@ -252,4 +253,5 @@ class RingAttention(nn.Module):
         rep = self.kv_groups
         if rep > 1 and k.shape[1] == q.shape[1] and q.shape[1] % rep == 0:
             k, v = k[:, ::rep], v[:, ::rep]  # the repeats are copies: send each head once
-        return ring_attention(q, k, v, self.group, causal=self.causal, balance=self.balance, scale=scale)
+        return ring_attention(q, k, v, self.group, causal=self.causal, balance=self.balance, scale=scale,
+                              traffic=self.traffic)

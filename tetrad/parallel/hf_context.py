@@ -144,7 +144,8 @@ def _gather_after_final_norm(hf: nn.Module, layout) -> None:
     if len(final) != 1 or not hasattr(head, "input_mode"):
         raise TypeError(f"strategy.megatron_sp: {type(hf).__name__} has {len(final)} norms directly under "
                         f"its base model (need exactly one final norm before a vocab-parallel head)")
-    final[0].register_forward_hook(lambda mod, args, out: gather_from_sequence(out, layout.tp_group))
+    final[0].register_forward_hook(lambda mod, args, out: gather_from_sequence(out, layout.tp_group,
+                                                                               traffic=layout.traffic))
     head.input_mode = "none"
 
 

@@ -131,9 +131,11 @@ class ResolvedLayout:
     @property
     def norm_groups(self) -> dict:
         """Where gradient squares are summed beyond ZeRO's group: tp (sharded parameters) and
-        pp (each stage its own layers); None on an axis of degree 1."""
+        pp (each stage its own layers), None on an axis of degree 1; and the byte counter
+        those sums (and ZeRO's) are told to (``traffic``)."""
         return {"tp": self.group("tp") if self.dims.tp_enabled else None,
-                "pp": self.group("pp") if self.dims.pp_enabled else None}
+                "pp": self.group("pp") if self.dims.pp_enabled else None,
+                "traffic": self.nodes.traffic if self.nodes is not None else None}
 
     def record(self) -> dict:
         """The layout as a checkpoint records it (RNG states are restored only when equal)."""

@@ -9,7 +9,8 @@ a cluster that group spans nodes; ``NodeSplit`` cuts it three ways, each only wh
   node, when hpz x sp x tp... fit one: consecutive dp ranks are neighbours on the mesh);
 * qgZ: the shard group's members on this node (``intra``) and those with this rank's local
   index on every node (``inter``). This needs the shard group to have the same number of
-  members on every node it touches; ``tetrad.config.validate`` says so before any group exists.
+  members on every node it touches; the rule book (``tetrad.config.sharding_rules``) says so
+  before any group exists.
 
 Nodes are ``rank // ranks_per_node`` (torchrun, SLURM block distribution; ``tetrad.traffic``).
 Every rank enumerates every group (``new_subgroups_by_enumeration``, the public c10d call).

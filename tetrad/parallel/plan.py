@@ -26,6 +26,7 @@ from typing import Callable
 from torch import nn
 
 from tetrad.models.shape import shape_of
+from tetrad.parallel.comm import count_into
 from tetrad.parallel.context import RingAttention
 from tetrad.parallel.hf_context import apply_hf_context
 from tetrad.parallel.layout import ResolvedLayout
@@ -58,6 +59,7 @@ class Layout:
     cp_balance: bool = True
     kv_groups: int = 1       # query heads per key/value head (GQA)
     positions: Callable | None = None  # (n, device) -> positions of the rank's n local tokens
+    traffic: object = None   # the layout's byte counter (tetrad.traffic.Traffic), or None
 
     @property
     def entry(self) -> str:
@@ -146,7 +148,7 @@ def vocab_head(m, L):
 
 def region(m, L):
     """Enter the tp region once for all of the module's column-parallel projections."""
-    return region_input(m, L.entry, L.tp_group) if L.tp > 1 else m
+    return region_input(m, L.entry, L.tp_group, L.traffic) if L.tp > 1 else m
 
 
 def attention(m, L):
@@ -392,7 +394,8 @@ def parallelize(model: nn.Module, layout: ResolvedLayout) -> nn.Module:
     if tp == 1 and hasattr(getattr(model, "hf", model), "config"):
         # cp and Ulysses sp on a Hugging Face model need no table: they enter through the
         # attention-function interface every HF attention module calls.
-        return apply_hf_context(model, _context(layout, model))
+        ctx = _context(layout, model)
+        return count_into(apply_hf_context(model, ctx), ctx.traffic)
     family, prefix = model_family(model)
     check_layout(family, layout)
     ctx = _context(layout, model)
@@ -408,7 +411,7 @@ def parallelize(model: nn.Module, layout: ResolvedLayout) -> nn.Module:
         model = apply_plan(model, PLANS[family], ctx, prefix)
     if (cp > 1 or sp > 1 or ctx.seq) and family not in SEQUENCE_SHARDABLE:
         apply_hf_context(model, ctx)
-    return model
+    return count_into(model, ctx.traffic)  # every collective of the layers built above counts its bytes
 
 
 def _context(layout: ResolvedLayout, model: nn.Module) -> Layout:
@@ -421,4 +424,5 @@ def _context(layout: ResolvedLayout, model: nn.Module) -> Layout:
                   rng_sharded=RNGFork(layout.rank("tp") + tp * tokens, device),
                   rng_sp=RNGFork(tp * tokens, device), cp=layout.cp, cp_group=layout.group("cp"),
                   cp_balance=layout.cp_load_balance,
-                  kv_groups=shape.n_heads // shape.n_kv_heads if shape else 1, positions=layout.positions)
+                  kv_groups=shape.n_heads // shape.n_kv_heads if shape else 1, positions=layout.positions,
+                  traffic=layout.nodes.traffic if layout.nodes is not None else None)

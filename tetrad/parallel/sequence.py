@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from tetrad.parallel.comm import all_to_all, copy_to_region, scatter_to_sequence
+from tetrad.parallel.comm import Counted, all_to_all, copy_to_region, scatter_to_sequence
 from tetrad.parallel.tensor import enter_region
 
 HEAD_DIM, SEQ_DIM_ATTN = 1, 2  # attention core tensors are [b, heads, s, hd]
@@ -46,7 +46,7 @@ class _KeepNames(nn.Module):
                             f"layer that sequence parallelism can wrap")
 
 
-class SequenceParallelReplicated(_KeepNames):
+class SequenceParallelReplicated(Counted, _KeepNames):
     """A replicated layer (a norm) applied to a Megatron-SP sequence shard: its parameters
     pass through copy_to_region so their gradients are summed over the tp group."""
 
@@ -55,11 +55,11 @@ class SequenceParallelReplicated(_KeepNames):
         self.group = group
 
     def forward(self, *args, **kwargs):
-        params = {n: copy_to_region(p, self.group) for n, p in self._parameters.items() if p is not None}
+        params = {n: copy_to_region(p, self.group, self.traffic) for n, p in self._parameters.items() if p is not None}
         return torch.func.functional_call(self.inner, params, args, kwargs)
 
 
-class ShardedPositions(_KeepNames):
+class ShardedPositions(Counted, _KeepNames):
     """Learned position embedding for a sequence shard.
 
     Under Ulysses and context parallelism the local positions 0..n-1 become those of the
@@ -77,18 +77,19 @@ class ShardedPositions(_KeepNames):
             positions = self.local_positions(positions.shape[-1], positions.device)
         out = F.embedding(positions, self.weight)
         if self.tp_group is not None:
-            out = scatter_to_sequence(out, self.tp_group, dim=out.dim() - 2)
+            out = scatter_to_sequence(out, self.tp_group, dim=out.dim() - 2, traffic=self.traffic)
         return out
 
 
-def region_input(module: nn.Module, mode: str, group) -> nn.Module:
+def region_input(module: nn.Module, mode: str, group, traffic=None) -> nn.Module:
     """Enter a tensor-parallel region once per module (not once per projection): "copy" for
-    plain tp, "gather" for Megatron-SP. Works on positional or ``hidden_states=`` input."""
+    plain tp, "gather" for Megatron-SP. Works on positional or ``hidden_states=`` input;
+    ``traffic`` counts the entry's collectives (the module is the model's own, not ``Counted``)."""
 
     def hook(mod, args, kwargs):
         if args:
-            return (enter_region(args[0], mode, group), *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": enter_region(kwargs["hidden_states"], mode, group)}
+            return (enter_region(args[0], mode, group, traffic), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": enter_region(kwargs["hidden_states"], mode, group, traffic)}
 
     module.register_forward_pre_hook(hook, with_kwargs=True)
     return module
@@ -107,7 +108,7 @@ def offset_rope_positions(attn: nn.Module, positions) -> nn.Module:
     return attn
 
 
-class UlyssesAttention(nn.Module):
+class UlyssesAttention(Counted, nn.Module):
     """Wraps an attention core on [b, heads, s/P, hd]: all-to-all to [b, heads/P, s, hd],
     the core on the whole sequence, all-to-all back. ``inner`` is the unchanged core, so
     selective recomputation of it repeats only local work, never the communication."""
@@ -122,6 +123,6 @@ class UlyssesAttention(nn.Module):
             if t.shape[HEAD_DIM] % world:
                 raise ValueError(f"Ulysses attention: {name} has {t.shape[HEAD_DIM]} heads on this rank, "
                                  f"not divisible by strategy.sp={world}")
-        q, k, v = (all_to_all(t, self.group, HEAD_DIM, SEQ_DIM_ATTN) for t in (q, k, v))
+        q, k, v = (all_to_all(t, self.group, HEAD_DIM, SEQ_DIM_ATTN, self.traffic) for t in (q, k, v))
         y = self.inner(q, k, v, **core_kwargs)
-        return all_to_all(y, self.group, SEQ_DIM_ATTN, HEAD_DIM)
+        return all_to_all(y, self.group, SEQ_DIM_ATTN, HEAD_DIM, self.traffic)

@@ -10,7 +10,8 @@ Every sharded parameter carries one typed attribute, ``p.tp_shard`` (a
 projection whose shard is several boxes, GPT-2's ``c_attn`` q|k|v, the view that makes it
 one), read through ``tp_shard(p)``. Replicated parameters have none. ZeRO's grad norm counts
 a sharded parameter once per tp rank and a replicated one once overall; checkpoints save
-each shard as its box.
+each shard as its box. Every layer here is ``Counted``: its collectives, forward and backward,
+are told to the layout's byte counter (``tetrad.parallel.comm.count_into``).
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from tetrad.checkpoint.pieces import TPShard
-from tetrad.parallel.comm import (all_gather_tensor, copy_to_region, gather_from_region, gather_from_sequence,
-                                  reduce_from_region, reduce_scatter_to_sequence, scatter_to_region)
+from tetrad.parallel.comm import (Counted, all_gather_tensor, copy_to_region, gather_from_region,
+                                  gather_from_sequence, reduce_from_region, reduce_scatter_to_sequence,
+                                  scatter_to_region)
+from tetrad.traffic import count as count_traffic
 
 # How a column-parallel layer receives its input: "copy" (replicated input; backward
 # all-reduces), "gather" (Megatron-SP: all-gather the sequence first) or "none" (a
@@ -61,16 +64,16 @@ def _box(t: torch.Tensor, dim: int, rank: int, world: int, parts: int):
     return offsets, g, local
 
 
-def enter_region(x: torch.Tensor, mode: str, group) -> torch.Tensor:
+def enter_region(x: torch.Tensor, mode: str, group, traffic=None) -> torch.Tensor:
     """Bring a replicated ("copy") or sequence-sharded ("gather") input into a tp region.
 
     A gathered tensor remembers its shard (``.sequence_shard``) so the projections that use it
     can save the shard, not the whole sequence, for backward (see `_ShardSavingLinear`).
     """
     if mode == "copy":
-        return copy_to_region(x, group)
+        return copy_to_region(x, group, traffic)
     if mode == "gather":
-        full = gather_from_sequence(x, group)
+        full = gather_from_sequence(x, group, traffic=traffic)
         if full is not x:
             full.sequence_shard = x
         return full
@@ -85,8 +88,8 @@ class _ShardSavingLinear(torch.autograd.Function):
     that made x_full reduce-scatters it."""
 
     @staticmethod
-    def forward(ctx, full, shard, weight, bias, group, transposed):
-        ctx.group, ctx.transposed, ctx.has_bias = group, transposed, bias is not None
+    def forward(ctx, full, shard, weight, bias, group, transposed, traffic):
+        ctx.group, ctx.transposed, ctx.has_bias, ctx.traffic = group, transposed, bias is not None, traffic
         ctx.save_for_backward(shard, weight)
         return F.linear(full, weight.t() if transposed else weight, bias)
 
@@ -94,23 +97,23 @@ class _ShardSavingLinear(torch.autograd.Function):
     def backward(ctx, gy):
         shard, weight = ctx.saved_tensors
         w = weight.t() if ctx.transposed else weight  # [out, in]
-        full = all_gather_tensor(shard, 1, ctx.group)
+        full = all_gather_tensor(shard, 1, ctx.group, ctx.traffic)
         g2 = gy.reshape(-1, gy.shape[-1])
         gw = g2.t().matmul(full.reshape(-1, full.shape[-1]))
         gb = g2.sum(0) if ctx.has_bias else None
-        return gy.matmul(w), None, gw.t() if ctx.transposed else gw, gb, None, None
+        return gy.matmul(w), None, gw.t() if ctx.transposed else gw, gb, None, None, None
 
 
-def column_linear(x, weight, bias, mode: str, group, transposed: bool = False) -> torch.Tensor:
+def column_linear(x, weight, bias, mode: str, group, transposed: bool = False, traffic=None) -> torch.Tensor:
     """The column-parallel product for any input mode, saving a shard where there is one."""
-    x = enter_region(x, mode, group)
+    x = enter_region(x, mode, group, traffic)
     shard = getattr(x, "sequence_shard", None)
     if shard is not None:
-        return _ShardSavingLinear.apply(x, shard, weight, bias, group, transposed)
+        return _ShardSavingLinear.apply(x, shard, weight, bias, group, transposed, traffic)
     return F.linear(x, weight.t() if transposed else weight, bias)
 
 
-class ColumnParallelLinear(nn.Module):
+class ColumnParallelLinear(Counted, nn.Module):
     """y_r = x A_r: the output features split over ranks; the output stays split.
 
     `transposed` is for HF ``Conv1D`` (weight stored [in, out]); `parts` for fused projections
@@ -138,11 +141,11 @@ class ColumnParallelLinear(nn.Module):
                                                    *_box(b, 0, rank, world, parts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = column_linear(x, self.weight, self.bias, self.input_mode, self.group, self.transposed)
-        return gather_from_region(y, self.group) if self.gather_output else y
+        y = column_linear(x, self.weight, self.bias, self.input_mode, self.group, self.transposed, self.traffic)
+        return gather_from_region(y, self.group, traffic=self.traffic) if self.gather_output else y
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(Counted, nn.Module):
     """y = sum_r x_r A_r: input features split over ranks, partial outputs summed.
 
     With `sequence` (Megatron-SP) the sum is a reduce-scatter that leaves each rank its slice of
@@ -169,12 +172,12 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight.t() if self.transposed else self.weight
         if self.split_input:
-            x = scatter_to_region(x, self.group)
+            x = scatter_to_region(x, self.group, traffic=self.traffic)
         y = F.linear(x, w)
         if self.sequence:
-            y = reduce_scatter_to_sequence(y, self.group)
-            return y if self.bias is None else y + copy_to_region(self.bias, self.group)
-        y = reduce_from_region(y, self.group)
+            y = reduce_scatter_to_sequence(y, self.group, traffic=self.traffic)
+            return y if self.bias is None else y + copy_to_region(self.bias, self.group, self.traffic)
+        y = reduce_from_region(y, self.group, self.traffic)
         return y if self.bias is None else y + self.bias
 
 
@@ -194,7 +197,7 @@ def vocab_range(vocab: int, rank: int, world: int) -> tuple[int, int, int]:
     return start, end, per
 
 
-class VocabParallelEmbedding(nn.Module):
+class VocabParallelEmbedding(Counted, nn.Module):
     """Each rank holds a contiguous range of vocabulary rows; lookups outside it give zeros and
     the all-reduce (or Megatron-SP reduce-scatter) fills them in from the owner.
 
@@ -222,11 +225,11 @@ class VocabParallelEmbedding(nn.Module):
         if self.embed_scale is not None:
             out = out * self.embed_scale.to(out.dtype)
         if self.sequence:
-            return reduce_scatter_to_sequence(out, self.group)
-        return reduce_from_region(out, self.group)
+            return reduce_scatter_to_sequence(out, self.group, traffic=self.traffic)
+        return reduce_from_region(out, self.group, self.traffic)
 
 
-class VocabParallelHead(nn.Module):
+class VocabParallelHead(Counted, nn.Module):
     """Output projection onto this rank's vocabulary rows; logits stay split over ranks.
 
     The output is padded with -inf columns to the padded shard width, so the padding tokens get
@@ -247,7 +250,7 @@ class VocabParallelHead(nn.Module):
                                                    (start,), tuple(b.shape))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = column_linear(x, self.weight, self.bias, self.input_mode, self.group)
+        logits = column_linear(x, self.weight, self.bias, self.input_mode, self.group, traffic=self.traffic)
         missing = self.per_rank - logits.shape[-1]
         return F.pad(logits, (0, missing), value=float("-inf")) if missing else logits
 
@@ -257,10 +260,11 @@ class _VocabParallelCE(torch.autograd.Function):
     vectors (max, sum of exp, target logit) instead of gathering [tokens, vocab] logits."""
 
     @staticmethod
-    def forward(ctx, logits, labels, group, ignore_index, reduction):
+    def forward(ctx, logits, labels, group, ignore_index, reduction, traffic):
         width = logits.shape[-1]
         start = dist.get_rank(group) * width
         gmax = logits.max(dim=-1).values
+        count_traffic(traffic, "all_reduce", group, gmax.numel() * gmax.element_size())
         dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=group)
         shifted = logits - gmax.unsqueeze(-1)
         valid = labels != ignore_index
@@ -271,6 +275,7 @@ class _VocabParallelCE(torch.autograd.Function):
         exp = shifted.exp_()
         sum_exp = exp.sum(dim=-1)
         both = torch.stack((picked, sum_exp))
+        count_traffic(traffic, "all_reduce", group, both.numel() * both.element_size())
         dist.all_reduce(both, group=group)
         picked, sum_exp = both.unbind(0)
         count = valid.sum() if reduction == "mean" else torch.ones((), dtype=torch.int64, device=valid.device)
@@ -284,19 +289,21 @@ class _VocabParallelCE(torch.autograd.Function):
         g = softmax  # reused in place: backward runs once
         g.scatter_add_(-1, target.unsqueeze(-1), -mine.to(g.dtype).unsqueeze(-1))
         g.mul_((valid.to(g.dtype) * (grad / count)).unsqueeze(-1))
-        return g, None, None, None, None
+        return g, None, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, group,
-                                 ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
+                                 ignore_index: int = -100, reduction: str = "mean",
+                                 traffic=None) -> torch.Tensor:
     """Next-token cross-entropy over labels != ignore_index from vocab-split logits: their mean,
     or with ``reduction="sum"`` their sum (the engine divides by the global batch's count).
 
     `logits` [..., V/tp] are this rank's equal-width slice (rank r holds token ids
     r*width .. (r+1)*width - 1); computed in at least fp32, like the single-process loss.
-    Every rank of `group` returns the same full loss.
+    Every rank of `group` returns the same full loss. ``traffic`` counts its two all-reduces.
     """
     flat = logits.to(torch.promote_types(logits.dtype, torch.float32)).reshape(-1, logits.shape[-1])
     if dist.get_world_size(group) == 1:
         return F.cross_entropy(flat, labels.reshape(-1), ignore_index=ignore_index, reduction=reduction)
-    return _VocabParallelCE.apply(flat, labels.reshape(-1).to(flat.device), group, ignore_index, reduction)
+    return _VocabParallelCE.apply(flat, labels.reshape(-1).to(flat.device), group, ignore_index, reduction,
+                                  traffic)

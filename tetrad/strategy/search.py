@@ -2,7 +2,10 @@
 
 Recompute and offload only ever cost time in the model, so offload tiers are tried only for a
 base layout none of whose recompute policies fits without them (cheapest tier first); the
-tiers after the first that fits are recorded as dominated rather than priced.
+tiers after the first that fits are recorded as dominated rather than priced. Sharding
+across nodes multiplies every base by up to ~40 choices (dp_shard x hpZ x qwZ x qgZ) that
+change only a few parts of its time, so those choices are priced only for bases whose other
+parts leave room to win (``search``: a branch and bound, exact for the chosen layout).
 """
 
 from __future__ import annotations
@@ -120,44 +123,97 @@ def _shape_ok(costs, s: StrategyConfig) -> str:
     return ""
 
 
-def search(cfg: Config, world: int, costs, budget: float | None = None) -> Plan:
-    """Every candidate for ``cfg`` on ``world`` ranks, priced by ``costs``; fastest that fits first."""
+# The parts of a step's time no sharding-across-nodes choice changes (dp_shard, hpZ, qwZ and
+# qgZ change only ZeRO's collectives, the sync reductions over the shard group, and the
+# optimizer and offload work on the shard): their sum bounds every sharding choice of a base.
+UNSHARDED_PARTS = ("compute", "tp_sp_comm", "micro_batch_overhead", "bubble", "pp_comm")
+
+
+def sharding_bound(estimates: list[Estimate]) -> float:
+    """A lower bound on the step time of every sharding choice of the base these estimates
+    (its flat candidates, any recompute policy and tier) were priced for."""
+    return min(sum(e.time[k] for k in UNSHARDED_PARTS) for e in estimates)
+
+
+def _price_base(cfg: Config, space: Space, base: StrategyConfig, costs, world: int, budget: float,
+                args: ModelArgs, recomputes: list[str]) -> tuple[list, list, int]:
+    """(fitting, not fitting, dominated count) of one base over its offload tiers and recompute
+    policies, cheapest tier first: the tiers after the first that fits are dominated."""
+    ok, others = [], []
+    missing = _shape_ok(costs, base)
+    if missing:
+        space.rejected.append((base, missing))
+        return ok, others, 0
+    offloads = space.offload_options(base)
+    if offloads and offloads[0] == ("none", "none") and len(offloads) > 1:
+        # Is there any hope with the most memory-saving offload? If not, skip every tier.
+        saving = space.with_options(base, recomputes[-1], *offloads[-1])
+        if saving is not None:
+            e = estimate(cfg, saving, costs, world, budget, args)
+            if e.status == "oom":
+                others.append(e)
+                offloads = offloads[:1]
+    for i, (opt, par) in enumerate(offloads):
+        found = False
+        for rc in recomputes:
+            c = space.with_options(base, rc, opt, par)
+            if c is None:
+                continue
+            e = estimate(cfg, c, costs, world, budget, args)
+            found |= e.status == "ok"
+            (ok if e.status == "ok" else others).append(e)
+        if found:
+            return ok, others, (len(offloads) - i - 1) * len(recomputes)
+    return ok, others, 0
+
+
+def search(cfg: Config, world: int, costs, budget: float | None = None, exhaustive: bool = False) -> Plan:
+    """Every candidate for ``cfg`` on ``world`` ranks, priced by ``costs``; fastest that fits first.
+
+    Where sharding across nodes is searched (``Space.searches_sharding``) and not
+    ``exhaustive``, in two phases (branch and bound): every base is priced with its flat
+    sharding choice first (the free sharding keys at their defaults); then, bases in the order
+    of ``sharding_bound``, every other sharding choice (dp_shard, hpZ, qwZ, qgZ) of a base
+    whose bound does not exceed the fastest step found so far. A skipped choice cannot be the
+    fastest, so the chosen layout is the exhaustive search's; what ``ranked`` leaves out are
+    sharded variants slower than it. A base with no fitting flat candidate is never retried:
+    each sharding choice only adds memory (a larger ZeRO shard, hpZ's secondary copy, the
+    quantizers' buffers).
+    """
     budget = budget if budget is not None else costs.device_budget
     space = Space(cfg, world, getattr(costs, "ranks_per_node", None))
     args = ModelArgs.from_config(cfg.model)
-    ok, others, dominated = [], [], 0
+    ok, others, dominated = [], [], 0  # ok: (enumeration order, estimate), ties keep that order
     recomputes = space.recompute_options()
-    for base in space.bases():
-        missing = _shape_ok(costs, base)
-        if missing:
-            space.rejected.append((base, missing))
-            continue
-        offloads = space.offload_options(base)
-        if offloads and offloads[0] == ("none", "none") and len(offloads) > 1:
-            # Is there any hope with the most memory-saving offload? If not, skip every tier.
-            saving = space.with_options(base, recomputes[-1], *offloads[-1])
-            if saving is not None:
-                e = estimate(cfg, saving, costs, world, budget, args)
-                if e.status == "oom":
-                    others.append(e)
-                    offloads = offloads[:1]
-        for i, (opt, par) in enumerate(offloads):
-            found = False
-            for rc in recomputes:
-                c = space.with_options(base, rc, opt, par)
-                if c is None:
-                    continue
-                e = estimate(cfg, c, costs, world, budget, args)
-                found |= e.status == "ok"
-                (ok if e.status == "ok" else others).append(e)
-            if found:
-                dominated += (len(offloads) - i - 1) * len(recomputes)
-                break
-    ok.sort(key=lambda e: e.step_s)
+    two_phase = not exhaustive and space.searches_sharding()
+    bounds: list[tuple[float, int, StrategyConfig]] = []  # (sharding_bound, order, flat base)
+
+    def price(base: StrategyConfig, order: tuple[int, int]) -> tuple[list, list]:
+        nonlocal others, dominated
+        got, missed, dom = _price_base(cfg, space, base, costs, world, budget, args, recomputes)
+        ok.extend((order, e) for e in got)
+        others, dominated = others + missed, dominated + dom
+        return got, missed
+
+    for i, base in enumerate(space.bases(sharded=not two_phase)):
+        got, missed = price(base, (i, 0))
+        if got and two_phase:
+            bounds.append((sharding_bound(got + missed), i, base))
+    priced = 0
+    for bound, i, flat in sorted(bounds, key=lambda t: t[:2]):
+        if bound > min(e.step_s for _, e in ok):
+            break
+        priced += 1
+        for j, base in enumerate(space.sharded(flat, space.dp_of(flat), skip=flat), 1):
+            price(base, (i, j))
+    ok = [e for _, e in sorted(ok, key=lambda oe: (oe[1].step_s, oe[0]))]
     tokens = cfg.run.global_batch_size * cfg.model.seq_len
     plan = Plan(world, costs.name, budget, tokens, flops_per_token(args) * tokens,
                 getattr(costs, "peak_flops", None), ok, others, space.rejected, dominated)
     plan.chosen = ok[0] if ok else None
+    if two_phase:
+        plan.notes.append(f"sharding across nodes (dp_shard, hpZ, qwZ, qgZ) priced for {priced} of the "
+                          f"{len(bounds)} flat layouts that fit (the others' bound exceeds the fastest step)")
     return plan
 
 

@@ -25,6 +25,7 @@ ZeRO shard group spans nodes (inside one node NVLink leaves them little to win).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Iterator
 
 from tetrad.config.schema import Config, OffloadConfig, StrategyConfig
@@ -99,8 +100,19 @@ class Space:
         return [(n, v) for n, v in out if (not fixed_sched or n == s.pipeline_schedule)
                 and (not fixed_v or v == s.virtual_stages)]
 
-    def bases(self) -> Iterator[StrategyConfig]:
-        """Layouts x ZeRO stage x micro-batch size x schedule, checked (recompute/offload not yet set)."""
+    def searches_sharding(self) -> bool:
+        """Whether sharding across nodes is searched at all: the world spans nodes and some
+        sharding key is free."""
+        rpn = self.ranks_per_node
+        return rpn is not None and rpn < self.world and not set(SHARDING_KEYS) <= self.fixed
+
+    def dp_of(self, s: StrategyConfig) -> int:
+        return self.world // s.model_parallel_size
+
+    def bases(self, sharded: bool = True) -> Iterator[StrategyConfig]:
+        """Layouts x ZeRO stage x micro-batch size x schedule x sharding choice, checked
+        (recompute/offload not yet set). ``sharded`` False: only each one's first sharding
+        choice the rule book accepts (the flat one, where the keys are free)."""
         batch = self.cfg.run.global_batch_size
         for lay in self.layouts():
             dp = self.world // lay.model_parallel_size
@@ -115,13 +127,17 @@ class Space:
                         # offload rules wait for the tiers (offload_options / with_options)
                         errors = [e for e in strategy_errors(s) if not e.rule.startswith("offload.")]
                         if not self._reject(s, errors + batch_errors(batch, s, dp)):
-                            yield from self.sharded(s, dp)
+                            choices = self.sharded(s, dp)
+                            yield from choices if sharded else itertools.islice(choices, 1)
 
-    def sharded(self, s: StrategyConfig, dp: int) -> Iterator[StrategyConfig]:
-        """``s`` with each sharding-across-nodes choice (see the module doc) the rule book allows."""
+    def sharded(self, s: StrategyConfig, dp: int, skip: StrategyConfig | None = None) -> Iterator[StrategyConfig]:
+        """``s`` with each sharding-across-nodes choice (see the module doc) the rule book
+        allows, in a fixed order; ``skip``: one already priced (the search's flat phase)."""
         for shard, hpz, qw, qg in self._sharding_options(s, dp):
             c = dataclasses.replace(s, dp_shard=shard, zeropp=dataclasses.replace(
                 s.zeropp, hpz=hpz, quantize_weights=qw, quantize_grads=qg))
+            if c == skip:
+                continue
             errors = strategy_world_errors(c, self.world, self.ranks_per_node) + [
                 e for e in strategy_errors(c) if e.rule.startswith("zeropp.")]
             if not self._reject(c, errors):

@@ -178,7 +178,8 @@ class FaultGuard:
         ``trained`` False -- before the first step -- there is nothing new to save)."""
         agreement = checkpoints.agreement
         with self.step(step, "preemption check after step"):
-            values = self.preemption.agreed(self.engine.device, agreement.local())
+            values = self.preemption.agreed(self.engine.device, agreement.local(),
+                                            self.engine.layout.nodes.traffic)
             agreement.apply(values[1:])
             self.signum = values[0]
             if self.signum and trained:

@@ -39,12 +39,15 @@ class Preemption:
             signal.signal(sig, handler)
         self._previous.clear()
 
-    def agreed(self, device, extra: list[int] = ()) -> list[int]:
+    def agreed(self, device, extra: list[int] = (), traffic=None) -> list[int]:
         """[the signal any rank received (0 if none), *MAX of ``extra``]: every rank gets the
-        same answer from one all-reduce (a collective: every rank calls it at the same point)."""
+        same answer from one all-reduce (a collective: every rank calls it at the same point),
+        counted in ``traffic`` (a ``tetrad.traffic.Traffic``) when given."""
         import torch
         import torch.distributed as dist
 
         flag = torch.tensor([self.signum or 0, *extra], dtype=torch.int64, device=device)
+        if traffic is not None:
+            traffic.all_reduce(None, flag.numel() * flag.element_size())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return [int(v) for v in flag.tolist()]

@@ -178,6 +178,7 @@ class Trainer:
     def _record(self, step: int, loss: float, elapsed: float, tokens_per_step: int) -> dict:
         last = self.engine.last
         rss = torch.tensor([peak_rss_mb()], dtype=torch.float64, device=self.engine.device)
+        self.engine.layout.nodes.traffic.all_reduce(None, rss.numel() * rss.element_size())
         dist.all_reduce(rss, op=dist.ReduceOp.MAX)  # the worst rank is the one that runs out
         record = {"step": step, "loss": loss, "lr": last["lr"], "grad_norm": last["grad_norm"],
                   "tokens": step * tokens_per_step, "tokens_per_s": tokens_per_step / elapsed,

@@ -5,7 +5,8 @@ dp group, so their squares are summed there (replicated stage-0 gradients are no
 parallel parameters (``tensor_parallel=True``) hold different elements on each tp rank and
 are summed over tp; the others are identical across tp and counted once. Pipeline stages own
 different layers and are summed over pp. The groups come in as arguments: this module knows
-nothing of the mesh.
+nothing of the mesh; so does the byte counter the sums are told to (``norm_groups["traffic"]``,
+a ``tetrad.traffic.Traffic``, or absent).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from tetrad.traffic import count
 from tetrad.zero.flat import FlatGroup
 
 
@@ -55,13 +57,17 @@ def reduce_squares(sq: torch.Tensor, *, sharded: bool, dp_group, norm_groups: di
     of global_grad_norm for tetrad.offload, which squares gradient shards as they stream to
     their tier and so never has them all at once."""
     norm_groups = norm_groups or {}
+    traffic = norm_groups.get("traffic")
     if sharded and dp_group is not None and dist.get_world_size(dp_group) > 1:
+        count(traffic, "all_reduce", dp_group, sq.numel() * sq.element_size())
         dist.all_reduce(sq, group=dp_group)
     tp_part = sq[:1].clone()
     if norm_groups.get("tp") is not None:
+        count(traffic, "all_reduce", norm_groups["tp"], tp_part.element_size())
         dist.all_reduce(tp_part, group=norm_groups["tp"])
     total = tp_part[0] + sq[1]
     if norm_groups.get("pp") is not None:
+        count(traffic, "all_reduce", norm_groups["pp"], total.element_size())
         dist.all_reduce(total, group=norm_groups["pp"])
     return total.sqrt()
 

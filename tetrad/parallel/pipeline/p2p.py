@@ -137,7 +137,7 @@ class StageComm:
         dist.batch_isend_irecv([op])[0].wait()
         if not piece:
             return buf
-        full = all_gather_tensor(buf, 0, self.tp_group)  # every tp rank's piece, in rank order
+        full = all_gather_tensor(buf, 0, self.tp_group, self.traffic)  # every tp rank's piece, in rank order
         return full[:math.prod(self.shape)].view(self.shape)
 
     def flush(self) -> None:

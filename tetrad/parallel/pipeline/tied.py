@@ -16,17 +16,20 @@ import torch.distributed as dist
 from torch import nn
 
 from tetrad.checkpoint.pieces import mark_stage_replica
+from tetrad.traffic import count
 
 
 class TiedWeights:
     """The tied parameters this stage shares with the other end of the pipeline, and the
-    process group of the two ranks (first stage, last stage) that hold them."""
+    process group of the two ranks (first stage, last stage) that hold them, and the byte
+    counter the gradient sums are told to (``traffic``, a ``tetrad.traffic.Traffic`` or None)."""
 
-    def __init__(self, params: list[nn.Parameter], group):
-        self.params, self.group = params, group
+    def __init__(self, params: list[nn.Parameter], group, traffic=None):
+        self.params, self.group, self.traffic = params, group, traffic
 
     @classmethod
-    def build(cls, model: nn.Module, ties: list[str], replicas: list[str], group) -> "TiedWeights | None":
+    def build(cls, model: nn.Module, ties: list[str], replicas: list[str], group,
+              traffic=None) -> "TiedWeights | None":
         """``ties``: names this stage shares (``split.stage_ties``), ``replicas``: those it only
         copies (``split.stage_replicas``); None when this stage shares nothing."""
         if not ties:
@@ -34,7 +37,7 @@ class TiedWeights:
         named = dict(model.named_parameters())
         for name in replicas:
             mark_stage_replica(named[name])
-        return cls([named[name] for name in ties], group)
+        return cls([named[name] for name in ties], group, traffic)
 
     @torch.no_grad()
     def sync(self) -> None:
@@ -42,4 +45,5 @@ class TiedWeights:
         for p in self.params:
             if p.grad is None:  # a stage whose micro-batches never reached it: zero, not absent
                 p.grad = torch.zeros_like(p)
+            count(self.traffic, "all_reduce", self.group, p.grad.numel() * p.grad.element_size())
             dist.all_reduce(p.grad, group=self.group)
