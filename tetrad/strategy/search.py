@@ -189,10 +189,11 @@ def search(cfg: Config, world: int, costs, budget: float | None = None, exhausti
     bounds: list[tuple[float, int, StrategyConfig]] = []  # (sharding_bound, order, flat base)
 
     def price(base: StrategyConfig, order: tuple[int, int]) -> tuple[list, list]:
-        nonlocal others, dominated
+        nonlocal dominated
         got, missed, dom = _price_base(cfg, space, base, costs, world, budget, args, recomputes)
         ok.extend((order, e) for e in got)
-        others, dominated = others + missed, dominated + dom
+        others.extend(missed)  # in place: a copy per base made the search quadratic
+        dominated += dom
         return got, missed
 
     for i, base in enumerate(space.bases(sharded=not two_phase)):
@@ -200,12 +201,14 @@ def search(cfg: Config, world: int, costs, budget: float | None = None, exhausti
         if got and two_phase:
             bounds.append((sharding_bound(got + missed), i, base))
     priced = 0
+    best = min((e.step_s for _, e in ok), default=float("inf"))
     for bound, i, flat in sorted(bounds, key=lambda t: t[:2]):
-        if bound > min(e.step_s for _, e in ok):
+        if bound > best:
             break
         priced += 1
         for j, base in enumerate(space.sharded(flat, space.dp_of(flat), skip=flat), 1):
-            price(base, (i, j))
+            got, _ = price(base, (i, j))
+            best = min([best, *(e.step_s for e in got)])
     ok = [e for _, e in sorted(ok, key=lambda oe: (oe[1].step_s, oe[0]))]
     tokens = cfg.run.global_batch_size * cfg.model.seq_len
     plan = Plan(world, costs.name, budget, tokens, flops_per_token(args) * tokens,
