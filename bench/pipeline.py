@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import statistics
 
 import torch
 import torch.distributed as dist
+
+from spawn import spawn_ranks  # bench/ is sys.path[0] when a benchmark runs as a script
 
 P = 4
 SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("zero_bubble", 1), ("zero_bubble_v", 1),
@@ -95,16 +96,7 @@ def main() -> None:
     parser.add_argument("--t", type=float, default=0.02, help="sleep model: seconds per layer per pass")
     parser.add_argument("--trace", default=None, help="directory for Chrome traces")
     args = parser.parse_args()
-    from tetrad.parallel.launch import free_port
-
-    ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, args, queue)) for r in range(P)]
-    for p in procs:
-        p.start()
-    per_rank = [out for _, out in sorted(queue.get(timeout=1800) for _ in procs)]
-    for p in procs:
-        p.join(60)
+    per_rank = [out for _, out in spawn_ranks(_worker, P, args)]
     for name, v in SCHEDULES:
         print(json.dumps(_summarise(name, v, per_rank, args)), flush=True)
 

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import statistics
 import tempfile
+
+from spawn import spawn_ranks  # bench/ is sys.path[0] when a benchmark runs as a script
 
 SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("zero_bubble", 1), ("zero_bubble_v", 1),
              ("breadth_first", 2)]
@@ -82,16 +83,7 @@ def main() -> None:
     parser.add_argument("--micro-batches", type=int, default=4, help="per step and dp rank (a multiple of 2)")
     parser.add_argument("--zero", type=int, default=3, choices=(2, 3))
     args = parser.parse_args()
-    from tetrad.parallel.launch import free_port
-
-    ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=_run, args=(r, port, args, queue)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    per_rank = [out for _, out in sorted(queue.get(timeout=1800) for _ in procs)]
-    for p in procs:
-        p.join(60)
+    per_rank = [out for _, out in spawn_ranks(_run, WORLD, args)]
     for name, v in SCHEDULES:
         for r in per_rank:
             row, peer = r[name], r["1f1b"]
