@@ -252,18 +252,27 @@ def test_sequence_parallel_refusals_name_the_key():
     from torch import nn
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from tetrad.config import ConfigError, load_strategy
+    from tetrad.config.validate import problems, raise_all
+    from tetrad.models import shape_of
     from tetrad.parallel.hf_context import _ring_attention
-    from tetrad.parallel.plan import PlanError, check_layout, hf_plan
+    from tetrad.parallel.plan import PlanError, hf_plan
 
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1))
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2))
     assert any(p.endswith("self_attn") for p, _ in hf_plan(model, seq=True))  # the region enters once
     model.model.layers[0].self_attn.gate = nn.Linear(16, 1)
     with pytest.raises(PlanError, match=r"megatron_sp=true: model.layers.0.self_attn.gate .* not cover"):
         hf_plan(model, seq=True)
     assert hf_plan(model)  # plain tp enters per projection: the replicated gate is fine there
-    with pytest.raises(PlanError, match=r"megatron_sp=true with strategy.pp=2 on the Hugging Face model"):
-        check_layout("hf", SimpleNamespace(pp=2, megatron_sp_active=True))
+    shape = shape_of(model)  # the rule book, asked with the live model's shape, as the engine asks it
+    with pytest.raises(ConfigError, match=r"megatron_sp=true with strategy.pp=2 on a Hugging Face model"):
+        raise_all(problems(load_strategy({"tp": 2, "pp": 2, "megatron_sp": True}), model=shape))
+    assert not problems(load_strategy({"tp": 2, "pp": 2}), model=shape)
+    model.config.attention_dropout = 0.1
+    with pytest.raises(ConfigError, match=r"strategy.sp=2, megatron_sp=False on a Hugging Face model needs "
+                                          r"attention dropout 0 \(model.dropout=0.1\)"):
+        raise_all(problems(load_strategy({"sp": 2}), model=shape_of(model)))
     attn = SimpleNamespace(tetrad_ring=lambda q, k, v, scale: q)
     q = torch.zeros(1, 2, 4, 8)
     with pytest.raises(RuntimeError, match=r"attention dropout 0.1.*model.dropout: 0.0"):

@@ -6,6 +6,8 @@ rules in ``tetrad.config.sharding_rules``) share them without importing each oth
 
 from __future__ import annotations
 
+from tetrad.config.errors import ConfigError
+
 
 class Problem(str):
     """A rule book message; ``rule`` names the rule it breaks (e.g. ``offload.params_zero3``)."""
@@ -26,3 +28,11 @@ def divisors(n: int, limit: int = 8) -> str:
 
 def rules(table: list[tuple[str, bool, str]]) -> list[Problem]:
     return [Problem(rule, message) for rule, broken, message in table if broken]
+
+
+def raise_all(errors: list[str]) -> None:
+    """Raise one ConfigError listing every message, if there are any."""
+    if len(errors) == 1:
+        raise ConfigError(errors[0])
+    if errors:
+        raise ConfigError(f"{len(errors)} config problems:\n- " + "\n- ".join(errors))

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from tetrad.config.errors import ConfigError
 from tetrad.config.fields import check_instance
-from tetrad.config.problem import Problem, divisors, rules
+from tetrad.config.problem import Problem, divisors, raise_all, rules  # noqa: F401  (raise_all: re-exported)
 from tetrad.config.sharding_rules import sharding_errors, zeropp_errors
 
 if TYPE_CHECKING:
@@ -36,18 +36,12 @@ class ModelShape:
     vocab_size: int
     d_model: int
     attn_dropout: float = 0.0  # dropout on the attention probabilities (ring attention has none)
+    hf: bool = False  # a Hugging Face model: sequence-sharded attention enters through its attention function
 
     @classmethod
     def of_config(cls, m: ModelConfig) -> "ModelShape":
-        return cls(m.n_heads, m.n_kv_heads, m.seq_len, m.n_layers, m.vocab_size, m.d_model, m.dropout)
-
-
-def raise_all(errors: list[str]) -> None:
-    """Raise one ConfigError listing every message, if there are any."""
-    if len(errors) == 1:
-        raise ConfigError(errors[0])
-    if errors:
-        raise ConfigError(f"{len(errors)} config problems:\n- " + "\n- ".join(errors))
+        return cls(m.n_heads, m.n_kv_heads, m.seq_len, m.n_layers, m.vocab_size, m.d_model, m.dropout,
+                   m.arch == "hf")
 
 
 def check_world_size(world_size: object) -> None:
@@ -254,6 +248,13 @@ def layout_errors(m: ModelShape, s: StrategyConfig) -> list[Problem]:
         ("layout.cp_dropout", s.cp > 1 and m.attn_dropout > 0,
          f"strategy.cp={s.cp} needs attention dropout 0 (model.dropout={m.attn_dropout}): ring attention "
          f"has no dropout on the attention probabilities; valid: model.dropout 0, or strategy.cp 1"),
+        # HF sp / Megatron-SP run tetrad's attention function (no dropout; parallel/hf_context.py)
+        ("layout.hf_seq_dropout", m.hf and (s.sp > 1 or s.megatron_sp and s.tp > 1) and m.attn_dropout > 0,
+         f"strategy.sp={s.sp}, megatron_sp={s.megatron_sp} on a Hugging Face model needs attention dropout "
+         f"0 (model.dropout={m.attn_dropout}); valid: model.dropout 0, or sp 1 and megatron_sp false"),
+        ("layout.hf_megatron_sp_pp", m.hf and s.megatron_sp and s.tp > 1 and s.pp > 1,
+         f"strategy.megatron_sp=true with strategy.pp={s.pp} on a Hugging Face model: its pipeline stages "
+         f"do not carry the sequence split; valid: megatron_sp false (tp, sp and cp work), or pp 1"),
     ]) + _split_errors(m, s, chunks)
 
 

@@ -35,4 +35,4 @@ def shape_of(model: nn.Module) -> ModelShape | None:
                       _first(cfg, "max_position_embeddings", "n_positions"),
                       _first(cfg, "num_hidden_layers", "n_layer"), cfg.vocab_size,
                       _first(cfg, "hidden_size", "n_embd"),
-                      float(_first(cfg, "attention_dropout", "attn_pdrop") or 0.0))
+                      float(_first(cfg, "attention_dropout", "attn_pdrop") or 0.0), hf=True)

@@ -34,7 +34,7 @@ from tetrad.parallel.styles import (Layout, PlanError, Style, attention, colwise
                                     replicated_grad_sum, rowwise, rowwise_conv1d, rowwise_split_input,
                                     sharded_dropout, sp_norm, vocab_embedding, vocab_head)
 
-__all__ = ["HF_STYLES", "PLANS", "Layout", "PlanError", "apply_plan", "check_layout", "hf_plan",
+__all__ = ["HF_STYLES", "PLANS", "Layout", "PlanError", "apply_plan", "hf_plan",
            "model_family", "parallelize"]
 
 
@@ -164,19 +164,6 @@ def model_family(model: nn.Module) -> tuple[str, str]:
     return name, prefix
 
 
-def check_layout(family: str, layout: ResolvedLayout) -> None:
-    """What only the live model can say (the rule book checks its shapes before this): a
-    Hugging Face model under Megatron-SP must be one whose residual stream tetrad can shard
-    (a whole model: a pipeline stage of one would need the sequence split carried across
-    its stage boundaries, which tetrad does not do for HF models)."""
-    if family in SEQUENCE_SHARDABLE or not layout.megatron_sp_active:
-        return
-    if layout.pp > 1:
-        raise PlanError(f"strategy.megatron_sp=true with strategy.pp={layout.pp} on the Hugging Face "
-                        f"model {family}: its pipeline stages do not carry the sequence split; use "
-                        f"megatron_sp=false (tp, sp and cp work), or a tetrad model (model.arch gpt|llama)")
-
-
 def _matcher(pattern: str) -> re.Pattern:
     rx = re.escape(pattern).replace(r"\*", r"[^.]+")
     for esc, raw in ((r"\(", "("), (r"\)", ")"), (r"\|", "|")):
@@ -241,7 +228,6 @@ def parallelize(model: nn.Module, layout: ResolvedLayout) -> nn.Module:
         ctx = _context(layout, model)
         return count_into(apply_hf_context(model, ctx), ctx.traffic)
     family, prefix = model_family(model)
-    check_layout(family, layout)
     ctx = _context(layout, model)
     if family == "hf":
         inner = model.hf if prefix else model
