@@ -30,7 +30,7 @@ def default_backend(device: torch.device) -> str:
     fn = getattr(dist, "get_default_backend_for_device", None)
     if fn is not None:
         return fn(device)
-    return {"cuda": "nccl", "xpu": "xccl", "hpu": "hccl"}.get(device.type, "gloo")
+    return dist.Backend.default_device_backend_map.get(device.type, "gloo")  # torch's table, older name
 
 
 def _accel(name: str):
