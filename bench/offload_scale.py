@@ -274,17 +274,21 @@ def predicted(size, args, bw: dict | None = None) -> dict:
 
 def _costs(args, cfg, bw: dict | None = None):
     """SpecCosts of ``--spec`` (this machine, from ``tetrad profile --spec-out``), or a stand-in
-    with this machine's memory and no time model (placement bytes only)."""
+    with this machine's memory and no time model (placement bytes only); either way the host
+    memory is what is available now, as the run's ``auto`` will find it."""
     from tetrad.models.args import ModelArgs
     from tetrad.strategy.hardware import load_hardware
     from tetrad.strategy.spec_costs import SpecCosts
 
-    if args.spec:
-        import dataclasses
+    import dataclasses
 
+    from tetrad.offload.budget import GIB, _meminfo
+
+    available = float(_meminfo().get("MemAvailable", 0))  # what the run's `auto` starts from
+    if args.spec:
         from tetrad.strategy.efficiency import GemmCurve
 
-        spec = load_hardware(args.spec)
+        spec = dataclasses.replace(load_hardware(args.spec), host_memory_gb=available / GIB)
         if bw:
             spec = dataclasses.replace(spec, disk_read_GBps=bw["dd_read_MBps"] / 1e3,
                                        disk_write_GBps=bw["dd_write_MBps"] / 1e3)
@@ -297,13 +301,8 @@ def _costs(args, cfg, bw: dict | None = None):
         return SpecCosts(spec, ModelArgs.from_config(cfg.model), "fp32")
     import types
 
-    from tetrad.offload.budget import _meminfo
-
-    # what auto will find: MemAvailable less the tier's working set (tetrad.offload.tier:
-    # 4 x the largest group + 3 x a block, fp32) -- budget.resolve then takes its margin
-    m = cfg.model
-    working = 4 * (4 * m.vocab_size * m.d_model + 3 * 12 * m.d_model ** 2)
-    return types.SimpleNamespace(host_budget=float(_meminfo().get("MemAvailable", 0) - working))
+    # placement bytes only: the cost model takes the tier's working set off (budget.working_bytes)
+    return types.SimpleNamespace(host_budget=available, args=ModelArgs.from_config(cfg.model))
 
 
 def _label(size) -> str:

@@ -109,3 +109,56 @@ def test_step_modes_and_placement_in_the_predicted_time():
     assert t[("overlap", 0)]["offload_io"] < t[("sync", 0)]["offload_io"]  # the stream hides
     sync = t[("sync", 0)]  # sync: the step waits at least for what the disk cannot do beside compute
     assert sync["offload_io"] >= sync["disk_busy"] - sync["compute"] - 1e-6
+
+
+def test_auto_places_what_the_tier_places(tmp_path, monkeypatch):
+    """``auto`` in the cost model leaves the tier's working set free as the run does
+    (budget.working_bytes, one home), so a plan's placement is the run's: the same budget, to
+    the few norm weights the model counts inside a block and the tier in groups of their own."""
+    import types
+
+    from tetrad.config.schema import OptimizerConfig
+    from tetrad.engine import Engine
+    from tetrad.models import build_model
+    from tetrad.offload import budget as budgets
+    from tetrad.strategy.offload_cost import budget, tier_working
+
+    model = {"arch": "llama", "d_model": 64, "n_layers": 3, "n_heads": 4, "n_kv_heads": 2,
+             "seq_len": 32, "dropout": 0.0, "vocab_size": 512}
+    for step in ("sync", "overlap"):
+        s = _offload(step=step, host_memory_gb="auto", nvme_dir=str(tmp_path))
+        args = ModelArgs.from_config(load_config({"model": model}).model)
+        costs = types.SimpleNamespace(args=args, host_budget=0.0)
+        psi = sum(p.numel() for p in build_model(model, seed=0).parameters())
+        want = tier_working(s, costs, kinds(s, psi, "fp32", "fp32", 1), psi, "fp32")
+        total = 2 * GIB + int(want) + 2 * 2**20  # room for ~2 MiB of this model's ~5 MiB of state
+        monkeypatch.setattr(budgets, "_meminfo", lambda: {"MemAvailable": total, "MemTotal": total})
+        engine = Engine(build_model(model, seed=0), strategy={"zero": 3, "micro_batch_size": 1,
+                                                             "offload": dataclasses.asdict(s.offload)},
+                        optim_cfg=OptimizerConfig(grad_clip=0.0), global_batch_size=1, total_steps=1)
+        report = engine.tier.summary()
+        engine.close()
+        tier_working_bytes = report["margin_bytes"] - max(2 * GIB, total // 10)
+        assert tier_working_bytes == pytest.approx(want, rel=0.01), step
+        costs.host_budget = float(total)
+        assert budget(s, costs, 0.0, want) == pytest.approx(report["budget_bytes"], rel=0.01)
+        assert 0 < report["budget_bytes"] < 4 * 2**20  # the state is split: the test means something
+
+
+def test_the_working_set_counts_the_blocks_not_their_norms():
+    """Each block's norm weights are a group of their own, as many as the blocks: the
+    neighbours gathered ahead are blocks (2.75 B of bench/offload_scale.py: d 2816, 27 blocks)."""
+    import types
+
+    import torch
+
+    from tetrad.offload import budget as budgets
+    from tetrad.offload.tier import PIECE, OffloadPlacement
+
+    block, norms = 95180800, 5632
+    numels = [90112000] + [norms, block] * 27 + [2816, 90112000]
+    fake = types.SimpleNamespace(dtypes=dict.fromkeys(("master", "exp_avg", "exp_avg_sq", "grad")))
+    cfg = types.SimpleNamespace(step="sync")
+    got = OffloadPlacement._working_bytes(fake, cfg, [types.SimpleNamespace(numel=n) for n in numels],
+                                          [PIECE], torch.float32)
+    assert got == budgets.working_bytes("sync", 4, PIECE, block, block, 4)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 GIB = 2**30
 TIE_ORDER = ("param", "master", "exp_avg", "exp_avg_sq", "grad", "grad1")
+OVERLAP_AHEAD = 8  # pieces read ahead by the overlapped step's stream (8 x 3 x 16 MiB)
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,18 @@ def margin_bytes(total: int, working: int) -> int:
     plus the run's working set outside placed state (``working``: streaming buffers, gathered
     units, activations, as the tier estimates them)."""
     return max(2 * GIB, total // 10) + working
+
+
+def working_bytes(step: str, keys: int, piece: int, largest: int, common: int, elem: int) -> int:
+    """The run's working set outside placed state, which ``auto`` leaves free besides the fixed
+    margin: the state stream's buffers ((read-ahead + 2) per state key, ``piece`` fp32 elements
+    each) and the gradient pool (4 pieces), and stage 3's peak: the largest unit gathered, its
+    gradient from autograd, the flat buffer it is reduced in and a read buffer (4 x
+    ``largest`` elements), plus the neighbours gathered ahead (3 x the commonest unit,
+    ``common``), at ``elem`` bytes. One home for the tier (``OffloadPlacement``) and the cost
+    model (``tetrad.strategy.offload_cost``), so a plan's ``auto`` places what the run will."""
+    ahead = OVERLAP_AHEAD if step == "overlap" else 1
+    return (ahead + 2) * keys * piece * 4 + 4 * piece * 4 + (4 * largest + 3 * common) * elem
 
 
 def resolve(host_memory_gb, working: int, local_ranks: int | None = None) -> tuple[int, dict]:

@@ -32,7 +32,7 @@ from tetrad.offload.swapper import StateSwapper
 from tetrad.zero.flat import FlatGroup
 from tetrad.zero.publish import ResidentShards
 
-OVERLAP_AHEAD = 8  # pieces read ahead by the overlapped step's stream (8 x 3 x 16 MiB)
+OVERLAP_AHEAD = budgets.OVERLAP_AHEAD
 PIECE = 4 * 2**20  # elements per streamed piece (16 MiB fp32): the unit of host buffering
 STEPS = {"sync": SyncStep, "overlap": OverlapStep, "delayed": DelayedStep}
 GRAD_KEYS = {"sync": ["grad"], "delayed": ["grad", "grad1"], "overlap": []}
@@ -166,16 +166,14 @@ class OffloadPlacement:
         return out
 
     def _working_bytes(self, cfg, groups, sizes, dtype) -> int:
-        """What ``auto`` leaves free besides its fixed margin (budget.margin_bytes): the state
-        stream's buffers, and stage 3's working set at its peak: the largest unit gathered,
-        its gradient from autograd and the flat buffer it is reduced in, with a read buffer
-        (4 x the largest group), plus the neighbours gathered ahead (3 x the commonest size)."""
-        piece = max(sizes, default=0) * 4
-        ahead = OVERLAP_AHEAD if cfg.step == "overlap" else 1
-        elem = torch.empty((), dtype=dtype).element_size()
+        """What ``auto`` leaves free besides its fixed margin (budget.working_bytes)."""
         numels = [g.numel for g in groups]
-        common = max(set(numels), key=numels.count) if numels else 0
-        return (ahead + 2) * len(self.dtypes) * piece + 4 * piece + (4 * max(numels, default=0) + 3 * common) * elem
+        # the size holding the most elements (the blocks), not the most frequent one: each
+        # block's norm weights form a group of their own, as many as the blocks
+        common = max(set(numels), key=lambda n: n * numels.count(n)) if numels else 0
+        elem = torch.empty((), dtype=dtype).element_size()
+        return budgets.working_bytes(cfg.step, len(self.dtypes), max(sizes, default=0),
+                                     max(numels, default=0), common, elem)
 
     def _choose(self, cfg, groups, sizes, keys, dtype, device):
         entries = self._entries(cfg, groups, sizes, keys, dtype)

@@ -15,7 +15,8 @@ Per rank (a shard of Ψ_r parameters under ZeRO), the state an nvme tier may hol
 
 ``host_memory_gb`` keeps the state with the most disk traffic per byte in host memory first
 (``tetrad.offload.budget``, the same order here, filled fractionally); ``auto`` is the spec's
-host memory per rank less the runtime's margin (``tetrad.offload.budget.margin_bytes``).
+host memory per rank less the runtime's margin (``tetrad.offload.budget.margin_bytes``), the
+run's working set included (``budget.working_bytes`` of the model's units, as the tier counts it).
 
 Time: the disk serves the parameter reads of forward and backward (prefetched: they overlap
 compute), the state stream of the step and the gradient writes. ``sync`` runs the state
@@ -29,7 +30,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tetrad.config.schema import StrategyConfig
-from tetrad.offload.budget import GIB, TIE_ORDER, margin_bytes
+from tetrad.offload.budget import GIB, TIE_ORDER, margin_bytes, working_bytes
+from tetrad.strategy.shapes import param_counts, rank_params
+
+PIECE_ELEMS = 4 * 2**20  # the tier's streamed piece (tetrad.offload.tier.PIECE)
 
 
 @dataclass
@@ -65,13 +69,28 @@ def kinds(s: StrategyConfig, shard: float, precision: str, state_dtype: str, m: 
     return out
 
 
-def budget(s: StrategyConfig, costs, other_host: float = 0.0) -> float:
+def budget(s: StrategyConfig, costs, other_host: float = 0.0, working: float = 0.0) -> float:
     """Bytes of nvme-tier state a rank may keep in host memory (``host_memory_gb``)."""
     hm = s.offload.host_memory_gb
     if hm != "auto":
         return float(hm) * GIB
     total = getattr(costs, "host_budget", 0.0)
-    return max(0.0, total - margin_bytes(int(total), 0) - other_host)
+    return max(0.0, total - margin_bytes(int(total), int(working)) - other_host)
+
+
+def tier_working(s: StrategyConfig, costs, ks: list[Kind], shard: float, precision: str) -> float:
+    """The tier's working set (``budget.working_bytes``) for the model of ``costs.args``: its
+    units are the embedding, each block and the head (a tp rank's slice), its state keys the
+    kinds streamed by the step (two gradient names under ``delayed``); 0 without a model."""
+    a = getattr(costs, "args", None)
+    if a is None:
+        return 0.0
+    c = param_counts(a)
+    keys = sum(2 if k.key == "grad" and s.offload.step == "delayed" else 1 for k in ks if k.key != "param")
+    largest = max(c.embed, c.head, c.layer) / s.tp
+    piece = min(PIECE_ELEMS, largest * shard / rank_params(a, s))  # the largest unit's shard
+    return working_bytes(s.offload.step, keys, int(piece), int(largest), int(c.layer / s.tp),
+                         4 if precision == "fp32" else 2)
 
 
 def place(ks: list[Kind], room: float) -> list[Kind]:
@@ -107,7 +126,8 @@ def disk_io(ks: list[Kind]) -> dict[str, float]:
 def placement(s: StrategyConfig, costs, shard: float, precision: str, state_dtype: str, m: int,
               other_host: float = 0.0) -> dict:
     """{'host', 'disk': bytes per rank, 'kinds': [...], and disk_io's bytes per step}."""
-    ks = place(kinds(s, shard, precision, state_dtype, m), budget(s, costs, other_host))
+    ks = kinds(s, shard, precision, state_dtype, m)
+    ks = place(ks, budget(s, costs, other_host, tier_working(s, costs, ks, shard, precision)))
     host = sum(k.host for k in ks)
     return {"host": host, "disk": sum(k.nbytes for k in ks) - host, "kinds": ks, **disk_io(ks)}
 

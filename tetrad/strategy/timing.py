@@ -61,7 +61,7 @@ from __future__ import annotations
 
 from tetrad.config.schema import StrategyConfig
 from tetrad.models.args import ModelArgs
-from tetrad.strategy.offload_cost import placement
+from tetrad.strategy.offload_cost import PIECE_ELEMS, placement
 from tetrad.strategy.shapes import (dp_degree, grad_group, holds_chunk_runs, layers_per_stage, micro_batches,
                                    param_counts, rank_params, replicas, shard_group)
 from tetrad.strategy.sharding import gather_times, reduce_time
@@ -341,9 +341,6 @@ def offload_io(a: ModelArgs, s: StrategyConfig, costs, world: int, precision: st
         exposed = max(0.0, fb + st - compute)
     return {"disk": fb + st, "exposed": exposed, "read_bytes": io["read_fb"] + io["read_step"],
             "write_bytes": io["write_fb"] + io["write_step"], "host_bytes": io["host"], "disk_bytes": io["disk"]}
-
-
-PIECE_ELEMS = 4 * 2**20  # the tier's streamed piece (tetrad.offload.tier.PIECE)
 
 
 def step_time(a: ModelArgs, s: StrategyConfig, costs, world: int, global_batch: int,
