@@ -141,7 +141,9 @@ def test_auto_places_what_the_tier_places(tmp_path, monkeypatch):
         tier_working_bytes = report["margin_bytes"] - max(2 * GIB, total // 10)
         assert tier_working_bytes == pytest.approx(want, rel=0.01), step
         costs.host_budget = float(total)
-        assert budget(s, costs, 0.0, want) == pytest.approx(report["budget_bytes"], rel=0.01)
+        # to 64 KiB: the model's units carry their norm weights (128 elements a block here),
+        # which the read-ahead buffers multiply (30 pieces under overlap)
+        assert budget(s, costs, 0.0, want) == pytest.approx(report["budget_bytes"], abs=64 * 2**10)
         assert 0 < report["budget_bytes"] < 4 * 2**20  # the state is split: the test means something
 
 

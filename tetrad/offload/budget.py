@@ -88,13 +88,18 @@ def margin_bytes(total: int, working: int) -> int:
 def working_bytes(step: str, keys: int, piece: int, largest: int, common: int, elem: int) -> int:
     """The run's working set outside placed state, which ``auto`` leaves free besides the fixed
     margin: the state stream's buffers ((read-ahead + 2) per state key, ``piece`` fp32 elements
-    each) and the gradient pool (4 pieces), and stage 3's peak: the largest unit gathered, its
+    each) and the gradient pool (4 pieces); stage 3's largest unit in flight: gathered, its
     gradient from autograd, the flat buffer it is reduced in and a read buffer (4 x
-    ``largest`` elements), plus the neighbours gathered ahead (3 x the commonest unit,
-    ``common``), at ``elem`` bytes. One home for the tier (``OffloadPlacement``) and the cost
-    model (``tetrad.strategy.offload_cost``), so a plan's ``auto`` places what the run will."""
+    ``largest`` elements); and the blocks around it (5 x the commonest unit, ``common``: the
+    neighbour in backward with the same four buffers, and the one prefetched), at ``elem``
+    bytes. Measured (docs/benchmarks.md, the #17 targets): peak RSS less the process at start
+    was 2.88 GB against 2.92 estimated for vocab 128256 x d 1024, 12.97 against 13.0 for d
+    4096; 3 blocks, the earlier count, fell 1.6 GB short at d 4096 and took the 8B shape to
+    within 0.1 GiB of a 23 GiB machine's memory. One home for the tier (``OffloadPlacement``)
+    and the cost model (``tetrad.strategy.offload_cost``), so a plan's ``auto`` places what
+    the run will."""
     ahead = OVERLAP_AHEAD if step == "overlap" else 1
-    return (ahead + 2) * keys * piece * 4 + 4 * piece * 4 + (4 * largest + 3 * common) * elem
+    return (ahead + 2) * keys * piece * 4 + 4 * piece * 4 + (4 * largest + 5 * common) * elem
 
 
 def resolve(host_memory_gb, working: int, local_ranks: int | None = None) -> tuple[int, dict]:
