@@ -157,7 +157,12 @@ def build_deepspeed(peer: str, cfg: dict, nvme_dir: str):
     # layers under torch.device("meta") then materialises; zero.Init's tensor constructors put
     # them on the CPU instead and the materialise step sees only empty partitioned parameters,
     # so the real values come from _ds_tetrad_init below.
-    with deepspeed.zero.Init(config_dict_or_path=config, dtype=torch.float32):
+    # No dtype argument: DeepSpeed 0.19.8's zero.Init reads a given dtype through
+    # `dtype or torch.float16 if fp16 supported else torch.bfloat16 if is_bf16_supported ...`,
+    # which on a CPU (no fp16, and the unbound method is truthy) yields bf16 whatever was
+    # passed -- bf16 GEMMs in torch's reference kernel, 20x+ slower. From the config alone (no
+    # bf16/fp16 section) it takes torch.float.
+    with deepspeed.zero.Init(config_dict_or_path=config):
         model = build_model(cfg, seed=SEED)
     _stage("init values")
     _ds_tetrad_init(model, cfg["n_layers"])
