@@ -55,9 +55,10 @@ def _strategy(strategy: StrategyConfig | str | dict | None) -> StrategyConfig:
 
 
 def set_tf32(device: torch.device, on: bool) -> None:
-    """``run.tf32``: fp32 matmuls and convolutions on TF32 tensor cores, on CUDA only (the CPU
-    switch, ``set_float32_matmul_precision``, would change CPU numerics too)."""
-    if device.type == "cuda":
+    """``run.tf32``: fp32 matmuls and convolutions on TF32 tensor cores. The switches are the
+    CUDA backend's own (they do nothing for other accelerators); a CPU run leaves them alone
+    (the CPU switch, ``set_float32_matmul_precision``, would change CPU numerics too)."""
+    if device.type != "cpu":
         torch.backends.cuda.matmul.allow_tf32 = on
         torch.backends.cudnn.allow_tf32 = on
 
